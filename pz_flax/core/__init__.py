@@ -1,0 +1,1 @@
+"""Core data structures: structs, named axes, selectors, variables, shape checks."""

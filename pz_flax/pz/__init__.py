@@ -1,0 +1,1 @@
+"""Aliases for users: ``from pz_flax import pz``."""

@@ -1,0 +1,1 @@
+"""Penzai-style training and sharding utilities."""

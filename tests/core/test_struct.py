@@ -1,0 +1,229 @@
+"""Tests for pz_flax.core.struct."""
+
+import dataclasses
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import penzai.core.struct as pz_struct_oracle
+import pytest
+from flax import nnx
+
+from pz_flax.core import struct
+
+
+@struct.pytree_dataclass
+class Pair(struct.Struct):
+    left: jax.Array
+    right: jax.Array
+    tag: str = dataclasses.field(default="pair", metadata={"pytree_node": False})
+
+
+@struct.pytree_dataclass
+class Doubling(struct.Struct):
+    stored: int
+
+    def __init__(self, value):
+        self.stored = value * 2
+
+
+def test_is_frozen_dataclass_and_pytree_with_keys():
+    pair = Pair(jnp.ones(2), jnp.zeros(3))
+    assert dataclasses.is_dataclass(pair)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pair.left = 1
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(pair)[0]]
+    assert paths == [".left", ".right"]
+    assert jax.tree_util.tree_structure(pair).num_leaves == 2
+
+
+def test_static_fields_are_aux_data_not_leaves():
+    pair = Pair(1, 2, tag="hello")
+    children, aux = pair.tree_flatten()
+    assert children == [1, 2]
+    assert aux == struct.StructStaticMetadata(("left", "right"), {"tag": "hello"})
+    keyed, keyed_aux = pair.tree_flatten_with_keys()
+    assert [k for k, _ in keyed] == [jax.tree_util.GetAttrKey("left"), jax.tree_util.GetAttrKey("right")]
+    assert keyed_aux == aux
+    rebuilt = Pair.tree_unflatten(aux, [3, 4])
+    assert (rebuilt.left, rebuilt.right, rebuilt.tag) == (3, 4, "hello")
+
+
+def test_jit_roundtrip_keeps_static_fields():
+    pair = Pair(jnp.arange(3.0), jnp.ones(3), tag="t")
+    out = jax.jit(lambda p: dataclasses.replace(p, left=p.left + p.right))(pair)
+    np.testing.assert_array_equal(out.left, np.arange(3.0) + 1)
+    assert out.tag == "t"
+
+
+def test_static_metadata_with_unhashable_values_is_hashable_and_comparable():
+    a = struct.StructStaticMetadata(("x",), {"cfg": {"a": [1]}})
+    b = struct.StructStaticMetadata(["x"], {"cfg": {"a": [1]}})
+    assert a == b and hash(a) == hash(b)
+    assert a != struct.StructStaticMetadata(("x",), {"cfg": {"a": [2]}})
+
+
+def test_attributes_dict_and_from_attributes_roundtrip():
+    made = Doubling(3)
+    assert made.stored == 6
+    attributes = made.attributes_dict()
+    assert attributes == {"stored": 6}
+    again = Doubling.from_attributes(**attributes)
+    assert again == made and again.stored == 6
+
+
+def test_from_attributes_names_missing_and_unexpected_fields():
+    with pytest.raises(ValueError, match=r"missing \['right'\], unexpected \['bogus'\]"):
+        Pair.from_attributes(left=1, tag="x", bogus=2)
+
+
+def test_custom_init_can_assign_fields_and_must_set_all():
+    @struct.pytree_dataclass
+    class Forgetful(struct.Struct):
+        a: int
+        b: int
+
+        def __init__(self):
+            self.a = 1
+
+    with pytest.raises(AttributeError, match="did not set the field 'b'"):
+        Forgetful()
+
+
+def test_custom_init_without_proxy_cannot_assign():
+    @struct.pytree_dataclass(use_mutable_proxy_in_init=False)
+    class Plain(struct.Struct):
+        a: int
+
+        def __init__(self, a):
+            self.a = a
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        Plain(1)
+
+
+def test_unregistered_subclass_is_abstract():
+    class NotDecorated(Pair):
+        pass
+
+    with pytest.raises(TypeError, match="not decorated with @pytree_dataclass"):
+        NotDecorated(1, 2)
+    assert not struct.is_pytree_dataclass_type(NotDecorated)
+    assert struct.is_pytree_dataclass_type(Pair)
+    assert not struct.is_pytree_dataclass_type(Pair(1, 2))
+
+
+def test_double_decoration_is_refused():
+    with pytest.raises(ValueError, match="applied twice"):
+        struct.pytree_dataclass(Pair)
+
+
+def test_overwriting_custom_parent_init_requires_opt_in():
+    with pytest.raises(struct.PyTreeDataclassSafetyError, match="overwrite_parent_init=True"):
+
+        @struct.pytree_dataclass
+        class Child(Doubling):
+            stored: int
+
+    @struct.pytree_dataclass(overwrite_parent_init=True)
+    class Child2(Doubling):
+        stored: int
+
+    assert Child2(5).stored == 5
+
+    @struct.pytree_dataclass(init=False)
+    class Child3(Doubling):
+        stored: int
+
+    assert Child3(5).stored == 10
+
+
+def test_implicitly_inherited_fields_are_refused_unless_declared():
+    with pytest.raises(struct.PyTreeDataclassSafetyError, match=r"fields \['left', 'right', 'tag', 'extra'\]"):
+
+        @struct.pytree_dataclass
+        class Extended(Pair):
+            extra: int = 0
+
+    @struct.pytree_dataclass(has_implicitly_inherited_fields=True)
+    class Extended2(Pair):
+        extra: int = 0
+
+    assert Extended2(1, 2).extra == 0
+
+    with pytest.raises(struct.PyTreeDataclassSafetyError, match="inherits no fields"):
+
+        @struct.pytree_dataclass(has_implicitly_inherited_fields=True)
+        class Nothing(struct.Struct):
+            a: int
+
+
+def test_missing_flatten_methods_without_struct():
+    with pytest.raises(AttributeError, match="subclass pz_flax.Struct"):
+
+        @struct.pytree_dataclass
+        class NotAStruct:
+            a: int
+
+
+def test_pytree_node_field_predicate():
+    fields = {f.name: f for f in dataclasses.fields(Pair)}
+    assert struct.is_pytree_node_field(fields["left"])
+    assert not struct.is_pytree_node_field(fields["tag"])
+
+
+def test_custom_key_for_field_is_used_in_paths():
+    @struct.pytree_dataclass
+    class Keyed(struct.Struct):
+        a: int
+
+        def key_for_field(self, field_name):
+            return jax.tree_util.DictKey(field_name.upper())
+
+    ((path, _),), _ = jax.tree_util.tree_flatten_with_path(Keyed(1))
+    assert path == (jax.tree_util.DictKey("A"),)
+
+
+def test_treescope_color_is_per_callable_type():
+    @struct.pytree_dataclass
+    class Callable(struct.Struct):
+        def __call__(self, x):
+            return x
+
+    assert Pair(1, 2).treescope_color() == "transparent"
+    color = Callable().treescope_color()
+    assert isinstance(color, str) and color != "transparent"
+
+
+def test_struct_is_nnx_data_so_modules_see_its_params():
+    @struct.pytree_dataclass
+    class Holder(struct.Struct):
+        weight: nnx.Param
+
+    class Outer(nnx.Module):
+        def __init__(self):
+            self.inner = Holder(nnx.Param(jnp.ones(2)))
+
+    state = nnx.state(Outer(), nnx.Param)
+    assert [path for path, _ in state.flat_state()] == [("inner", "weight")]
+    assert nnx.is_data(Outer().inner)
+
+
+def test_pickle_roundtrip():
+    pair = Pair(np.ones(2), np.zeros(2), tag="p")
+    again = pickle.loads(pickle.dumps(pair))
+    np.testing.assert_array_equal(again.left, pair.left)
+    assert again.tag == "p"
+
+
+def test_matches_penzai_flattening():
+    @pz_struct_oracle.pytree_dataclass
+    class OraclePair(pz_struct_oracle.Struct):
+        left: jax.Array
+        right: jax.Array
+        tag: str = dataclasses.field(default="pair", metadata={"pytree_node": False})
+
+    ours = jax.tree_util.tree_flatten_with_path(Pair(1, 2, "z"))[0]
+    theirs = jax.tree_util.tree_flatten_with_path(OraclePair(1, 2, "z"))[0]
+    assert ours == theirs
