@@ -201,7 +201,7 @@ def pytree_dataclass(
     use_mutable_proxy_in_init: bool = True,
     overwrite_parent_init: bool = False,
     init: bool = True,
-    repr: bool | Literal["auto"] = "auto",  # noqa: A002 - mirrors dataclasses.dataclass
+    repr: bool | Literal["auto"] = "auto",
     eq: bool = True,
     order: bool = False,
     match_args: bool = False,
@@ -459,7 +459,9 @@ class Struct(metaclass=AbstractStructMetaclass):
         del cycle
         import treescope
 
-        for index, line in enumerate(treescope.render_to_text(self, ignore_exceptions=True).split("\n")):
+        for index, line in enumerate(
+            treescope.render_to_text(self, ignore_exceptions=True).split("\n")
+        ):
             if index:
                 printer.break_()
             printer.text(line)

@@ -44,7 +44,10 @@ def test_static_fields_are_aux_data_not_leaves():
     assert children == [1, 2]
     assert aux == struct.StructStaticMetadata(("left", "right"), {"tag": "hello"})
     keyed, keyed_aux = pair.tree_flatten_with_keys()
-    assert [k for k, _ in keyed] == [jax.tree_util.GetAttrKey("left"), jax.tree_util.GetAttrKey("right")]
+    assert [k for k, _ in keyed] == [
+        jax.tree_util.GetAttrKey("left"),
+        jax.tree_util.GetAttrKey("right"),
+    ]
     assert keyed_aux == aux
     rebuilt = Pair.tree_unflatten(aux, [3, 4])
     assert (rebuilt.left, rebuilt.right, rebuilt.tag) == (3, 4, "hello")
@@ -140,7 +143,9 @@ def test_overwriting_custom_parent_init_requires_opt_in():
 
 
 def test_implicitly_inherited_fields_are_refused_unless_declared():
-    with pytest.raises(struct.PyTreeDataclassSafetyError, match=r"fields \['left', 'right', 'tag', 'extra'\]"):
+    with pytest.raises(
+        struct.PyTreeDataclassSafetyError, match=r"fields \['left', 'right', 'tag', 'extra'\]"
+    ):
 
         @struct.pytree_dataclass
         class Extended(Pair):
@@ -160,7 +165,7 @@ def test_implicitly_inherited_fields_are_refused_unless_declared():
 
 
 def test_missing_flatten_methods_without_struct():
-    with pytest.raises(AttributeError, match="subclass pz_flax.Struct"):
+    with pytest.raises(AttributeError, match=r"subclass pz_flax\.Struct"):
 
         @struct.pytree_dataclass
         class NotAStruct:
