@@ -26,8 +26,12 @@ import dataclasses
 import functools
 import inspect
 import typing
-from collections.abc import Callable, Hashable, Sequence
-from typing import Any, Literal, TypeVar
+from collections.abc import Callable
+from collections.abc import Hashable
+from collections.abc import Sequence
+from typing import Any
+from typing import Literal
+from typing import TypeVar
 
 import jax
 from flax import nnx
