@@ -149,7 +149,11 @@ class EmbeddingLookup(layer_base.Layer):
                 f" embedding table (named_shape {dict(table.named_shape)}). Token id"
                 " axes must be disjoint from the table's axes."
             )
-        return named_axes.nmap(jnp.take)(table.untag(vocabulary_axis), token_index)
+        # Plain indexing (not ``jnp.take``) so out-of-range ids clamp like any
+        # JAX gather instead of producing NaN embeddings.
+        return named_axes.nmap(lambda rows, index: rows[index])(
+            table.untag(vocabulary_axis), token_index
+        )
 
 
 @struct.pytree_dataclass
@@ -335,9 +339,7 @@ class ApplyRoPEToSubset(layer_base.Layer):
     rope_subset_size: int = dataclasses.field(metadata={"pytree_node": False})
     positions_input_name: str = dataclasses.field(metadata={"pytree_node": False})
 
-    def __call__(
-        self, inputs: named_axes.NamedArray, **side_inputs
-    ) -> named_axes.NamedArrayBase:
+    def __call__(self, inputs: named_axes.NamedArray, **side_inputs) -> named_axes.NamedArrayBase:
         """Rotates the prefix of the embedding axis by token position.
 
         Args:

@@ -34,9 +34,7 @@ def _as_axis_tuple(across: str | tuple[str, ...]) -> tuple[str, ...]:
     return (across,) if isinstance(across, str) else tuple(across)
 
 
-def _check_axes_present(
-    layer_name: str, axis_names: tuple[str, ...], value: NamedArray
-) -> None:
+def _check_axes_present(layer_name: str, axis_names: tuple[str, ...], value: NamedArray) -> None:
     """Fails early, naming the layer, if an axis to reduce over is absent.
 
     Without this check the failure would surface as a generic ``untag`` error

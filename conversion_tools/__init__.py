@@ -1,0 +1,1 @@
+"""Command-line tools over ``pz_flax.checkpoint``: the ``pz-flax-convert`` entry point."""

@@ -1,0 +1,493 @@
+"""The registry of NNX <-> pz_flax layer mappings: the extension point of the NNX bridge.
+
+A mapping says how one NNX class becomes pz_flax layers and back. It converts a module to a
+pz_flax layer whose parameters are the module's own arrays, given axis names by the naming
+convention (``to_pz``), and turns such a layer back into a module of the NNX class
+(``to_nnx``, which also accepts natively built pz_flax layers of the right shape when
+``pz_types`` lists their classes). Both directions reuse the same JAX arrays: conversions never
+copy weights unless a layout change forces a transpose.
+
+``from_nnx`` looks up the mapping registered for a module's exact class. A module whose class
+has no mapping, or whose configuration a mapping cannot express exactly, becomes a wrapper layer
+that runs the module's own code instead; so registering a mapping changes how a module looks on
+the pz_flax side, never what it computes.
+
+Users register their own mappings with ``register_mapping`` (see ``LayerMapping``), and plain
+elementwise functions (activations) with ``register_elementwise_function``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import threading
+from collections.abc import Callable
+from collections.abc import Hashable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pz_flax.core import named_axes
+from pz_flax.core import variables
+from pz_flax.interop import naming as naming_lib
+
+# NNX adds these entries to every variable's metadata itself; pz_flax reserves them too.
+_NNX_BUILTIN_METADATA = frozenset({"hijax", "ref", "eager_sharding"})
+_PZ_RESERVED_METADATA = frozenset({"label", "axis_names"})
+
+
+class MappingNotApplicable(Exception):
+    """Raised by ``LayerMapping.to_pz`` when a module's configuration has no exact pz form.
+
+    ``from_nnx`` catches it and wraps the module instead, so raising it is always safe; the
+    message says why, and ``from_nnx(..., strict=True)`` surfaces it.
+    """
+
+
+class LayerMapping(abc.ABC):
+    """How one NNX class converts to pz_flax layers and back.
+
+    Subclass it, set ``nnx_type`` (and ``pz_types`` if ``to_nnx`` accepts natively built pz_flax
+    layers), implement ``to_pz`` and ``to_nnx``, and call ``register_mapping(MyMapping())``.
+
+    ``to_pz`` must build a layer that computes exactly what the module computes under the
+    naming convention, using ``context.parameter(...)``/``context.state_variable(...)`` so that
+    the module's arrays are reused and labelled by their NNX paths. ``to_nnx`` must rebuild
+    the module from such a layer, usually with ``context.construct(...)`` and
+    ``context.array(...)``. After conversion, ``from_nnx`` checks that ``to_nnx`` of the new
+    layer reproduces the module's graph definition (class, static attributes, variable types
+    and metadata); if not, the mapping did not capture the module exactly and the module is
+    wrapped instead. Set ``verify_round_trip = False`` for containers whose children are
+    checked one by one.
+
+    Attributes:
+        nnx_type: The NNX class converted (matched exactly, not by subclass, since a subclass
+            may override ``__call__``).
+        pz_types: pz_flax layer classes that ``to_nnx`` understands when they were built
+            natively (used by ``to_nnx(layer, native=True)``); matched exactly.
+        naming: Naming overrides applied to modules of this class.
+        verify_round_trip: Whether ``from_nnx`` compares the graph definitions.
+        callable_result: Whether ``to_pz`` returns a layer (True) or a container such as a
+            list (False); layers are tagged with their NNX class so ``to_nnx`` can rebuild
+            exactly that class.
+    """
+
+    nnx_type: type[Any]
+    pz_types: tuple[type[Any], ...] = ()
+    naming: Mapping[str, Any] = {}
+    verify_round_trip: bool = True
+    callable_result: bool = True
+
+    @abc.abstractmethod
+    def to_pz(self, module: Any, context: FromNNXContext) -> Any:
+        """Converts ``module`` (an instance of ``nnx_type``) to pz_flax.
+
+        Args:
+            module: The NNX module.
+            context: Naming, labels and recursive conversion of children.
+
+        Returns:
+            The pz_flax layer (or container, if ``callable_result`` is False).
+
+        Raises:
+            MappingNotApplicable: If the module's configuration has no exact pz form.
+        """
+
+    @abc.abstractmethod
+    def to_nnx(self, layer: Any, context: ToNNXContext, config: Mapping[str, Any]) -> Any:
+        """Rebuilds an NNX module from a pz_flax layer.
+
+        Args:
+            layer: A layer produced by ``to_pz`` (possibly edited), or a natively built layer
+                of one of ``pz_types``.
+            context: Array extraction, module construction and recursive conversion.
+            config: What ``config_for`` recorded when converting the module (empty for
+                natively built layers).
+
+        Returns:
+            The NNX module, or None if ``layer`` does not have the shape this mapping
+            understands (then the caller falls back to a generic adapter, or raises in
+            native mode).
+        """
+
+    def config_for(self, module: Any) -> dict[str, Hashable]:
+        """Static settings of ``module`` that its pz form cannot express but ``to_nnx`` needs.
+
+        Recorded on the converted layer (hashable values only) and handed back to ``to_nnx``.
+
+        Args:
+            module: The NNX module being converted.
+
+        Returns:
+            A dict of hashable settings; empty by default.
+        """
+        del module
+        return {}
+
+
+@dataclasses.dataclass
+class FromNNXContext:
+    """What a mapping's ``to_pz`` needs: naming, labels, and conversion of children.
+
+    Attributes:
+        naming: The naming convention for this module (after overrides).
+        path: The module's NNX path from the converted root.
+        convert_child: The ``from_nnx`` engine, for children: ``(obj, path) -> converted``.
+    """
+
+    naming: naming_lib.NNXNaming
+    path: tuple[Hashable, ...]
+    convert_child: Callable[[Any, tuple[Hashable, ...]], Any]
+
+    def convert(self, child: Any, *keys: Hashable) -> Any:
+        """Converts a child module (or function) found at ``keys`` below this module."""
+        return self.convert_child(child, (*self.path, *keys))
+
+    def label(self, *keys: Hashable) -> str:
+        """The label of the variable at ``keys`` below this module."""
+        return self.naming.label((*self.path, *keys))
+
+    def parameter(
+        self, variable: nnx.Variable, key: str, axis_names: Sequence[str] | None
+    ) -> variables.Parameter:
+        """A pz_flax ``Parameter`` holding the same array as an NNX variable.
+
+        Args:
+            variable: The NNX variable (usually an ``nnx.Param``) of this module.
+            key: Its attribute name in the module, for the label.
+            axis_names: One name per axis of its value, or None to leave it positional.
+
+        Returns:
+            A ``Parameter`` labelled with the variable's NNX path, carrying its user metadata.
+        """
+        return variables.Parameter(
+            value=_named_value(variable, axis_names, self.label(key)),
+            label=self.label(key),
+            metadata=user_metadata(variable),
+        )
+
+
+@dataclasses.dataclass
+class ToNNXContext:
+    """What a mapping's ``to_nnx`` needs: arrays, module construction, and children.
+
+    Attributes:
+        naming: The naming convention to assume for natively built layers.
+        native: Whether every sublayer must become a native NNX module (no generic adapter).
+        convert_child: The ``to_nnx`` engine, for children: ``layer -> module``.
+        bindings: If not None, receives ``(pz variable, module, path)`` triples for every
+            pz_flax variable put into a rebuilt module, so a caller can copy state changes
+            back after running it.
+    """
+
+    naming: naming_lib.NNXNaming
+    native: bool
+    convert_child: Callable[[Any], Any]
+    bindings: list[tuple[Any, Any, tuple[Hashable, ...]]] | None = None
+
+    def convert(self, layer: Any) -> Any:
+        """Converts a child pz_flax layer to its NNX form."""
+        return self.convert_child(layer)
+
+    def array(self, parameter: Any, axis_names: Sequence[str] | None) -> jax.Array:
+        """The raw array of a pz_flax parameter, with its axes in the given order.
+
+        When the parameter already stores its axes in that order (always, for layers made by
+        ``from_nnx`` and not reordered since), the stored array itself is returned, so no
+        buffer is copied.
+
+        Args:
+            parameter: A ``Parameter``/``ParameterValue``/anything with ``.value``.
+            axis_names: The NNX order of the named axes, or None for a positional value.
+
+        Returns:
+            The positional array.
+
+        Raises:
+            ValueError: If the parameter's axes are not exactly ``axis_names``.
+        """
+        value = parameter.value
+        if axis_names is None:
+            if isinstance(value, named_axes.NamedArrayBase):
+                raise ValueError(
+                    f"Expected a positional value for {_describe(parameter)}, got named axes"
+                    f" {dict(value.named_shape)}."
+                )
+            return value
+        if not isinstance(value, named_axes.NamedArrayBase):
+            raise ValueError(
+                f"Expected {_describe(parameter)} to have named axes {tuple(axis_names)}, but it"
+                " is a positional array."
+            )
+        if value.positional_shape or set(value.named_shape) != set(axis_names):
+            raise ValueError(
+                f"Expected {_describe(parameter)} to have exactly the named axes"
+                f" {tuple(axis_names)}, got named shape {dict(value.named_shape)} and positional"
+                f" shape {value.positional_shape}."
+            )
+        if isinstance(parameter, variables.LabeledVariable):
+            raw = parameter.get_value()
+            stored_names = parameter.get_metadata().get("axis_names")
+            if tuple(stored_names or ()) == tuple(axis_names):
+                return raw
+        return value.unwrap(*axis_names)
+
+    def construct(
+        self,
+        nnx_class: type[Any],
+        *args: Any,
+        variables_by_path: Mapping[str, tuple[Any, jax.Array]],
+        **kwargs: Any,
+    ) -> Any:
+        """Builds an NNX module of ``nnx_class`` around existing arrays, without initializing.
+
+        The constructor runs once per configuration under ``nnx.eval_shape`` (so no random
+        weights are computed) and its graph definition is cached; each call then merges that
+        definition with the given arrays, which become the module's variables unchanged.
+
+        Args:
+            nnx_class: The module class.
+            *args: Its constructor's positional arguments.
+            variables_by_path: For every variable of the module, by ``/``-joined NNX path,
+                ``(source, array)``: the pz_flax variable it comes from (for metadata and
+                state write-back; None if none) and its raw array.
+            **kwargs: Its constructor's keyword arguments; ``rngs`` defaults to a dummy.
+
+        Returns:
+            The module.
+
+        Raises:
+            ValueError: If the paths, shapes or dtypes do not match what the constructor makes.
+        """
+        graphdef, abstract = _abstract_module(nnx_class, args, kwargs)
+        expected = {"/".join(str(part) for part in path): (path, var) for path, var in abstract}
+        missing = sorted(set(expected) - set(variables_by_path))
+        unexpected = sorted(set(variables_by_path) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"Cannot build {nnx_class.__name__}: it has the variables {sorted(expected)},"
+                f" but got {sorted(variables_by_path)} (missing {missing}, unexpected"
+                f" {unexpected})."
+            )
+        flat = []
+        for key, (path, abstract_var) in expected.items():
+            source, array = variables_by_path[key]
+            if tuple(array.shape) != tuple(abstract_var.shape) or array.dtype != abstract_var.dtype:
+                raise ValueError(
+                    f"Cannot build {nnx_class.__name__}: variable {key!r} needs shape"
+                    f" {tuple(abstract_var.shape)} and dtype {abstract_var.dtype}, got shape"
+                    f" {tuple(array.shape)} and dtype {array.dtype}."
+                )
+            new_var = abstract_var.replace(value=array)
+            if source is not None and isinstance(source, variables.LabeledVariable):
+                for name, entry in source.metadata.items():
+                    new_var.set_metadata(name, entry)
+            flat.append((path, new_var))
+        module = nnx.merge(graphdef, nnx.State.from_flat_path(flat))
+        if self.bindings is not None:
+            for key, (path, _) in expected.items():
+                source = variables_by_path[key][0]
+                if isinstance(source, variables.LabeledVariable):
+                    self.bindings.append((source, module, path))
+        return module
+
+
+_ABSTRACT_MODULE_CACHE: dict[Any, tuple[Any, list[tuple[tuple[Hashable, ...], Any]]]] = {}
+_ABSTRACT_MODULE_CACHE_LOCK = threading.Lock()
+
+
+def _abstract_module(nnx_class, args, kwargs):
+    """The graph definition and abstract variables a constructor call produces (cached)."""
+    kwargs = dict(kwargs)
+    kwargs.setdefault("rngs", nnx.Rngs(0))
+    try:
+        key = (nnx_class, args, tuple(sorted((k, v) for k, v in kwargs.items() if k != "rngs")))
+        hash(key)
+    except TypeError:
+        key = None
+    if key is not None:
+        with _ABSTRACT_MODULE_CACHE_LOCK:
+            cached = _ABSTRACT_MODULE_CACHE.get(key)
+        if cached is not None:
+            return cached
+    abstract_module = nnx.eval_shape(lambda: nnx_class(*args, **kwargs))
+    graphdef, state = nnx.split(abstract_module)
+    result = (graphdef, list(state.flat_state()))
+    if key is not None:
+        with _ABSTRACT_MODULE_CACHE_LOCK:
+            _ABSTRACT_MODULE_CACHE[key] = result
+    return result
+
+
+def user_metadata(variable: nnx.Variable) -> dict[str, Any]:
+    """The metadata of an NNX variable that pz_flax should carry (NNX's own entries dropped)."""
+    return {
+        key: entry
+        for key, entry in variable.get_metadata().items()
+        if key not in _NNX_BUILTIN_METADATA and key not in _PZ_RESERVED_METADATA
+    }
+
+
+def _named_value(variable: nnx.Variable, axis_names: Sequence[str] | None, label: str) -> Any:
+    raw = variable.get_value()
+    if axis_names is None:
+        return raw
+    if len(axis_names) != raw.ndim:
+        raise ValueError(
+            f"Variable {label!r} has shape {raw.shape}, which cannot take the axis names"
+            f" {tuple(axis_names)}."
+        )
+    return named_axes.wrap(raw).tag(*axis_names)
+
+
+def _describe(parameter: Any) -> str:
+    label = getattr(parameter, "label", None)
+    return f"parameter {label!r}" if label is not None else f"{type(parameter).__name__}"
+
+
+def jnp_dtype_type(dtype: Any) -> Any:
+    """The ``jax.numpy`` scalar type of a dtype (``jnp.float32``), as NNX stores defaults."""
+    return getattr(jnp, jnp.dtype(dtype).name)
+
+
+#### The registries ####
+
+_MAPPINGS_BY_NNX_TYPE: dict[type[Any], LayerMapping] = {}
+_MAPPINGS_BY_PZ_TYPE: dict[type[Any], list[LayerMapping]] = {}
+_ELEMENTWISE_FUNCTIONS: dict[Any, str] = {}
+
+
+def register_mapping(mapping: LayerMapping, *, replace: bool = False) -> LayerMapping:
+    """Registers a mapping for its ``nnx_type`` (and its ``pz_types`` for native ``to_nnx``).
+
+    Args:
+        mapping: An instance of a ``LayerMapping`` subclass.
+        replace: Allow replacing the mapping already registered for the same NNX class.
+
+    Returns:
+        ``mapping``, so this can be used as ``MY_MAPPING = register_mapping(MyMapping())``.
+
+    Raises:
+        TypeError: If ``mapping`` is not a ``LayerMapping`` or its ``nnx_type`` is not a class.
+        ValueError: If the NNX class already has a mapping and ``replace`` is False.
+    """
+    if not isinstance(mapping, LayerMapping):
+        raise TypeError(
+            f"register_mapping expects a LayerMapping instance, got {type(mapping).__name__}."
+        )
+    nnx_type = getattr(mapping, "nnx_type", None)
+    if not isinstance(nnx_type, type):
+        raise TypeError(
+            f"{type(mapping).__name__}.nnx_type must be an NNX module class, got {nnx_type!r}."
+        )
+    existing = _MAPPINGS_BY_NNX_TYPE.get(nnx_type)
+    if existing is not None and not replace:
+        raise ValueError(
+            f"{nnx_type.__module__}.{nnx_type.__qualname__} already has the mapping"
+            f" {type(existing).__name__}; pass replace=True to replace it."
+        )
+    if existing is not None:
+        unregister_mapping(nnx_type)
+    _MAPPINGS_BY_NNX_TYPE[nnx_type] = mapping
+    for pz_type in mapping.pz_types:
+        # Most recently registered first, so user mappings win over built-in ones.
+        _MAPPINGS_BY_PZ_TYPE.setdefault(pz_type, []).insert(0, mapping)
+    return mapping
+
+
+def unregister_mapping(nnx_type: type[Any]) -> LayerMapping:
+    """Removes the mapping of an NNX class; its modules will be wrapped from then on.
+
+    Args:
+        nnx_type: The NNX class.
+
+    Returns:
+        The removed mapping.
+
+    Raises:
+        KeyError: If the class has no mapping.
+    """
+    try:
+        mapping = _MAPPINGS_BY_NNX_TYPE.pop(nnx_type)
+    except KeyError:
+        raise KeyError(
+            f"No mapping is registered for {getattr(nnx_type, '__qualname__', nnx_type)!r}."
+        ) from None
+    for pz_type in mapping.pz_types:
+        candidates = _MAPPINGS_BY_PZ_TYPE.get(pz_type, [])
+        if mapping in candidates:
+            candidates.remove(mapping)
+    return mapping
+
+
+def get_mapping(nnx_type: type[Any]) -> LayerMapping | None:
+    """The mapping registered for exactly this NNX class, or None."""
+    return _MAPPINGS_BY_NNX_TYPE.get(nnx_type)
+
+
+def mappings_for_pz_type(pz_type: type[Any]) -> tuple[LayerMapping, ...]:
+    """Mappings whose ``to_nnx`` accepts natively built layers of exactly this class."""
+    return tuple(_MAPPINGS_BY_PZ_TYPE.get(pz_type, ()))
+
+
+def registered_mappings() -> dict[type[Any], LayerMapping]:
+    """A snapshot of every registered mapping, by NNX class."""
+    return dict(_MAPPINGS_BY_NNX_TYPE)
+
+
+def register_elementwise_function(fn: Callable[..., Any], name: str | None = None) -> None:
+    """Declares a function elementwise, so it converts to ``pz.nn.Elementwise(fn)`` and back.
+
+    Only declare functions that act on each element independently (activations): named-axis
+    layers apply them through ``nmap``, which is only equivalent to the positional call for
+    elementwise functions. Other functions are wrapped so that they see the positional array.
+
+    Args:
+        fn: The function (a hashable callable, e.g. ``jax.nn.relu``).
+        name: Display name in summaries; defaults to ``fn.__name__``.
+
+    Raises:
+        TypeError: If ``fn`` is not callable or not hashable.
+    """
+    if not callable(fn):
+        raise TypeError(f"register_elementwise_function expects a callable, got {fn!r}.")
+    try:
+        hash(fn)
+    except TypeError as exc:
+        raise TypeError(f"Elementwise functions must be hashable, got {fn!r}.") from exc
+    _ELEMENTWISE_FUNCTIONS[fn] = name or getattr(fn, "__name__", repr(fn))
+
+
+def is_elementwise_function(fn: Any) -> bool:
+    """Whether ``fn`` was declared with ``register_elementwise_function``."""
+    try:
+        return fn in _ELEMENTWISE_FUNCTIONS
+    except TypeError:
+        return False
+
+
+for _activation in (
+    jax.nn.relu,
+    jax.nn.relu6,
+    jax.nn.gelu,
+    jax.nn.silu,
+    jax.nn.sigmoid,
+    jax.nn.elu,
+    jax.nn.celu,
+    jax.nn.selu,
+    jax.nn.leaky_relu,
+    jax.nn.softplus,
+    jax.nn.soft_sign,
+    jax.nn.log_sigmoid,
+    jax.nn.hard_sigmoid,
+    jax.nn.hard_silu,
+    jax.nn.hard_tanh,
+    jax.nn.identity,
+    jnp.tanh,
+    nnx.tanh,
+):
+    register_elementwise_function(_activation)

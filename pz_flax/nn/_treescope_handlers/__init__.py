@@ -1,0 +1,1 @@
+"""Treescope renderers for ``pz_flax.nn`` layers."""

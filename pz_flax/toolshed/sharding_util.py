@@ -1,0 +1,245 @@
+"""Sharding by axis name: one dict maps array axis names to device-mesh axes.
+
+Because every activation and parameter in a pz_flax model names its axes, choosing a
+parallelism strategy is a matter of saying which *names* go to which *mesh axes*:
+``{"batch": "data"}`` is data parallelism, ``{"batch": "data", "neurons": "model"}`` adds
+model parallelism, and the same model code runs under all of them. Everything here is a thin
+layer over JAX's own SPMD machinery (``jax.sharding.Mesh``/``NamedSharding``,
+``jax.device_put``, ``jax.jit(out_shardings=...)``, ``with_sharding_constraint``), so it works
+the same on one host, on many hosts after ``jax.distributed.initialize()``, and on CPU devices
+faked with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``.
+
+pz_flax parameters are NNX variables whose raw value is the positional array and whose axis
+names are metadata; the functions below read those names directly, so a whole model (not just
+its NamedArrays) can be sharded in one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+from pz_flax.core import named_axes
+from pz_flax.core import struct
+from pz_flax.core import variables
+from pz_flax.nn import layer as layer_base
+
+AxisNameToMeshName = Mapping[str, str | tuple[str, ...]]
+
+
+def _partition_spec(
+    data_axis_names: tuple[str | None, ...],
+    mesh: jax.sharding.Mesh,
+    axis_name_to_mesh_name: AxisNameToMeshName,
+) -> jax.sharding.PartitionSpec:
+    """The spec placing each named data axis on its mesh axes (unnamed axes stay whole)."""
+    for axis_name, mesh_names in axis_name_to_mesh_name.items():
+        for mesh_name in (mesh_names,) if isinstance(mesh_names, str) else mesh_names:
+            if mesh_name not in mesh.axis_names:
+                raise ValueError(
+                    f"Axis {axis_name!r} is mapped to mesh axis {mesh_name!r}, but the mesh only"
+                    f" has the axes {tuple(mesh.axis_names)}."
+                )
+    return jax.sharding.PartitionSpec(
+        *(
+            axis_name_to_mesh_name.get(name) if name is not None else None
+            for name in data_axis_names
+        )
+    )
+
+
+def _data_axis_names(value: named_axes.NamedArrayBase) -> tuple[str | None, ...]:
+    """For each axis of ``value.data_array``, its name (None for positional axes)."""
+    names: list[str | None] = [None] * value.data_array.ndim
+    if isinstance(value, named_axes.NamedArrayView):
+        for name, data_axis in value.data_axis_for_name.items():
+            names[data_axis] = name
+    else:
+        offset = value.data_array.ndim - len(value.named_axes)
+        for index, name in enumerate(value.named_axes):
+            names[offset + index] = name
+    return tuple(names)
+
+
+def _placed(shape_source: Any, sharding: jax.sharding.Sharding, as_shape_dtype_struct: bool):
+    if as_shape_dtype_struct:
+        return jax.ShapeDtypeStruct(shape_source.shape, shape_source.dtype, sharding=sharding)
+    return sharding
+
+
+def name_to_name_sharding(
+    tree: Any,
+    mesh: jax.sharding.Mesh,
+    axis_name_to_mesh_name: AxisNameToMeshName | None = None,
+    ignore_unnamed_arrays: bool = False,
+    as_shape_dtype_struct: bool = False,
+) -> Any:
+    """Builds the ``NamedSharding`` tree that places each array by its axis names.
+
+    Args:
+        tree: A pytree containing NamedArrays, NamedArrayViews and/or pz_flax variables (a whole
+            model works). Only shapes and axis names are read, so abstract values are fine.
+        mesh: The device mesh to place arrays on.
+        axis_name_to_mesh_name: Which mesh axis (or tuple of mesh axes) each array axis name is
+            split over; names not listed are replicated. Defaults to the identity mapping onto
+            the mesh's own axis names.
+        ignore_unnamed_arrays: Give plain (unnamed) array leaves a ``None`` sharding instead of
+            raising.
+        as_shape_dtype_struct: Return ``jax.ShapeDtypeStruct``s carrying the shardings (what
+            ``orbax`` restore targets and ``jax.jit`` tracing want) instead of shardings.
+
+    Returns:
+        A tree of the same structure as ``tree`` with every array replaced by its sharding (or
+        by a ``ShapeDtypeStruct`` with that sharding), usable as ``jax.device_put``'s second
+        argument or as ``jax.jit``'s ``in_shardings``/``out_shardings``.
+
+    Raises:
+        ValueError: If a plain array is found and ``ignore_unnamed_arrays`` is False (the error
+            names its path), or a name maps to an axis the mesh does not have.
+    """
+    if axis_name_to_mesh_name is None:
+        axis_name_to_mesh_name = {name: name for name in mesh.axis_names}
+
+    def sharding_for_named(value: named_axes.NamedArrayBase):
+        spec = _partition_spec(_data_axis_names(value), mesh, axis_name_to_mesh_name)
+        placed = _placed(
+            value.data_array, jax.sharding.NamedSharding(mesh, spec), as_shape_dtype_struct
+        )
+        return dataclasses.replace(value, data_array=placed)
+
+    def sharding_for_variable(variable: variables.AbstractVariable):
+        value = variable.value
+        if named_axes.is_namedarray(value):
+            spec = _partition_spec(_data_axis_names(value), mesh, axis_name_to_mesh_name)
+            return variable.replace(
+                _placed(
+                    variable.get_raw_value(),
+                    jax.sharding.NamedSharding(mesh, spec),
+                    as_shape_dtype_struct,
+                )
+            )
+        return variable.replace(
+            jax.tree_util.tree_map_with_path(sharding_for_plain, variable.get_raw_value())
+        )
+
+    def sharding_for_plain(path, leaf):
+        if not ignore_unnamed_arrays:
+            raise ValueError(
+                f"The array at {jax.tree_util.keystr(path) or '<root>'} (shape"
+                f" {getattr(leaf, 'shape', '?')}) has no axis names, so no name-based sharding can"
+                " be inferred for it. Pass ignore_unnamed_arrays=True to replicate such arrays."
+            )
+        if as_shape_dtype_struct:
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=None)
+        return None
+
+    def is_named_node(node: Any) -> bool:
+        return named_axes.is_namedarray(node) or isinstance(node, variables.AbstractVariable)
+
+    def dispatch(path, node):
+        if named_axes.is_namedarray(node):
+            return sharding_for_named(node)
+        if isinstance(node, variables.AbstractVariable):
+            return sharding_for_variable(node)
+        return sharding_for_plain(path, node)
+
+    return jax.tree_util.tree_map_with_path(dispatch, tree, is_leaf=is_named_node)
+
+
+def name_to_name_device_put(
+    tree: Any,
+    mesh: jax.sharding.Mesh,
+    axis_name_to_mesh_name: AxisNameToMeshName | None = None,
+) -> Any:
+    """Moves every NamedArray (and pz_flax variable) in ``tree`` onto ``mesh`` by axis name.
+
+    Like any JAX transformation of a pytree, this returns a new tree: its variables are new
+    objects (same labels and metadata) holding the sharded arrays; the originals are untouched.
+
+    Args:
+        tree: A pytree of NamedArrays and/or variables; typically a whole model.
+        mesh: The device mesh.
+        axis_name_to_mesh_name: As in `name_to_name_sharding`.
+
+    Returns:
+        The same structure with its data placed on the mesh.
+    """
+    shardings = name_to_name_sharding(tree, mesh, axis_name_to_mesh_name)
+    return jax.device_put(tree, shardings)
+
+
+def sharded_init(
+    initializer: Callable[..., Any],
+    *init_args,
+    mesh: jax.sharding.Mesh,
+    axis_name_to_mesh_name: AxisNameToMeshName | None = None,
+    **init_kwargs,
+) -> Any:
+    """Runs a model initializer so that every array is *created* already sharded.
+
+    The initializer is traced abstractly first to learn every output's axis names, then run
+    under ``jax.jit`` with matching ``out_shardings``; no device ever holds a full copy of a
+    sharded weight, which is what makes models larger than one device's memory initializable.
+
+    Args:
+        initializer: A function returning a model (a pytree of arrays, NamedArrays and fresh
+            variables).
+        *init_args: Positional arguments for ``initializer``.
+        mesh: The device mesh.
+        axis_name_to_mesh_name: As in `name_to_name_sharding`.
+        **init_kwargs: Keyword arguments for ``initializer``.
+
+    Returns:
+        The initialized model, its variables new objects holding sharded arrays.
+    """
+
+    def build_frozen():
+        return variables.unbind_variables(initializer(*init_args, **init_kwargs), freeze=True)
+
+    abstract = jax.eval_shape(build_frozen)
+    out_shardings = name_to_name_sharding(
+        abstract, mesh, axis_name_to_mesh_name, ignore_unnamed_arrays=True
+    )
+    skeleton, frozen_values = jax.jit(build_frozen, out_shardings=out_shardings)()
+    return variables.bind_variables(skeleton, frozen_values, unfreeze_as_copy=True)
+
+
+@struct.pytree_dataclass
+class ConstrainSharding(layer_base.Layer):
+    """A layer that pins the sharding of whatever passes through it.
+
+    Inside ``jax.jit`` this becomes a ``with_sharding_constraint``: a hint to XLA's partitioner
+    at a point where the automatic choice is not the one wanted.
+
+    Attributes:
+        sharding: A tree of shardings matching the structure of the layer's input.
+    """
+
+    sharding: Any = dataclasses.field(metadata={"pytree_node": False})
+
+    def __call__(self, tree: Any, **_unused_side_inputs) -> Any:
+        return jax.lax.with_sharding_constraint(tree, self.sharding)
+
+
+@struct.pytree_dataclass
+class ConstrainShardingByName(layer_base.Layer):
+    """A layer that pins the sharding of NamedArrays passing through it, by axis name.
+
+    Attributes:
+        mesh: The device mesh.
+        axis_name_to_mesh_name: As in `name_to_name_sharding` (identity when None).
+    """
+
+    mesh: jax.sharding.Mesh = dataclasses.field(metadata={"pytree_node": False})
+    axis_name_to_mesh_name: AxisNameToMeshName | None = dataclasses.field(
+        default=None, metadata={"pytree_node": False}
+    )
+
+    def __call__(self, tree: Any, **_unused_side_inputs) -> Any:
+        return jax.lax.with_sharding_constraint(
+            tree, name_to_name_sharding(tree, self.mesh, self.axis_name_to_mesh_name)
+        )

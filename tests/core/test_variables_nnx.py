@@ -1,0 +1,237 @@
+"""Tests that pz_flax variables are genuine Flax NNX variables (state, split, Optimizer, Orbax)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from pz_flax.core import named_axes
+from pz_flax.core import struct
+from pz_flax.core import variables
+
+
+@struct.pytree_dataclass
+class TinyModel(struct.Struct):
+    """Weights with named axes, a bias, and a step counter that is state, not a parameter."""
+
+    weight: variables.Parameter
+    bias: variables.Parameter
+    steps: variables.StateVariable
+
+    def __call__(self, x):
+        # x is named ("inp",), the weight ("inp", "out"): contract over "inp".
+        hidden = named_axes.nmap(jnp.sum)((x * self.weight.value).untag("inp"))
+        return hidden + self.bias.value
+
+
+def make_model(seed=0):
+    weight = jax.random.normal(jax.random.key(seed), (3, 2))
+    return TinyModel(
+        weight=variables.Parameter(
+            label="weight",
+            value=named_axes.wrap(weight).tag("inp", "out"),
+            metadata={"trainable": True},
+        ),
+        bias=variables.Parameter(label="bias", value=named_axes.wrap(jnp.zeros(2)).tag("out")),
+        # A float counter, so that jax.grad may differentiate the whole model.
+        steps=variables.StateVariable(jnp.zeros(()), label="steps"),
+    )
+
+
+def loss_fn(model):
+    x = named_axes.wrap(jnp.array([1.0, -2.0, 0.5])).tag("inp")
+    target = named_axes.wrap(jnp.array([1.0, -1.0])).tag("out")
+    error = model(x) - target
+    return named_axes.nmap(jnp.sum)((error * error).untag("out")).unwrap()
+
+
+def leaf_paths(state):
+    return sorted("/".join(map(str, path)) for path, _ in nnx.to_flat_state(state))
+
+
+def test_parameter_and_state_variable_are_nnx_variables():
+    model = make_model()
+    assert isinstance(model.weight, nnx.Param) and isinstance(model.weight, nnx.Variable)
+    assert isinstance(model.steps, nnx.Variable) and not isinstance(model.steps, nnx.Param)
+    assert isinstance(model.weight, variables.AbstractVariable)
+
+
+def test_nnx_state_lists_parameters_with_paths_and_metadata():
+    model = make_model()
+    params = nnx.state(model, nnx.Param)
+    assert leaf_paths(params) == ["bias", "weight"]
+    weight = params["weight"]
+    assert isinstance(weight, variables.Parameter)
+    assert weight.get_metadata("label") == "weight"
+    assert weight.get_metadata("axis_names") == ("inp", "out")
+    assert weight.get_metadata("trainable") is True
+    np.testing.assert_array_equal(weight[...], model.weight[...])
+    assert leaf_paths(nnx.state(model, variables.StateVariable)) == ["steps"]
+
+
+def test_split_merge_roundtrip_keeps_types_labels_names_and_values():
+    model = make_model()
+    graphdef, state = nnx.split(model)
+    rebuilt = nnx.merge(graphdef, state)
+    assert type(rebuilt) is TinyModel
+    assert type(rebuilt.weight) is variables.Parameter
+    assert type(rebuilt.steps) is variables.StateVariable
+    assert rebuilt.weight.label == "weight"
+    assert rebuilt.weight.metadata == {"trainable": True}
+    assert dict(rebuilt.weight.value.named_shape) == {"inp": 3, "out": 2}
+    np.testing.assert_array_equal(rebuilt.weight[...], model.weight[...])
+
+
+def test_jax_tree_util_sees_through_variables_to_raw_arrays():
+    model = make_model()
+    leaves_with_paths = jax.tree_util.tree_flatten_with_path(model)[0]
+    paths = [jax.tree_util.keystr(path) for path, _ in leaves_with_paths]
+    assert paths == [".weight.value", ".bias.value", ".steps.value"]
+    assert [leaf.shape for _, leaf in leaves_with_paths] == [(3, 2), (2,), ()]
+    doubled = jax.tree_util.tree_map(lambda x: x * 2, model)
+    assert type(doubled.weight) is variables.Parameter and doubled.weight is not model.weight
+    assert doubled.weight.label == "weight"
+    assert doubled.weight.get_metadata("axis_names") == ("inp", "out")
+
+
+def test_jax_grad_over_the_model_returns_a_model_shaped_gradient():
+    model = make_model()
+    grads = jax.grad(loss_fn)(model)
+    assert type(grads) is TinyModel and type(grads.weight) is variables.Parameter
+    assert dict(grads.weight.value.named_shape) == {"inp": 3, "out": 2}
+    # Check one entry against a central finite difference.
+    eps = 1e-3
+    bumped = [jax.tree_util.tree_map(lambda x: x, model) for _ in range(2)]
+    for sign, copy in zip((1, -1), bumped, strict=True):
+        copy.bias.set_value(model.bias[...].at[0].add(sign * eps))
+    numeric = (loss_fn(bumped[0]) - loss_fn(bumped[1])) / (2 * eps)
+    np.testing.assert_allclose(grads.bias[...][0], numeric, rtol=1e-2)
+
+
+def test_nnx_optimizer_trains_the_struct_under_nnx_jit():
+    model = make_model()
+    optimizer = nnx.Optimizer(model, optax.adam(0.1), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        model.steps[...] += 1
+        return loss
+
+    weight_object = model.weight
+    losses = [float(train_step(model, optimizer)) for _ in range(5)]
+    assert losses[-1] < losses[0] * 0.8
+    assert model.weight is weight_object  # updated in place, as NNX does
+    assert model.weight.get_metadata("axis_names") == ("inp", "out")
+    assert model.weight.metadata == {"trainable": True}
+    assert int(model.steps[...]) == 5
+    assert float(loss_fn(model)) < losses[0]
+
+
+def test_optax_over_the_pure_pytree():
+    model = make_model()
+    optimizer = optax.sgd(0.05)
+    opt_state = optimizer.init(model)
+
+    @jax.jit
+    def step(model, opt_state):
+        loss, grads = jax.value_and_grad(loss_fn)(model)
+        updates, opt_state = optimizer.update(grads, opt_state, model)
+        return optax.apply_updates(model, updates), opt_state, loss
+
+    losses = []
+    for _ in range(3):
+        model, opt_state, loss = step(model, opt_state)
+        losses.append(float(loss))
+    assert losses[2] < losses[0]
+    assert type(model.weight) is variables.Parameter and model.weight.label == "weight"
+    assert dict(model.weight.value.named_shape) == {"inp": 3, "out": 2}
+
+
+class Holder(nnx.Module):
+    """An NNX module whose attribute is a pz_flax struct (no nnx.data wrapper needed)."""
+
+    def __init__(self):
+        self.inner = make_model()
+        self.scale = nnx.Param(jnp.ones(()))
+
+    def __call__(self, x):
+        return self.inner(x) * self.scale[...]
+
+
+def test_nnx_module_attribute_exposes_the_struct_parameters():
+    holder = Holder()
+    params = nnx.state(holder, nnx.Param)
+    assert leaf_paths(params) == ["inner/bias", "inner/weight", "scale"]
+    optimizer = nnx.Optimizer(holder, optax.adam(0.1), wrt=nnx.Param)
+
+    def holder_loss(holder):
+        return loss_fn(holder.inner) * holder.scale[...]
+
+    before = np.asarray(holder.inner.weight[...])
+    grads = nnx.grad(holder_loss)(holder)
+    optimizer.update(holder, grads)
+    assert not np.allclose(holder.inner.weight[...], before)
+    assert holder.inner.weight.get_metadata("axis_names") == ("inp", "out")
+
+
+def test_orbax_roundtrip_restores_values_and_metadata(tmp_path):
+    model = make_model(seed=1)
+    model.steps[...] = jnp.asarray(7.0)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", nnx.state(model))
+    checkpointer.wait_until_finished()
+
+    abstract = nnx.eval_shape(lambda: make_model(seed=2))
+    assert abstract.weight.get_raw_value().shape == (3, 2)
+    restored_state = checkpointer.restore(tmp_path / "ckpt", nnx.state(abstract))
+    restored_weight = restored_state["weight"]
+    assert type(restored_weight) is variables.Parameter
+    assert restored_weight.get_metadata("axis_names") == ("inp", "out")
+    assert restored_weight.get_metadata("trainable") is True
+
+    fresh = make_model(seed=3)
+    nnx.update(fresh, restored_state)
+    np.testing.assert_array_equal(fresh.weight[...], model.weight[...])
+    assert int(fresh.steps[...]) == 7
+    assert fresh.weight.label == "weight"
+    assert dict(fresh.weight.value.named_shape) == {"inp": 3, "out": 2}
+
+
+def test_nnx_jit_propagates_state_variable_mutation():
+    model = make_model()
+
+    @nnx.jit
+    def count(model):
+        model.steps.value = model.steps.value + 1
+
+    count(model)
+    count(model)
+    assert int(model.steps.value) == 2
+
+
+def test_unhashable_metadata_is_caught_before_nnx_would_fail():
+    # nnx.split hashes variable metadata; the constructor refuses such metadata up front.
+    with pytest.raises(TypeError, match="must be hashable"):
+        variables.Parameter(label="w", value=1.0, metadata={"schedule": {"lr": 1}})
+
+
+@pytest.mark.parametrize("vmap", [jax.vmap, nnx.vmap], ids=["jax.vmap", "nnx.vmap"])
+def test_vmapping_over_a_positional_prefix_keeps_the_named_axes(vmap):
+    # Axis names label the trailing axes, so a transform that strips a leading positional axis
+    # sees a consistent NamedArray inside.
+    rows = named_axes.wrap(jnp.arange(12.0).reshape(4, 3)).tag("layer", "b").untag("layer")
+    stacked = variables.Parameter(label="stack", value=rows)
+    assert stacked.value.positional_shape == (4,)
+    seen_inside = []
+
+    def row_sum(param):
+        seen_inside.append((param.value.positional_shape, dict(param.value.named_shape)))
+        return named_axes.nmap(jnp.sum)(param.value.untag("b")).unwrap()
+
+    np.testing.assert_array_equal(vmap(row_sum)(stacked), [3.0, 12.0, 21.0, 30.0])
+    assert seen_inside == [((), {"b": 3})]

@@ -1,0 +1,130 @@
+"""Tests for pz_flax.nn.basic_ops, differential against penzai 0.2.5."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from penzai import pz as penzai_pz
+
+from pz_flax.core import named_axes as nx
+from pz_flax.nn import basic_ops
+
+
+def random_named(key_index: int, named_shape: dict) -> nx.NamedArray:
+    data = jax.random.normal(jax.random.key(key_index), tuple(named_shape.values())) * 3
+    return nx.wrap(data).tag(*named_shape)
+
+
+def to_penzai(array):
+    names = tuple(array.named_shape)
+    return penzai_pz.nx.wrap(np.asarray(array.unwrap(*names))).tag(*names)
+
+
+def assert_same(ours, theirs):
+    assert dict(ours.named_shape) == dict(theirs.named_shape)
+    assert ours.dtype == theirs.dtype
+    names = tuple(theirs.named_shape)
+    np.testing.assert_allclose(
+        np.asarray(ours.unwrap(*names)), np.asarray(theirs.unwrap(*names)), rtol=1e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("fn", [jax.nn.relu, jax.nn.gelu, jnp.tanh, jax.nn.silu])
+def test_elementwise_matches_penzai(fn):
+    x = random_named(0, {"foo": 3, "bar": 2})
+    assert_same(basic_ops.Elementwise(fn)(x), penzai_pz.nn.Elementwise(fn)(to_penzai(x)))
+
+
+def test_elementwise_sees_only_positional_axes():
+    # nmap hands the function one element per named position: summing over "everything"
+    # must therefore leave each element unchanged.
+    x = random_named(0, {"foo": 3})
+    assert_same(basic_ops.Elementwise(jnp.sum)(x), x)
+    row = nx.wrap(jnp.arange(6.0).reshape(2, 3)).tag_prefix("rows")
+    summed = basic_ops.Elementwise(jnp.sum)(row)
+    np.testing.assert_allclose(summed.unwrap("rows"), [3.0, 12.0])
+
+
+def test_elementwise_on_plain_array():
+    np.testing.assert_array_equal(
+        basic_ops.Elementwise(jax.nn.relu)(jnp.array([-1.0, 2.0])), [0.0, 2.0]
+    )
+
+
+def test_elementwise_function_is_static():
+    layer = basic_ops.Elementwise(jax.nn.relu)
+    assert jax.tree_util.tree_leaves(layer) == []
+
+
+@pytest.mark.parametrize("axes", ["foo", ("foo", "bar"), ("baz",)])
+def test_softmax_matches_penzai(axes):
+    x = random_named(1, {"foo": 3, "bar": 4, "baz": 5})
+    assert_same(basic_ops.Softmax(axes)(x), penzai_pz.nn.Softmax(axes)(to_penzai(x)))
+
+
+def test_softmax_normalizes_jointly():
+    out = basic_ops.Softmax(("foo", "bar"))(random_named(1, {"foo": 3, "bar": 4, "baz": 5}))
+    np.testing.assert_allclose(out.unwrap("baz", "foo", "bar").sum(axis=(1, 2)), 1.0, rtol=1e-6)
+
+
+def test_softmax_missing_axis_error():
+    with pytest.raises(ValueError, match=r"without axis 'nope'.*\{'foo': 3\}"):
+        basic_ops.Softmax(("foo", "nope"))(random_named(1, {"foo": 3}))
+
+
+def test_cast_to_dtype():
+    x = random_named(0, {"foo": 3})
+    cast = basic_ops.CastToDType(jnp.bfloat16)
+    assert_same(cast(x), penzai_pz.nn.CastToDType(jnp.bfloat16)(to_penzai(x)))
+    tree = cast({"named": x, "plain": jnp.ones(2, jnp.float32)})
+    assert tree["named"].dtype == jnp.bfloat16
+    assert dict(tree["named"].named_shape) == {"foo": 3}
+    assert tree["plain"].dtype == jnp.bfloat16
+
+
+def test_tanh_soft_cap_matches_penzai():
+    x = random_named(2, {"foo": 4, "bar": 3})
+    ours = basic_ops.TanhSoftCap(soft_cap=2.5)(x)
+    assert_same(ours, penzai_pz.nn.TanhSoftCap(soft_cap=2.5)(to_penzai(x)))
+    assert float(jnp.max(jnp.abs(ours.unwrap("foo", "bar")))) < 2.5
+
+
+def test_tanh_soft_cap_is_a_pytree_child():
+    layer = basic_ops.TanhSoftCap(soft_cap=jnp.asarray(2.0))
+    assert len(jax.tree_util.tree_leaves(layer)) == 1
+    x = random_named(2, {"foo": 4})
+    jitted = jax.jit(lambda layer, value: layer(value))(layer, x)
+    assert_same(jitted, basic_ops.TanhSoftCap(soft_cap=2.0)(x))
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        jax.nn.relu,
+        functools.partial(jax.nn.gelu, approximate=False),
+        functools.partial(jax.nn.leaky_relu, negative_slope=0.2),
+    ],
+)
+def test_known_elementwise_fast_path_equals_nmap(fn):
+    x = random_named(3, {"foo": 3, "bar": 2, "baz": 4})
+    view = x.untag("baz", "foo").tag("baz", "foo")  # a different storage order
+    for value in (x, view, nx.wrap(x.unwrap("foo", "bar", "baz")).tag_prefix("foo")):
+        ours = basic_ops.Elementwise(fn)(value)
+        expected = nx.nmap(fn)(value)
+        assert dict(ours.named_shape) == dict(expected.named_shape)
+        assert ours.positional_shape == expected.positional_shape
+        names = tuple(expected.named_shape)
+        np.testing.assert_allclose(
+            ours.untag_prefix(*names).unwrap(), expected.untag_prefix(*names).unwrap(), rtol=1e-6
+        )
+
+
+def test_partial_with_array_argument_keeps_nmap_semantics():
+    # The slope array is not a scalar, so the function is vmapped: each named element meets
+    # the whole slope vector and gains a positional axis.
+    fn = functools.partial(jax.nn.leaky_relu, negative_slope=jnp.array([0.1, 0.2, 0.3]))
+    out = basic_ops.Elementwise(fn)(random_named(0, {"foo": 2}))
+    assert out.positional_shape == (3,)
+    assert dict(out.named_shape) == {"foo": 2}

@@ -1,0 +1,97 @@
+"""Tests for pz_flax.nn.combinators, differential against penzai 0.2.5."""
+
+import jax
+import numpy as np
+import pytest
+from penzai import pz as penzai_pz
+
+from pz_flax.core import named_axes as nx
+from pz_flax.nn import basic_ops
+from pz_flax.nn import combinators
+from pz_flax.nn import linear_and_affine
+
+
+def random_named(key_index: int, named_shape: dict) -> nx.NamedArray:
+    data = jax.random.normal(jax.random.key(key_index), tuple(named_shape.values()))
+    return nx.wrap(data).tag(*named_shape)
+
+
+def to_penzai(array):
+    names = tuple(array.named_shape)
+    return penzai_pz.nx.wrap(np.asarray(array.unwrap(*names))).tag(*names)
+
+
+def assert_same(ours, theirs):
+    assert dict(ours.named_shape) == dict(theirs.named_shape)
+    names = tuple(theirs.named_shape)
+    np.testing.assert_allclose(
+        np.asarray(ours.unwrap(*names)), np.asarray(theirs.unwrap(*names)), rtol=1e-6, atol=1e-6
+    )
+
+
+def linear_pair(name: str):
+    """The same square linear layer in pz_flax and in penzai (identical initialization)."""
+    config = dict(input_axes={"f": 4}, output_axes={"f": 4}, parallel_axes={"h": 2})
+    return (
+        linear_and_affine.Linear.from_config(name, jax.random.key(0), **config),
+        penzai_pz.nn.Linear.from_config(name, jax.random.key(0), **config),
+    )
+
+
+def test_residual_matches_penzai():
+    ours, theirs = linear_pair("delta")
+    x = random_named(1, {"f": 4, "h": 2, "b": 3})
+    assert_same(combinators.Residual(ours)(x), penzai_pz.nn.Residual(theirs)(to_penzai(x)))
+
+
+def test_residual_forwards_side_inputs():
+    seen = {}
+
+    def delta(value, **side_inputs):
+        seen.update(side_inputs)
+        return value * 2
+
+    assert combinators.Residual(delta)(3.0, mask="m") == 9.0
+    assert seen == {"mask": "m"}
+
+
+@pytest.mark.parametrize(
+    ("ours_cls", "theirs_cls"),
+    [
+        (combinators.BranchAndAddTogether, penzai_pz.nn.BranchAndAddTogether),
+        (combinators.BranchAndMultiplyTogether, penzai_pz.nn.BranchAndMultiplyTogether),
+    ],
+)
+def test_branches_match_penzai(ours_cls, theirs_cls):
+    ours_a, theirs_a = linear_pair("a")
+    ours_b, theirs_b = linear_pair("b")
+    ours = ours_cls([ours_a, basic_ops.Elementwise(jax.nn.gelu), ours_b])
+    theirs = theirs_cls([theirs_a, penzai_pz.nn.Elementwise(jax.nn.gelu), theirs_b])
+    x = random_named(2, {"b": 3, "f": 4, "h": 2})
+    assert_same(ours(x), theirs(to_penzai(x)))
+
+
+def test_single_branch_is_that_branch():
+    x = random_named(2, {"f": 4})
+    relu = basic_ops.Elementwise(jax.nn.relu)
+    assert_same(combinators.BranchAndAddTogether([relu])(x), relu(x))
+    assert_same(combinators.BranchAndMultiplyTogether([relu])(x), relu(x))
+
+
+@pytest.mark.parametrize(
+    "cls", [combinators.BranchAndAddTogether, combinators.BranchAndMultiplyTogether]
+)
+def test_no_branches_is_an_error(cls):
+    with pytest.raises(ValueError, match=f"{cls.__name__} requires at least one branch"):
+        cls([])(1.0)
+
+
+def test_branches_get_side_inputs():
+    calls = []
+
+    def branch(value, **side_inputs):
+        calls.append(side_inputs)
+        return value
+
+    combinators.BranchAndAddTogether([branch, branch])(1.0, positions=5)
+    assert calls == [{"positions": 5}, {"positions": 5}]

@@ -1,0 +1,204 @@
+"""Tests for pz_flax.toolshed.basic_training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pz_flax.core import named_axes as nx
+from pz_flax.core import struct
+from pz_flax.core import variables
+from pz_flax.nn import basic_ops
+from pz_flax.nn import grouping
+from pz_flax.nn import layer
+from pz_flax.nn import linear_and_affine
+from pz_flax.toolshed import basic_training
+
+
+@struct.pytree_dataclass
+class CountCalls(layer.Layer):
+    """Passes its input through and counts how often it ran (a state variable)."""
+
+    count: variables.StateVariable
+
+    def __call__(self, x, **_unused_side_inputs):
+        self.count.value = self.count.value + 1
+        return x
+
+
+def make_model(seed=0, width=8):
+    key = jax.random.key(seed)
+    return grouping.Sequential(
+        [
+            linear_and_affine.Linear.from_config(
+                "hidden", jax.random.fold_in(key, 0), {"features": 4}, {"features": width}
+            ),
+            basic_ops.Elementwise(jax.nn.tanh),
+            linear_and_affine.Linear.from_config(
+                "out", jax.random.fold_in(key, 1), {"features": width}, {"features": 2}
+            ),
+        ]
+    )
+
+
+def make_batch(seed=1):
+    key = jax.random.key(seed)
+    x = jax.random.normal(key, (16, 4))
+    y = jnp.stack([x[:, 0] - x[:, 1], x[:, 2] * 0.5], axis=-1)
+    return nx.wrap(x).tag("batch", "features"), nx.wrap(y).tag("batch", "features")
+
+
+def mse_loss(*, model, state, rng, x, y):
+    del rng
+    error = nx.nmap(jnp.mean)(((model(x) - y) ** 2).untag("batch", "features")).unwrap()
+    return error, state, {"loss": error}
+
+
+def raw_weights(model):
+    return {p.label: np.asarray(p.get_raw_value()) for p in variables.unbind_params(model)[1]}
+
+
+def test_loss_goes_down_and_model_is_updated_in_place():
+    model = make_model()
+    before = raw_weights(model)
+    trainer = basic_training.StatefulTrainer.build(
+        jax.random.key(0), model, optax.adam(0.05), mse_loss
+    )
+    x, y = make_batch()
+    losses = [float(trainer.step(x=x, y=y)["loss"]) for _ in range(30)]
+    assert losses[-1] < 0.5 * losses[0]
+    after = raw_weights(model)
+    assert all(not np.array_equal(before[k], after[k]) for k in before)
+    assert trainer.model is model
+    assert int(trainer.state.value.step) == 30
+
+
+def test_step_matches_hand_written_optax_loop():
+    x, y = make_batch()
+    model = make_model()
+    trainer = basic_training.StatefulTrainer.build(
+        jax.random.key(0), model, optax.sgd(0.1), mse_loss
+    )
+    reference = make_model()
+    skeleton, params = variables.unbind_params(reference, freeze=True)
+    tx = optax.sgd(0.1)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def reference_step(params, opt_state):
+        def loss(params):
+            return mse_loss(
+                model=variables.bind_variables(skeleton, params), state=None, rng=None, x=x, y=y
+            )[0]
+
+        grads = jax.grad(loss)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    for _ in range(3):
+        trainer.step(x=x, y=y)
+        params, opt_state = reference_step(params, opt_state)
+    ours = raw_weights(model)
+    for param in params:
+        np.testing.assert_allclose(ours[param.label], param.value.data_array, rtol=1e-6, atol=1e-7)
+
+
+def test_non_trainable_parameters_are_left_alone():
+    model = make_model()
+    frozen = variables.unbind_params(model)[1][0]
+    frozen.metadata = {"trainable": False}
+    before = raw_weights(model)
+    trainer = basic_training.StatefulTrainer.build(
+        jax.random.key(0), model, optax.adam(0.05), mse_loss
+    )
+    x, y = make_batch()
+    for _ in range(3):
+        trainer.step(x=x, y=y)
+    after = raw_weights(model)
+    np.testing.assert_array_equal(after[frozen.label], before[frozen.label])
+    assert not all(np.array_equal(after[k], before[k]) for k in before)
+
+
+def test_state_variables_and_loss_state_are_carried():
+    counter = variables.StateVariable(jnp.zeros((), jnp.int32), label="calls")
+    model = grouping.Sequential([CountCalls(counter), make_model()])
+
+    def loss_with_state(*, model, state, rng, x, y):
+        loss, _, aux = mse_loss(model=model, state=None, rng=rng, x=x, y=y)
+        return loss, state + 1, {**aux, "rng": jax.random.key_data(rng)}
+
+    trainer = basic_training.StatefulTrainer.build(
+        jax.random.key(0), model, optax.adam(0.01), loss_with_state, initial_loss_fn_state=10
+    )
+    x, y = make_batch()
+    rngs = [np.asarray(trainer.step(x=x, y=y)["rng"]) for _ in range(3)]
+    assert int(counter.value) == 3
+    assert int(trainer.state.value.loss_fn_state) == 13
+    assert not np.array_equal(rngs[0], rngs[1])
+
+
+def test_donated_states_give_same_result_and_release_old_buffers():
+    x, y = make_batch()
+    plain_model, donated_model = make_model(), make_model()
+    plain = basic_training.StatefulTrainer.build(
+        jax.random.key(0), plain_model, optax.adam(0.05), mse_loss
+    )
+    donated = basic_training.StatefulTrainer.build(
+        jax.random.key(0), donated_model, optax.adam(0.05), mse_loss, donate_states=True
+    )
+    first_param = variables.unbind_params(donated_model)[1][0]
+    old_buffer = first_param.get_raw_value()
+    for _ in range(3):
+        plain.step(x=x, y=y)
+        donated.step(x=x, y=y)
+    assert old_buffer.is_deleted()
+    ours, theirs = raw_weights(donated_model), raw_weights(plain_model)
+    for label in ours:
+        np.testing.assert_array_equal(ours[label], theirs[label])
+
+
+def test_unjitted_trainer_matches_jitted():
+    x, y = make_batch()
+    jitted_model, eager_model = make_model(), make_model()
+    jitted = basic_training.StatefulTrainer.build(
+        jax.random.key(0), jitted_model, optax.adam(0.05), mse_loss
+    )
+    eager = basic_training.StatefulTrainer.build(
+        jax.random.key(0), eager_model, optax.adam(0.05), mse_loss, jit=False
+    )
+    for _ in range(2):
+        np.testing.assert_allclose(
+            jitted.step(x=x, y=y)["loss"], eager.step(x=x, y=y)["loss"], rtol=1e-5
+        )
+
+
+def test_optimizer_sees_parameters_by_label():
+    model = make_model()
+    x, y = make_batch()
+    only_output = optax.multi_transform(
+        {"train": optax.sgd(0.1), "freeze": optax.set_to_zero()},
+        lambda params: {label: "train" if label == "out.weights" else "freeze" for label in params},
+    )
+    before = raw_weights(model)
+    trainer = basic_training.StatefulTrainer.build(jax.random.key(0), model, only_output, mse_loss)
+    trainer.step(x=x, y=y)
+    after = raw_weights(model)
+    assert set(before) == {"hidden.weights", "out.weights"}
+    np.testing.assert_array_equal(after["hidden.weights"], before["hidden.weights"])
+    assert not np.array_equal(after["out.weights"], before["out.weights"])
+
+
+def test_labels_that_print_alike_are_refused():
+    model = grouping.Sequential(
+        [
+            linear_and_affine.AddBias(
+                variables.Parameter(value=nx.zeros({"features": 2}), label=1), new_axis_names=()
+            ),
+            linear_and_affine.AddBias(
+                variables.Parameter(value=nx.zeros({"features": 2}), label="1"), new_axis_names=()
+            ),
+        ]
+    )
+    with pytest.raises(variables.VariableConflictError, match="print as '1'"):
+        basic_training.StatefulTrainer.build(jax.random.key(0), model, optax.sgd(0.1), mse_loss)

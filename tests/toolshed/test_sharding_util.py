@@ -1,0 +1,149 @@
+"""Tests for pz_flax.toolshed.sharding_util, on 8 fake CPU devices (see tests/conftest.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from pz_flax.core import named_axes as nx
+from pz_flax.core import variables
+from pz_flax.nn import basic_ops
+from pz_flax.nn import grouping
+from pz_flax.nn import linear_and_affine
+from pz_flax.toolshed import basic_training
+from pz_flax.toolshed import sharding_util
+
+STRATEGY = {"batch": "data", "hidden": "model"}
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    assert len(jax.devices()) == 8, "tests/conftest.py should fake 8 CPU devices"
+    # Auto axes: XLA's partitioner propagates shardings (JAX 0.10 defaults to Explicit axes,
+    # where every sharded contraction must state its output sharding).
+    return jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def make_model(seed=0):
+    key = jax.random.key(seed)
+    return grouping.Sequential(
+        [
+            linear_and_affine.Linear.from_config(
+                "hidden", jax.random.fold_in(key, 0), {"features": 4}, {"hidden": 8}
+            ),
+            basic_ops.Elementwise(jax.nn.tanh),
+            linear_and_affine.Linear.from_config(
+                "out", jax.random.fold_in(key, 1), {"hidden": 8}, {"features": 2}
+            ),
+        ]
+    )
+
+
+def make_batch():
+    x = jax.random.normal(jax.random.key(1), (16, 4))
+    y = jnp.stack([x[:, 0] - x[:, 1], x[:, 2] * 0.5], axis=-1)
+    return nx.wrap(x).tag("batch", "features"), nx.wrap(y).tag("batch", "features")
+
+
+def mse_loss(*, model, state, rng, x, y):
+    del rng
+    error = nx.nmap(jnp.mean)(((model(x) - y) ** 2).untag("batch", "features")).unwrap()
+    return error, state, {"loss": error}
+
+
+def test_named_and_positional_axes_in_views_and_arrays(mesh):
+    named = nx.wrap(jnp.zeros((8, 3))).tag("hidden", "other")
+    partly_positional = named.untag("other")  # a view, or an array with a positional axis
+    for value in (named, partly_positional):
+        spec = sharding_util.name_to_name_sharding(value, mesh, STRATEGY).data_array.spec
+        hidden_axis = value.data_array.shape.index(8)
+        expected = [None, None]
+        expected[hidden_axis] = "model"
+        assert tuple(spec) + (None,) * (2 - len(spec)) == tuple(expected)
+
+
+def test_named_data_axis_positions_are_respected(mesh):
+    array = nx.wrap(jnp.zeros((5, 8))).tag("other", "hidden")
+    sharding = sharding_util.name_to_name_sharding(array, mesh, STRATEGY)
+    assert sharding.data_array.spec == P(None, "model")
+    as_struct = sharding_util.name_to_name_sharding(
+        array, mesh, STRATEGY, as_shape_dtype_struct=True
+    )
+    assert as_struct.data_array.shape == (5, 8)
+    assert as_struct.data_array.sharding.spec == P(None, "model")
+
+
+def test_identity_mapping_by_default(mesh):
+    array = nx.wrap(jnp.zeros((4, 2))).tag("data", "model")
+    assert sharding_util.name_to_name_sharding(array, mesh).data_array.spec == P("data", "model")
+
+
+def test_unnamed_arrays_are_refused_with_their_path_or_replicated(mesh):
+    tree = {"named": nx.wrap(jnp.zeros(8)).tag("hidden"), "plain": jnp.zeros(3)}
+    with pytest.raises(ValueError, match=r"\['plain'\].*no axis names"):
+        sharding_util.name_to_name_sharding(tree, mesh, STRATEGY)
+    shardings = sharding_util.name_to_name_sharding(
+        tree, mesh, STRATEGY, ignore_unnamed_arrays=True
+    )
+    assert shardings["plain"] is None
+
+
+def test_unknown_mesh_axis_is_refused(mesh):
+    with pytest.raises(ValueError, match="'hidden' is mapped to mesh axis 'tensor'"):
+        sharding_util.name_to_name_sharding(
+            nx.wrap(jnp.zeros(8)).tag("hidden"), mesh, {"hidden": "tensor"}
+        )
+
+
+def test_device_put_splits_model_parameters(mesh):
+    model = sharding_util.name_to_name_device_put(make_model(), mesh, STRATEGY)
+    params = {p.label: p for p in variables.unbind_params(model)[1]}
+    hidden = params["hidden.weights"].get_raw_value()
+    assert hidden.shape == (4, 8)
+    assert {shard.data.shape for shard in hidden.addressable_shards} == {(4, 4)}
+    assert params["hidden.weights"].value.named_shape == {"features": 4, "hidden": 8}
+
+
+def test_sharded_init_creates_sharded_parameters(mesh):
+    model = sharding_util.sharded_init(make_model, 0, mesh=mesh, axis_name_to_mesh_name=STRATEGY)
+    params = {p.label: p for p in variables.unbind_params(model)[1]}
+    out_weights = params["out.weights"].get_raw_value()
+    assert {shard.data.shape for shard in out_weights.addressable_shards} == {(4, 2)}
+    np.testing.assert_array_equal(
+        out_weights,
+        {p.label: p for p in variables.unbind_params(make_model(0))[1]}[
+            "out.weights"
+        ].get_raw_value(),
+    )
+
+
+def test_constrain_layers_apply_under_jit(mesh):
+    x, _ = make_batch()
+    by_name = sharding_util.ConstrainShardingByName(mesh, STRATEGY)
+    out = jax.jit(lambda v: by_name(v))(x)
+    assert out.data_array.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P("data")), 2)
+    explicit = sharding_util.ConstrainSharding(jax.sharding.NamedSharding(mesh, P("data")))
+    out = jax.jit(lambda a: explicit(a))(x.data_array)
+    assert out.sharding.spec == P("data")
+
+
+def test_sharded_training_matches_single_device(mesh):
+    x, y = make_batch()
+    single_model = make_model()
+    single = basic_training.StatefulTrainer.build(
+        jax.random.key(0), single_model, optax.adam(0.05), mse_loss
+    )
+    sharded_model = sharding_util.name_to_name_device_put(make_model(), mesh, STRATEGY)
+    sharded = basic_training.StatefulTrainer.build(
+        jax.random.key(0), sharded_model, optax.adam(0.05), mse_loss
+    )
+    sx = sharding_util.name_to_name_device_put(x, mesh, STRATEGY)
+    sy = sharding_util.name_to_name_device_put(y, mesh, STRATEGY)
+    for _ in range(5):
+        np.testing.assert_allclose(
+            single.step(x=x, y=y)["loss"], sharded.step(x=sx, y=sy)["loss"], rtol=1e-5
+        )
+    hidden = {p.label: p for p in variables.unbind_params(sharded_model)[1]}["hidden.weights"]
+    assert {s.data.shape for s in hidden.get_raw_value().addressable_shards} == {(4, 4)}
