@@ -46,7 +46,11 @@ class Timing:
     Attributes:
         name: The contender's name.
         median_ms: Median over windows of the wall time per step, in milliseconds.
-        min_ms: The fastest window's time per step, in milliseconds.
+        min_ms: The fastest window's wall time per step, in milliseconds.
+        cpu_median_ms: Median over windows of this process's CPU time per step (all threads,
+            so XLA's compute threads count too), in milliseconds. Other sessions' load inflates
+            wall time by making this process wait for a core; it barely changes CPU time, so
+            ratios of CPU times are the steadier comparison on a shared machine.
         windows: How many timed windows the median is taken over.
         steps_per_window: How many steps each window runs.
     """
@@ -54,18 +58,33 @@ class Timing:
     name: str
     median_ms: float
     min_ms: float
+    cpu_median_ms: float
     windows: int
     steps_per_window: int
 
 
-def _run_window(step: Callable[[], Any], steps: int) -> float:
-    """Runs ``steps`` steps, blocks on the last result, returns the seconds per step."""
-    start = time.perf_counter()
+def _run_window(step: Callable[[], Any], steps: int) -> tuple[float, float]:
+    """Runs ``steps`` steps, blocks on the last result; returns wall and CPU seconds per step."""
+    start_wall, start_cpu = time.perf_counter(), time.process_time()
     result = None
     for _ in range(steps):
         result = step()
     jax.block_until_ready(result)
-    return (time.perf_counter() - start) / steps
+    return (
+        (time.perf_counter() - start_wall) / steps,
+        (time.process_time() - start_cpu) / steps,
+    )
+
+
+def _steps_filling(step: Callable[[], Any], seconds: float, max_steps: int) -> int:
+    """How many steps of ``step`` fill ``seconds``, measured by running them (doubling)."""
+    steps = 1
+    while steps < max_steps:
+        if _run_window(step, steps)[0] * steps >= seconds / 2:
+            per_step, _ = _run_window(step, steps)
+            return min(max_steps, max(1, round(seconds / per_step)))
+        steps *= 2
+    return max_steps
 
 
 def time_interleaved(
@@ -83,7 +102,8 @@ def time_interleaved(
         rounds: How many windows each contender gets; each round visits every contender once,
             starting from a different one so no contender always follows the same neighbour.
         window_seconds: Target length of a window. Each contender's steps per window are sized
-            from its warm-up speed, so slow and fast contenders get comparably long windows.
+            from a calibration run after warm-up, so slow and fast contenders get comparably
+            long windows.
         warmup_steps: Untimed steps per contender (compilation, caches) before the rounds.
         max_steps_per_window: Upper bound on steps per window.
 
@@ -94,12 +114,13 @@ def time_interleaved(
         raise ValueError(f"rounds must be at least 1, got {rounds}.")
     steps_per_window = []
     for contender in contenders:
-        jax.block_until_ready(contender.step())
-        per_step = _run_window(contender.step, max(1, warmup_steps))
-        steps = int(window_seconds / max(per_step, 1e-7))
-        steps_per_window.append(min(max_steps_per_window, max(1, steps)))
+        jax.block_until_ready(contender.step())  # Compiles.
+        _run_window(contender.step, warmup_steps)
+        steps_per_window.append(
+            _steps_filling(contender.step, window_seconds, max_steps_per_window)
+        )
 
-    per_step_seconds: list[list[float]] = [[] for _ in contenders]
+    per_step_seconds: list[list[tuple[float, float]]] = [[] for _ in contenders]
     for round_index in range(rounds):
         for offset in range(len(contenders)):
             index = (round_index + offset) % len(contenders)
@@ -114,8 +135,9 @@ def time_interleaved(
     return [
         Timing(
             name=contender.name,
-            median_ms=1e3 * statistics.median(samples),
-            min_ms=1e3 * min(samples),
+            median_ms=1e3 * statistics.median(wall for wall, _ in samples),
+            min_ms=1e3 * min(wall for wall, _ in samples),
+            cpu_median_ms=1e3 * statistics.median(cpu for _, cpu in samples),
             windows=len(samples),
             steps_per_window=steps,
         )
@@ -133,3 +155,37 @@ def time_once(function: Callable[[], Any], *, repeats: int) -> float:
         jax.block_until_ready(function())
         samples.append(time.perf_counter() - start)
     return 1e3 * statistics.median(samples)
+
+
+def rows_against_floor(
+    timings: list[Timing], floor_name: str, **labels: Any
+) -> list[dict[str, Any]]:
+    """Turns timings into result rows with ratios to the contender named ``floor_name``.
+
+    Args:
+        timings: One problem's timings, including the floor's.
+        floor_name: The contender every ratio is taken against.
+        **labels: Columns copied into every row (``benchmark``, ``case``, ...).
+
+    Returns:
+        One dict per timing: the labels, ``contender``, wall and CPU milliseconds per step, and
+        ``ratio`` (wall) and ``cpu_ratio`` to the floor.
+    """
+    by_name = {timing.name: timing for timing in timings}
+    if floor_name not in by_name:
+        raise ValueError(f"No timing named {floor_name!r} among {sorted(by_name)}.")
+    floor = by_name[floor_name]
+    return [
+        {
+            **labels,
+            "contender": timing.name,
+            "ms": timing.median_ms,
+            "min_ms": timing.min_ms,
+            "cpu_ms": timing.cpu_median_ms,
+            "ratio": timing.median_ms / floor.median_ms,
+            "cpu_ratio": timing.cpu_median_ms / floor.cpu_median_ms,
+            "windows": timing.windows,
+            "steps_per_window": timing.steps_per_window,
+        }
+        for timing in timings
+    ]

@@ -59,7 +59,7 @@ class MlpSize:
     batch: int
 
 
-def _batch(size: MlpSize) -> tuple[jax.Array, jax.Array]:
+def make_batch(size: MlpSize) -> tuple[jax.Array, jax.Array]:
     x_key, y_key = jax.random.split(jax.random.key(1))
     x = jax.random.normal(x_key, (size.batch, size.width), jnp.float32)
     y = jax.random.normal(y_key, (size.batch, size.width), jnp.float32)
@@ -83,7 +83,7 @@ def raw_jit_step(size: MlpSize) -> Callable[[], Any]:
         for key in keys
     ]
     optimizer = optax.adam(LEARNING_RATE)
-    x, y = _batch(size)
+    x, y = make_batch(size)
 
     def forward(params, inputs):
         for index, (weight, bias) in enumerate(params):
@@ -113,7 +113,7 @@ def raw_jit_step(size: MlpSize) -> Callable[[], Any]:
 # Flax NNX.
 
 
-class _NnxMlp(nnx.Module):
+class NnxMlp(nnx.Module):
     def __init__(self, size: MlpSize, rngs: nnx.Rngs):
         self.layers = nnx.List(
             [nnx.Linear(size.width, size.width, rngs=rngs) for _ in range(size.depth)]
@@ -130,7 +130,7 @@ class _NnxMlp(nnx.Module):
 def _nnx_optimizer_step(model: nnx.Module, forward, size: MlpSize) -> Callable[[], Any]:
     """The tutorial ``nnx.jit`` + ``nnx.Optimizer`` step for ``model`` (called as ``forward``)."""
     optimizer = nnx.Optimizer(model, optax.adam(LEARNING_RATE), wrt=nnx.Param)
-    x, y = _batch(size)
+    x, y = make_batch(size)
 
     @nnx.jit
     def train_step(model, optimizer, inputs, targets):
@@ -143,7 +143,7 @@ def _nnx_optimizer_step(model: nnx.Module, forward, size: MlpSize) -> Callable[[
 
 def nnx_step(size: MlpSize) -> Callable[[], Any]:
     """Flax's tutorial step on an ``nnx.Module`` of ``nnx.Linear`` layers."""
-    model = _NnxMlp(size, nnx.Rngs(0))
+    model = NnxMlp(size, nnx.Rngs(0))
     return _nnx_optimizer_step(model, lambda m, inputs: m(inputs), size)
 
 
@@ -151,7 +151,7 @@ def nnx_step(size: MlpSize) -> Callable[[], Any]:
 # penzai 0.2.5 and pz_flax: the same layer code, against either library's `pz` namespace.
 
 
-def _penzai_style_mlp(pz_namespace, size: MlpSize):
+def penzai_style_mlp(pz_namespace, size: MlpSize):
     layers = []
     for index in range(size.depth):
         layers.append(
@@ -167,7 +167,7 @@ def _penzai_style_mlp(pz_namespace, size: MlpSize):
     return pz_namespace.nn.Sequential(layers)
 
 
-def _named_forward(pz_namespace, model, inputs: jax.Array) -> jax.Array:
+def named_forward(pz_namespace, model, inputs: jax.Array) -> jax.Array:
     named_inputs = pz_namespace.nx.wrap(inputs).tag("batch", "features")
     return model(named_inputs).unwrap("batch", "features")
 
@@ -175,7 +175,7 @@ def _named_forward(pz_namespace, model, inputs: jax.Array) -> jax.Array:
 def _trainer_loss(pz_namespace):
     def loss_fn(*, model, state, rng, inputs, targets):
         del rng
-        loss = _mse(_named_forward(pz_namespace, model, inputs), targets)
+        loss = _mse(named_forward(pz_namespace, model, inputs), targets)
         return loss, state, loss
 
     return loss_fn
@@ -188,11 +188,11 @@ def penzai_trainer_step(size: MlpSize) -> Callable[[], Any]:
 
     trainer = penzai_training.StatefulTrainer.build(
         root_rng=jax.random.key(2),
-        model=_penzai_style_mlp(penzai_pz, size),
+        model=penzai_style_mlp(penzai_pz, size),
         optimizer_def=optax.adam(LEARNING_RATE),
         loss_fn=_trainer_loss(penzai_pz),
     )
-    x, y = _batch(size)
+    x, y = make_batch(size)
     return lambda: trainer.step(inputs=x, targets=y)
 
 
@@ -209,11 +209,11 @@ def pz_flax_trainer_step(size: MlpSize) -> Callable[[], Any]:
     pz = _pz_flax_namespace()
     trainer = basic_training.StatefulTrainer.build(
         root_rng=jax.random.key(2),
-        model=_penzai_style_mlp(pz, size),
+        model=penzai_style_mlp(pz, size),
         optimizer_def=optax.adam(LEARNING_RATE),
         loss_fn=_trainer_loss(pz),
     )
-    x, y = _batch(size)
+    x, y = make_batch(size)
     return lambda: trainer.step(inputs=x, targets=y)
 
 
@@ -221,17 +221,17 @@ def pz_flax_model_pytree_step(size: MlpSize) -> Callable[[], Any]:
     """Hand-written ``jax.jit`` + Optax loop taking the pz_flax model itself as the pytree."""
     pz = _pz_flax_namespace()
     optimizer = optax.adam(LEARNING_RATE)
-    x, y = _batch(size)
+    x, y = make_batch(size)
 
     @jax.jit
     def train_step(model, opt_state, inputs, targets):
         loss, grads = jax.value_and_grad(
-            lambda m: _mse(_named_forward(pz, m, inputs), targets)
+            lambda m: _mse(named_forward(pz, m, inputs), targets)
         )(model)
         updates, opt_state = optimizer.update(grads, opt_state, model)
         return optax.apply_updates(model, updates), opt_state, loss
 
-    model = _penzai_style_mlp(pz, size)
+    model = penzai_style_mlp(pz, size)
     carry = {"model": model, "opt_state": optimizer.init(model)}
 
     def step():
@@ -247,8 +247,8 @@ def pz_flax_param_dict_step(size: MlpSize) -> Callable[[], Any]:
     """Hand-written ``jax.jit`` + Optax loop over a label -> raw array dict of parameters."""
     pz = _pz_flax_namespace()
     optimizer = optax.adam(LEARNING_RATE)
-    x, y = _batch(size)
-    skeleton, params = pz.unbind_params(_penzai_style_mlp(pz, size))
+    x, y = make_batch(size)
+    skeleton, params = pz.unbind_params(penzai_style_mlp(pz, size))
     templates = {str(param.label): param for param in params}
 
     @jax.jit
@@ -257,7 +257,7 @@ def pz_flax_param_dict_step(size: MlpSize) -> Callable[[], Any]:
             model = pz.bind_variables(
                 skeleton, [templates[key].replace(value) for key, value in raw.items()]
             )
-            return _mse(_named_forward(pz, model, inputs), targets)
+            return _mse(named_forward(pz, model, inputs), targets)
 
         loss, grads = jax.value_and_grad(loss_fn)(raw_params)
         updates, opt_state = optimizer.update(grads, opt_state, raw_params)
@@ -283,9 +283,9 @@ class _PzFlaxHolder(nnx.Module):
 def pz_flax_nnx_step(size: MlpSize) -> Callable[[], Any]:
     """The pz_flax model inside an ``nnx.Module``, trained with ``nnx.jit`` + ``nnx.Optimizer``."""
     pz = _pz_flax_namespace()
-    holder = _PzFlaxHolder(_penzai_style_mlp(pz, size))
+    holder = _PzFlaxHolder(penzai_style_mlp(pz, size))
     return _nnx_optimizer_step(
-        holder, lambda m, inputs: _named_forward(pz, m.layer, inputs), size
+        holder, lambda m, inputs: named_forward(pz, m.layer, inputs), size
     )
 
 
@@ -321,20 +321,7 @@ def measure(
     """Times the named contenders on one problem size; returns one row per contender."""
     contenders = [harness.Contender(name, CONTENDERS[name](size)) for name in contender_names]
     timings = harness.time_interleaved(contenders, rounds=rounds, window_seconds=window_seconds)
-    floor = {t.name: t.median_ms for t in timings}.get(RAW_JIT)
-    return [
-        {
-            "benchmark": "train step",
-            "case": size.label,
-            "contender": timing.name,
-            "ms_per_step": timing.median_ms,
-            "min_ms_per_step": timing.min_ms,
-            "ratio_to_raw_jit": timing.median_ms / floor if floor else None,
-            "windows": timing.windows,
-            "steps_per_window": timing.steps_per_window,
-        }
-        for timing in timings
-    ]
+    return harness.rows_against_floor(timings, RAW_JIT, benchmark="train step", case=size.label)
 
 
 def run(quick: bool) -> list[dict[str, Any]]:

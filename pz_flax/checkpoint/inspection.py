@@ -45,7 +45,7 @@ class CheckpointSummary:
             (
                 entry.path,
                 _axis_names_text(entry.axis_names),
-                "(" + ", ".join(str(dim) for dim in entry.shape) + ")",
+                repr(entry.shape),
                 entry.dtype,
                 format_bytes(entry.nbytes),
             )

@@ -53,7 +53,8 @@ class CheckpointManager:
 
         Args:
             directory: Where the step subdirectories live.
-            save_interval_steps: ``save`` writes only steps that are multiples of this.
+            save_interval_steps: ``save`` writes only steps that are multiples of this
+                (and, as in Orbax, the first step it is given while the directory is empty).
             max_to_keep: Keep at most this many of the newest steps; None keeps all.
             enable_async_checkpointing: Write arrays in a background thread, so ``save``
                 returns as soon as the arrays are copied off the devices. ``restore``,

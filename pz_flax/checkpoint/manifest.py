@@ -40,6 +40,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
+from flax.typing import HashableMapping
 
 from pz_flax.checkpoint import errors
 from pz_flax.checkpoint import type_registry
@@ -73,6 +74,9 @@ class ArrayEntry:
         axis_names: One entry per array axis: the axis name, or None for a positional axis;
             None altogether when the array has no named axes.
         label: The label of the variable holding the array, as text; None if not in one.
+        prng_impl: For a typed PRNG key array, the name of its implementation
+            (``"threefry2x32"``); the checkpoint then holds its ``jax.random.key_data``, whose
+            shape and dtype the entry describes.
     """
 
     path: str
@@ -81,6 +85,7 @@ class ArrayEntry:
     dtype: str
     axis_names: tuple[str | None, ...] | None = None
     label: str | None = None
+    prng_impl: str | None = None
 
     @property
     def size(self) -> int:
@@ -101,6 +106,7 @@ class ArrayEntry:
             "dtype": self.dtype,
             "axis_names": None if self.axis_names is None else list(self.axis_names),
             "label": self.label,
+            "prng_impl": self.prng_impl,
         }
 
     @classmethod
@@ -119,6 +125,7 @@ class ArrayEntry:
                 dtype=str(np.dtype(data["dtype"])),
                 axis_names=None if axis_names is None else tuple(axis_names),
                 label=data["label"],
+                prng_impl=data.get("prng_impl"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise errors.CorruptCheckpointError(
@@ -166,6 +173,18 @@ def encode_static(value: Any, path: str) -> Any:
     if type(value) is slice:
         return {
             "slice": [encode_static(part, path) for part in (value.start, value.stop, value.step)]
+        }
+    if isinstance(value, jax.tree_util.PyTreeDef):
+        return {"treedef": _encode_treedef(value, path)}
+    if isinstance(value, tuple) and hasattr(type(value), "_fields"):
+        name = type_registry.qualified_name(type(value), what="named tuple class", path=path)
+        return {"namedtuple": name, "items": [encode_static(item, path) for item in value]}
+    if isinstance(value, HashableMapping):
+        # NNX's frozen mapping, found in the graph definitions kept by wrapped NNX modules.
+        return {
+            "hashable_mapping": [
+                [encode_static(k, path), encode_static(v, path)] for k, v in value.items()
+            ]
         }
     if isinstance(value, np.dtype):
         return {"dtype": value.name}
@@ -248,6 +267,13 @@ def decode_static(data: Any, path: str, allow_modules: Iterable[str]) -> Any:
             return {recurse(item) for item in payload}
         if tag == "slice":
             return slice(*(recurse(part) for part in payload))
+        if tag == "namedtuple":
+            cls = type_registry.resolve(payload, "type", allow_modules=allow_modules, path=path)
+            return cls._make(recurse(item) for item in data["items"])
+        if tag == "hashable_mapping":
+            return HashableMapping({recurse(k): recurse(v) for k, v in payload})
+        if tag == "treedef":
+            return _decode_treedef(payload, path, allow_modules)
         if tag == "dtype":
             return np.dtype(payload)
         if tag == "jnp_scalar_type":
@@ -282,6 +308,53 @@ def decode_static(data: Any, path: str, allow_modules: Iterable[str]) -> Any:
             f"{path}: malformed static value {data!r}: {exc}"
         ) from None
     raise errors.CorruptCheckpointError(f"{path}: unknown static value tag {tag!r}.")
+
+
+# Pytree node types that are not classes a checkpoint could name by module.
+_BUILTIN_NODE_TYPES = {
+    "dict": dict,
+    "list": list,
+    "tuple": tuple,
+    "NoneType": type(None),
+    "OrderedDict": collections.OrderedDict,
+    "defaultdict": collections.defaultdict,
+}
+_LEAF = "*"
+
+
+def _encode_treedef(treedef: jax.tree_util.PyTreeDef, path: str) -> Any:
+    """Encodes a JAX tree structure node by node: its type, auxiliary data and children.
+
+    NNX graph definitions (kept by layers that wrap NNX modules) contain tree structures.
+    """
+    node_data = treedef.node_data()
+    if node_data is None:
+        return _LEAF
+    node_type, aux = node_data
+    builtin = next((name for name, cls in _BUILTIN_NODE_TYPES.items() if cls is node_type), None)
+    return {
+        "type": builtin
+        or {"class": type_registry.qualified_name(node_type, what="pytree node type", path=path)},
+        "aux": encode_static(aux, path),
+        "children": [_encode_treedef(child, path) for child in treedef.children()],
+    }
+
+
+def _decode_treedef(data: Any, path: str, allow_modules: Iterable[str]) -> Any:
+    if data == _LEAF:
+        return jax.tree_util.tree_structure(0)
+    type_data = data["type"]
+    if isinstance(type_data, str):
+        node_type = _BUILTIN_NODE_TYPES[type_data]
+    else:
+        node_type = type_registry.resolve(
+            type_data["class"], "type", allow_modules=allow_modules, path=path
+        )
+    children = [_decode_treedef(child, path, allow_modules) for child in data["children"]]
+    aux = decode_static(data["aux"], path, allow_modules)
+    return jax.tree_util.PyTreeDef.from_node_data_and_children(
+        jax.tree_util.default_registry, (node_type, aux), children
+    )
 
 
 def _build_dataclass(cls: type, field_values: dict[str, Any], path: str) -> Any:
@@ -474,6 +547,16 @@ class _Encoder:
 
     def array(self, value: Any, path: tuple[str, ...], axis_names, label) -> dict[str, Any]:
         index = len(self.arrays)
+        prng_impl = None
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            # Orbax stores plain arrays: keep the key data, and the implementation to rewrap.
+            impl = value.dtype._impl
+            prng_impl = impl.name
+            if isinstance(value, jax.ShapeDtypeStruct):
+                value = jax.ShapeDtypeStruct((*value.shape, *impl.key_shape), np.uint32)
+            else:
+                value = jax.random.key_data(value)
+            axis_names = None
         self.arrays.append(value)
         shape = tuple(int(dim) for dim in value.shape)
         if axis_names is not None and len(axis_names) != len(shape):
@@ -486,6 +569,7 @@ class _Encoder:
                 dtype=np.dtype(value.dtype).name,
                 axis_names=axis_names,
                 label=label,
+                prng_impl=prng_impl,
             )
         )
         return {"array": index}
@@ -657,6 +741,9 @@ def compare_manifests(
     target_entries = target["arrays"]
     problems: list[str] = []
     sources: list[int | SavedLiteral | None] = [None] * len(target_entries)
+    saved_variables = dict(_variable_nodes(saved["root"]))
+    target_to_saved_id: dict[int, int] = {}
+    tied_checks: list[tuple[str, int | None, int]] = []
 
     def kind(node: Any) -> str:
         if node is None:
@@ -718,8 +805,9 @@ def compare_manifests(
                 problems.append(
                     f"{path_to_str((*path, key))}: in the target, not in the checkpoint"
                 )
-            for key in a_items.keys() & b_items.keys():
-                walk(a_items[key], b_items[key], (*path, key))
+            for key in a_items:
+                if key in b_items:
+                    walk(a_items[key], b_items[key], (*path, key))
         elif node_kind == "struct":
             if a["struct"] != b["struct"]:
                 problems.append(
@@ -740,21 +828,28 @@ def compare_manifests(
                 problems.append(
                     f"{path_to_str((*path, name))}: in the target, not in the checkpoint"
                 )
-            for name in a["fields"].keys() & b["fields"].keys():
-                walk(a["fields"][name], b["fields"][name], (*path, name))
+            for name in a["fields"]:
+                if name in b["fields"]:
+                    walk(a["fields"][name], b["fields"][name], (*path, name))
         elif node_kind == "variable":
             walk_variable(a, b, path)
 
     def walk_variable(a: dict, b: dict, path: tuple[str, ...]) -> None:
         where = path_to_str(path)
-        if ("variable_ref" in a) != ("variable_ref" in b):
-            problems.append(
-                f"{where}: the variable is shared with another path in only one of the checkpoint"
-                " and the target"
-            )
+        if "variable_ref" in b:
+            # The target ties this variable to another path; fine if the checkpoint does too.
+            # Checked after the walk, once every variable of the target has been paired.
+            saved_id = a.get("variable_ref", a.get("id"))
+            tied_checks.append((where, saved_id, b["variable_ref"]))
             return
         if "variable_ref" in a:
-            return
+            # The checkpoint shares it, the target holds a separate copy (``jax.eval_shape``
+            # and ``tree_map`` untie variables): fill the copy from the shared arrays.
+            a = saved_variables.get(a["variable_ref"], a)
+            if "variable_ref" in a:
+                problems.append(f"{where}: the checkpoint refers to an unknown variable")
+                return
+        target_to_saved_id[b["id"]] = a["id"]
         if a["variable"] != b["variable"]:
             problems.append(
                 f"{where}: variable class {a['variable']} in the checkpoint, {b['variable']} in"
@@ -789,7 +884,25 @@ def compare_manifests(
             )
 
     walk(saved["root"], target["root"], ())
+    for where, saved_id, target_id in tied_checks:
+        if saved_id is None or saved_id != target_to_saved_id.get(target_id):
+            problems.append(
+                f"{where}: the target shares this variable with another path, the checkpoint"
+                " does not"
+            )
     return problems, sources
+
+
+def _variable_nodes(node: Any) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Every defining variable node of a manifest tree, by id."""
+    if isinstance(node, dict):
+        if "variable" in node and isinstance(node.get("id"), int):
+            yield node["id"], node
+        for value in node.values():
+            yield from _variable_nodes(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _variable_nodes(item)
 
 
 def _key_text(key_data: Any) -> str:

@@ -43,6 +43,8 @@ ARRAYS_ITEM = "arrays"
 MANIFEST_ITEM = "manifest"
 # JsonCheckpointHandler's file name inside the manifest item directory.
 _MANIFEST_FILE = "metadata"
+# Error messages from Orbax/TensorStore are cut to this length in our messages.
+_MAX_SUMMARY_CHARS = 300
 # Files Orbax writes into every checkpoint it finishes (which ones depends on the handler).
 _ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "commit_success.txt")
 
@@ -274,16 +276,24 @@ def stored_array_metadata(directory: pathlib.Path) -> dict[tuple[str, ...], Any]
         metadata = ocp.StandardCheckpointHandler().metadata(directory)
     except Exception as exc:
         raise errors.CorruptCheckpointError(
-            f"Cannot read the Orbax array metadata in {directory}: {exception_summary(exc)}"
+            f"Cannot read the arrays in {directory} (missing or damaged files):"
+            f" {exception_summary(exc)}"
         ) from None
     tree = getattr(metadata, "tree", metadata)
     return _flatten_metadata_tree(tree)
 
 
 def exception_summary(exc: BaseException) -> str:
-    """The exception type and the first line of its message, for one-line error reports."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
+    """The exception type and the gist of its message, on one short line.
+
+    TensorStore errors append a JSON spec of the whole store to their message; that and
+    anything past the first line is dropped.
+    """
+    lines = str(exc).strip().splitlines()
+    text = lines[0].split(" [tensorstore_spec=")[0] if lines else ""
+    if len(text) > _MAX_SUMMARY_CHARS:
+        text = text[: _MAX_SUMMARY_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {text}"
 
 
 def _check_stored_arrays(path: pathlib.Path, entries: list[manifest_lib.ArrayEntry]) -> None:
@@ -376,6 +386,8 @@ def read_arrays(
         node = restored
         for part in entry.key:
             node = node[part]
+        if entry.prng_impl is not None:
+            node = jax.random.wrap_key_data(node, impl=entry.prng_impl)
         arrays.append(node)
     return arrays
 

@@ -10,7 +10,7 @@ import:
 * pz_flax's own modules (``pz_flax`` and its submodules);
 * classes and functions registered explicitly with ``register_type``;
 * modules the caller lists in ``allow_modules`` (and their submodules);
-* for functions, dtypes and NNX variable classes only: the libraries pz_flax itself depends
+* for everything but layer (struct) classes: the libraries pz_flax itself depends
   on (``jax``, ``numpy``, ``ml_dtypes``, ``flax``, ``optax``, ``math``, ``operator``).
 
 Names outside the list raise ``UntrustedTypeError`` naming the class and the
@@ -22,8 +22,6 @@ as a stepping stone to an object of another module (``pz_flax.x:os.system``).
 
 from __future__ import annotations
 
-import dataclasses
-import enum
 import importlib
 import re
 import sys
@@ -99,8 +97,8 @@ def _own_qualified_name(obj: Any) -> str:
 def qualified_name(obj: Any, *, what: str, path: str) -> str:
     """The name under which a checkpoint refers to ``obj``: ``"module:qualname"``.
 
-    Functions of the trusted libraries are named by their public alias when they have one
-    (``jax.nn:relu`` rather than ``jax._src.nn.functions:relu``). The name is checked to find
+    Functions that the trusted libraries define in private modules are named by their public
+    alias when they have one (``jax.nn:relu`` rather than ``jax._src.nn.functions:relu``). The name is checked to find
     ``obj`` again, so that saving fails (clearly) where restoring would.
 
     Args:
@@ -122,7 +120,13 @@ def qualified_name(obj: Any, *, what: str, path: str) -> str:
             f"{path}: cannot save the {what} {obj!r}: it has no __module__/__qualname__ to name"
             " it by."
         )
-    if callable(obj) and not isinstance(obj, type) and _module_in(module, _TRUSTED_LIBRARIES):
+    defined_publicly = not any(part.startswith("_") for part in module.split("."))
+    if (
+        callable(obj)
+        and not isinstance(obj, type)
+        and not defined_publicly
+        and _module_in(module, _TRUSTED_LIBRARIES)
+    ):
         public_name = getattr(obj, "__name__", None)
         for namespace in _PUBLIC_FUNCTION_NAMESPACES:
             namespace_module = sys.modules.get(namespace)
@@ -160,7 +164,7 @@ def _lookup(module_name: str, qualname: str) -> Any:
 
 def _trusted_modules(kind: Kind, allow_modules: Iterable[str]) -> tuple[str, ...]:
     trusted = (_OWN_PACKAGE, *allow_modules)
-    if kind in ("function", "variable"):
+    if kind != "struct":
         trusted = (*trusted, *_TRUSTED_LIBRARIES)
     return trusted
 
@@ -171,9 +175,10 @@ def _check_kind(obj: Any, kind: Kind) -> bool:
     if kind == "variable":
         return isinstance(obj, type) and issubclass(obj, nnx.Variable)
     if kind == "type":
-        return isinstance(obj, type) and (
-            dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)
-        )
+        # A class held as data (a dtype class, an NNX module class tagging a converted layer,
+        # a node type of a stored tree structure). Restoring never instantiates it through its
+        # constructor; dataclass, enum and named-tuple instances are rebuilt field by field.
+        return isinstance(obj, type)
     return callable(obj) and not isinstance(obj, type)
 
 
@@ -183,8 +188,9 @@ def resolve(name: Any, kind: Kind, *, allow_modules: Iterable[str] = (), path: s
     Args:
         name: The ``"module:qualname"`` string from the manifest.
         kind: What the name must resolve to: ``"struct"`` (a ``pytree_dataclass`` layer or
-            struct class), ``"variable"`` (an ``nnx.Variable`` subclass), ``"type"`` (a
-            dataclass or enum held in a static field) or ``"function"``.
+            struct class), ``"variable"`` (an ``nnx.Variable`` subclass), ``"type"`` (any
+            class held as data: a dataclass, enum or NNX module class, a tree node type) or
+            ``"function"``.
         allow_modules: Extra module names whose contents (and submodules') are trusted.
         path: Where in the model the name occurs, for error messages.
 

@@ -180,6 +180,10 @@ def _align_to_canonical(
     (same names in the same order) therefore cost no device work at all.
     """
     data, afn, logical, shape = layout
+    if not isinstance(data, jax.Array):
+        # NumPy data would otherwise get NumPy semantics (e.g. 64-bit results) in the fast
+        # paths, whereas ``vmap`` always computes with JAX.
+        data = jnp.asarray(data)
     permutation = [afn[name] for name in all_names if name in afn]
     permutation.extend(logical)
     if permutation != list(range(len(permutation))):
@@ -329,8 +333,11 @@ def _elementwise_nmap_call(fun: Callable[..., Any], args: tuple, kwargs: dict) -
     result, including its layout, equals what ``_nmap_call`` computes. Arguments that might
     hide named arrays inside containers take the general path.
     """
-    if any(isinstance(value, NamedArrayBase | list | tuple | dict) for value in kwargs.values()):
-        return _nmap_call(fun, args, kwargs)
+    for value in kwargs.values():
+        # Keyword arguments are passed through unaligned, so anything that could carry axes
+        # (named arrays, containers, arrays with positional axes) needs the general path.
+        if isinstance(value, NamedArrayBase | list | tuple | dict) or np.ndim(value) > 0:
+            return _nmap_call(fun, args, kwargs)
     layouts = []
     positional_shapes = []
     for value in args:
@@ -1475,7 +1482,7 @@ class NamedArray(NamedArrayBase, struct.Struct):
         return _untag(self, axis_order)
 
     def tag(self, *names: AxisName) -> NamedArray:
-        if not names and len(self.named_axes) == self.data_array.ndim:
+        if not names and len(self.named_axes) == len(self.data_array.shape):
             return self
         return _tag(self, names)
 

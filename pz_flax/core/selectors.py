@@ -150,9 +150,12 @@ def _rebuild_failure(exc: Exception, tree: Any) -> ValueError:
         " have particular types; it also happens when the value is not a valid JAX pytree"
         " at all (jax.tree_util.tree_flatten fails on it too)."
     )
-    nodes = jax.tree_util.tree_leaves(
-        tree, is_leaf=lambda node: isinstance(node, jax.tree_util.Partial)
-    )
+    try:
+        nodes = jax.tree_util.tree_leaves(
+            tree, is_leaf=lambda node: isinstance(node, jax.tree_util.Partial)
+        )
+    except Exception:  # The tree cannot even be flattened; the message above covers it.
+        nodes = []
     if any(isinstance(node, jax.tree_util.Partial) for node in nodes):
         message += (
             " The tree contains a jax.tree_util.Partial, which only accepts a tuple and a"
@@ -656,8 +659,8 @@ class Selection(Generic[SelectedSubtree], struct.Struct):
                 them if ``multiple``.
             multiple: Whether ``accessor_fn`` returns a collection of nodes. ``None`` first
                 looks for the result as a single node; if it is not one but is a collection
-                of nodes, those are selected with a ``DeprecationWarning``-style
-                ``UserWarning`` (pass ``multiple=True`` to be explicit).
+                of nodes, those are selected with a ``UserWarning`` saying that this form is
+                deprecated (pass ``multiple=True`` to be explicit).
 
         Returns:
             A selection of the nodes the accessor designated.
@@ -726,7 +729,7 @@ class Selection(Generic[SelectedSubtree], struct.Struct):
                     "Selection.at: the accessor returned a collection of nodes but multiple"
                     " was not set; selecting each of them. Pass multiple=True to select"
                     " several nodes (returning a collection without it is deprecated).",
-                    stacklevel=4,
+                    stacklevel=7,  # Blame the caller of Selection.at.
                 )
                 return paths
         raise ValueError(

@@ -331,11 +331,11 @@ class StructureMismatchError(Exception):
     """Raised by `check_structure` when a value does not match its pattern."""
 
 
-Binding: typing.TypeAlias = int | tuple[int, ...] | dict[Any, int]
+_SizeBinding: typing.TypeAlias = int | tuple[int, ...] | dict[Any, int]
 
 
 @dataclasses.dataclass(frozen=True)
-class MatchResult(Mapping[str, Binding]):
+class MatchResult(Mapping[str, _SizeBinding]):
     """The variable bindings found by a successful `check_structure`.
 
     Read a binding as ``result["n"]`` or ``result.n``; read several at once as
@@ -349,7 +349,7 @@ class MatchResult(Mapping[str, Binding]):
         `vars_for_axes`).
     """
 
-    _bindings: dict[str, Binding]
+    _bindings: dict[str, _SizeBinding]
 
     def __len__(self) -> int:
         return len(self._bindings)
@@ -362,7 +362,7 @@ class MatchResult(Mapping[str, Binding]):
             return self._bindings[key_or_keys]
         return tuple(self._bindings[key] for key in key_or_keys)
 
-    def __getattr__(self, key: str) -> Binding:
+    def __getattr__(self, key: str) -> _SizeBinding:
         # Looking up `_bindings` itself must not recurse (e.g. while copying).
         if key != "_bindings" and key in self._bindings:
             return self._bindings[key]
@@ -382,8 +382,8 @@ class MatchResult(Mapping[str, Binding]):
 
 _KNOWN_VARS_SOURCE = "the known variable assignments (argument `known_vars` to check_structure)"
 
-PositionalPattern: typing.TypeAlias = tuple[int | DimVar | MultiDimVar | KnownDim, ...]
-NamedPattern: typing.TypeAlias = dict[Any, int | DimVar | KnownDim | RemainingAxisPlaceholder]
+_PositionalPattern: typing.TypeAlias = tuple[int | DimVar | MultiDimVar | KnownDim, ...]
+_NamedPattern: typing.TypeAlias = dict[Any, int | DimVar | KnownDim | RemainingAxisPlaceholder]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -391,13 +391,13 @@ class _Bound:
     """A variable's solution and the key path (as text) that determined it."""
 
     source: str
-    value: Binding
+    value: _SizeBinding
 
 
 @dataclasses.dataclass(frozen=True)
 class _PositionalShapeConstraint:
     value: tuple[int, ...]
-    pattern: PositionalPattern
+    pattern: _PositionalPattern
 
     def unpacked_vars(self) -> list[MultiDimVar]:
         return [dim for dim in self.pattern if isinstance(dim, MultiDimVar)]
@@ -409,7 +409,7 @@ class _PositionalShapeConstraint:
 @dataclasses.dataclass(frozen=True)
 class _NamedShapeConstraint:
     value: dict[Any, int]
-    pattern: NamedPattern
+    pattern: _NamedPattern
 
     def unpacked_vars(self) -> list[MultiDimVar]:
         return [key for key in self.pattern if isinstance(key, MultiDimVar)]
@@ -445,7 +445,7 @@ def _show_dim(dim: Any) -> str:
     return repr(dim)
 
 
-def _show_pattern(pattern: PositionalPattern | NamedPattern) -> str:
+def _show_pattern(pattern: _PositionalPattern | _NamedPattern) -> str:
     """Formats a positional or named shape pattern with its unpacked variables."""
     if isinstance(pattern, tuple):
         parts = [
@@ -563,13 +563,13 @@ def _equality_constraints(pattern: Any, value: Any) -> list[_Constraint]:
 class _Solver:
     """Solves shape constraints for dimension variables, collecting failures."""
 
-    def __init__(self, known_vars: Mapping[str, Binding] | None):
+    def __init__(self, known_vars: Mapping[str, _SizeBinding] | None):
         self.solutions: dict[Any, _Bound] = {}
         if known_vars is not None:
             for name, value in dict(known_vars).items():
                 self.solutions[name] = _Bound(_KNOWN_VARS_SOURCE, value)
 
-    def bind_or_compare(self, where: str, pattern: Any, value: Binding) -> str | None:
+    def bind_or_compare(self, where: str, pattern: Any, value: _SizeBinding) -> str | None:
         """Matches one size (or unpacked group of sizes) against its pattern.
 
         Args:
@@ -649,7 +649,7 @@ class _Solver:
         self, constraint: _NamedShapeConstraint
     ) -> tuple[_NamedShapeConstraint | _Failure, str]:
         """Replaces solved ``**var(...)`` entries by the named sizes they were bound to."""
-        new_pattern: NamedPattern = {}
+        new_pattern: _NamedPattern = {}
         solved = []
         for key, size in constraint.pattern.items():
             if isinstance(key, MultiDimVar) and key.name in self.solutions:
@@ -861,13 +861,15 @@ class _Solver:
 def check_structure(
     value: Any,
     pattern: StructureAnnotation,
-    known_vars: Mapping[str, Binding] | None = None,
+    known_vars: Mapping[str, _SizeBinding] | None = None,
     error_prefix: str = "",
 ) -> MatchResult:
     """Checks a tree of values against a pattern and solves its size variables.
 
     Args:
-      value: The tree to check, usually of arrays and `NamedArray` s.
+      value: The tree to check, usually of arrays and `NamedArray` s. An NNX
+        variable (e.g. a `Parameter`) standing where the pattern has an
+        `ArraySpec` is matched by the array it holds, with its axis names.
       pattern: A tree with the same structure down to its `ArraySpec` and
         `Wildcard` leaves. An `ArraySpec` must match an array (or named array)
         at that position; a `Wildcard` matches anything, even a subtree; any

@@ -560,7 +560,9 @@ class LabeledVariable(nnx.Variable[T], AbstractVariable, metaclass=_VariableMeta
     def value(self) -> T:
         raw = self._raw_value
         axis_names = self._var_metadata.get(_AXIS_NAMES_KEY)
-        if axis_names is None:
+        # A tree-mapped model can hold placeholders in place of arrays (selection holes,
+        # shardings, None); they have no axes to name, so they are shown as they are.
+        if axis_names is None or not hasattr(raw, "shape"):
             return raw
         num_positional = len(raw.shape) - len(axis_names)
         if num_positional < 0:

@@ -55,6 +55,12 @@ class NNXNaming:
         spatial: Names of the spatial axes of 2-D convolutions, outermost first.
         batch: Name given to a leading positional axis when one must be invented.
         label_prefix: Prefix of every converted variable's label (joined with ``/``).
+        input_axes: For modules that are wrapped rather than mapped: the named axes moved, in
+            this order, to the end of the positional array the module receives (default:
+            ``(features,)``); the input's other named axes are its leading batch axes.
+        output_axes: For wrapped modules: names of the trailing axes of the module's output
+            (default: the input's trailing names if the ranks agree, else ``features`` axes
+            for the extra trailing axes).
     """
 
     features: str = "features"
@@ -67,16 +73,20 @@ class NNXNaming:
     spatial: tuple[str, ...] = ("height", "width")
     batch: str = "batch"
     label_prefix: str = ""
+    input_axes: tuple[str, ...] | None = None
+    output_axes: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name == "spatial":
-                if not (
-                    isinstance(value, tuple) and value and all(isinstance(n, str) for n in value)
+            if field.name in ("spatial", "input_axes", "output_axes"):
+                if value is None and field.name != "spatial":
+                    continue
+                if not (isinstance(value, tuple) and all(isinstance(n, str) for n in value)) or (
+                    field.name == "spatial" and not value
                 ):
                     raise TypeError(
-                        f"NNXNaming.spatial must be a non-empty tuple of axis names, got {value!r}."
+                        f"NNXNaming.{field.name} must be a tuple of axis names, got {value!r}."
                     )
             elif not isinstance(value, str):
                 raise TypeError(
@@ -102,8 +112,9 @@ class NNXNaming:
                 f"Unknown naming option(s) {unknown}; the naming options are"
                 f" {[field.name for field in dataclasses.fields(self)]}."
             )
-        if "spatial" in changes and isinstance(changes["spatial"], list):
-            changes["spatial"] = tuple(changes["spatial"])
+        for name in ("spatial", "input_axes", "output_axes"):
+            if isinstance(changes.get(name), list):
+                changes[name] = tuple(changes[name])
         return dataclasses.replace(self, **changes)
 
     def feature_axes(self, count: int) -> tuple[str, ...]:

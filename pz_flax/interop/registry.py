@@ -287,7 +287,7 @@ class ToNNXContext:
                 for name, entry in source.metadata.items():
                     new_var.set_metadata(name, entry)
             flat.append((path, new_var))
-        module = nnx.merge(graphdef, nnx.State.from_flat_path(flat))
+        module = nnx.merge(graphdef, nnx.from_flat_state(flat))
         if self.bindings is not None:
             for key, (path, _) in expected.items():
                 source = variables_by_path[key][0]
@@ -302,8 +302,6 @@ _ABSTRACT_MODULE_CACHE_LOCK = threading.Lock()
 
 def _abstract_module(nnx_class, args, kwargs):
     """The graph definition and abstract variables a constructor call produces (cached)."""
-    kwargs = dict(kwargs)
-    kwargs.setdefault("rngs", nnx.Rngs(0))
     try:
         key = (nnx_class, args, tuple(sorted((k, v) for k, v in kwargs.items() if k != "rngs")))
         hash(key)
@@ -314,9 +312,18 @@ def _abstract_module(nnx_class, args, kwargs):
             cached = _ABSTRACT_MODULE_CACHE.get(key)
         if cached is not None:
             return cached
-    abstract_module = nnx.eval_shape(lambda: nnx_class(*args, **kwargs))
+
+    def make():
+        # The constructor draws (abstract) keys; a fresh dummy stream avoids touching the
+        # caller's RNG state and lives in eval_shape's own trace.
+        call_kwargs = dict(kwargs)
+        if "rngs" not in call_kwargs:
+            call_kwargs["rngs"] = nnx.Rngs(0)
+        return nnx_class(*args, **call_kwargs)
+
+    abstract_module = nnx.eval_shape(make)
     graphdef, state = nnx.split(abstract_module)
-    result = (graphdef, list(state.flat_state()))
+    result = (graphdef, list(nnx.to_flat_state(state)))
     if key is not None:
         with _ABSTRACT_MODULE_CACHE_LOCK:
             _ABSTRACT_MODULE_CACHE[key] = result

@@ -93,7 +93,7 @@ class Elementwise(layer_base.Layer):
 
     fn: Callable[[Any], Any] = dataclasses.field(metadata={"pytree_node": False})
 
-    def __call__(self, value: Any, /, **_unused_side_inputs: Any) -> Any:
+    def __call__(self, value: Any, **_unused_side_inputs: Any) -> Any:
         """Returns ``fn`` applied elementwise to ``value``."""
         if isinstance(value, named_axes.NamedArrayBase):
             if _is_known_elementwise(self.fn):
@@ -125,32 +125,32 @@ class Softmax(layer_base.Layer):
     axes: str | tuple[str, ...] = dataclasses.field(metadata={"pytree_node": False})
 
     def __call__(
-        self, value: named_axes.NamedArrayBase, /, **_unused_side_inputs: Any
+        self, inputs: named_axes.NamedArrayBase, **_unused_side_inputs: Any
     ) -> named_axes.NamedArrayBase:
-        """Returns the softmax of ``value`` over ``axes``.
+        """Returns the softmax of ``inputs`` over ``axes``.
 
         Raises:
-            ValueError: If ``value`` lacks one of the axes; the message names the axis.
+            ValueError: If ``inputs`` lacks one of the axes; the message names the axis.
         """
         axes = _axis_tuple(self.axes)
-        named_shape = value.named_shape
+        named_shape = inputs.named_shape
         missing = [name for name in axes if name not in named_shape]
         if missing:
             raise ValueError(
                 f"Softmax over axes {axes} got an input without axis {missing[0]!r}; input"
                 f" named_shape is {dict(named_shape)}."
             )
-        if type(value) is named_axes.NamedArray and not value.positional_shape:
+        if type(inputs) is named_axes.NamedArray and not inputs.positional_shape:
             # The data axes are exactly the named axes, in order: normalize over them in
             # place instead of untagging and vectorizing over the others.
-            storage_order = list(value.named_axes)
+            storage_order = list(inputs.named_axes)
             data_axes = tuple(storage_order.index(name) for name in axes)
             return named_axes.NamedArray(
-                named_axes=value.named_axes,
-                data_array=jax.nn.softmax(value.data_array, axis=data_axes),
+                named_axes=inputs.named_axes,
+                data_array=jax.nn.softmax(inputs.data_array, axis=data_axes),
             )
         return named_axes.nmap(jax.nn.softmax)(
-            value.untag(*axes), axis=tuple(range(len(axes)))
+            inputs.untag(*axes), axis=tuple(range(len(axes)))
         ).tag(*axes)
 
 
@@ -164,7 +164,7 @@ class CastToDType(layer_base.Layer):
 
     dtype: jax.typing.DTypeLike = dataclasses.field(metadata={"pytree_node": False})
 
-    def __call__(self, value: Any, /, **_unused_side_inputs: Any) -> Any:
+    def __call__(self, value: Any, **_unused_side_inputs: Any) -> Any:
         """Returns ``value`` with each array leaf (named or not) cast to ``dtype``."""
         # A named array is a pytree whose only leaf is its data array, so mapping over
         # leaves casts named and positional arrays alike and keeps the axis names.
@@ -184,7 +184,7 @@ class TanhSoftCap(layer_base.Layer):
 
     soft_cap: float | jax.Array
 
-    def __call__(self, value: Any, /, **_unused_side_inputs: Any) -> Any:
+    def __call__(self, value: Any, **_unused_side_inputs: Any) -> Any:
         """Returns ``tanh(value / soft_cap) * soft_cap``."""
         scaled = value / self.soft_cap
         if isinstance(scaled, named_axes.NamedArrayBase):

@@ -26,7 +26,7 @@ class Residual(layer_base.Layer):
 
     delta: layer_base.Layer
 
-    def __call__(self, value: Any, /, **side_inputs: Any) -> Any:
+    def __call__(self, value: Any, **side_inputs: Any) -> Any:
         """Runs ``delta`` on ``value`` and adds ``value`` back.
 
         Args:
@@ -63,13 +63,13 @@ class BranchAndAddTogether(layer_base.Layer):
 
     branches: list[layer_base.Layer]
 
-    def __call__(self, value: Any, /, **side_inputs: Any) -> Any:
-        """Returns the sum of every branch applied to ``value``.
+    def __call__(self, arg: Any, **side_inputs: Any) -> Any:
+        """Returns the sum of every branch applied to ``arg``.
 
         Raises:
             ValueError: If there are no branches.
         """
-        return _run_branches(self, self.branches, value, side_inputs, lambda a, b: a + b)
+        return _run_branches(self, self.branches, arg, side_inputs, lambda a, b: a + b)
 
 
 @struct.pytree_dataclass
@@ -85,10 +85,10 @@ class BranchAndMultiplyTogether(layer_base.Layer):
 
     branches: list[layer_base.Layer]
 
-    def __call__(self, value: Any, /, **side_inputs: Any) -> Any:
-        """Returns the product of every branch applied to ``value``.
+    def __call__(self, arg: Any, **side_inputs: Any) -> Any:
+        """Returns the product of every branch applied to ``arg``.
 
         Raises:
             ValueError: If there are no branches.
         """
-        return _run_branches(self, self.branches, value, side_inputs, lambda a, b: a * b)
+        return _run_branches(self, self.branches, arg, side_inputs, lambda a, b: a * b)

@@ -26,6 +26,15 @@ from pz_flax.nn import layer as layer_base
 from pz_flax.nn import linear_and_affine
 from pz_flax.nn import parameters
 
+# Fan-out scaling treats the embedding axes as outputs, so each embedding
+# vector starts with unit expected squared norm per element regardless of size.
+_DEFAULT_EMBEDDING_INITIALIZER = functools.partial(
+    linear_and_affine.variance_scaling_initializer,
+    scale=1.0,
+    mode="fan_out",
+    distribution="normal",
+)
+
 
 @struct.pytree_dataclass
 class EmbeddingTable(struct.Struct):
@@ -53,12 +62,7 @@ class EmbeddingTable(struct.Struct):
         embedding_axes: dict[str, int],
         vocabulary_axis: str = "vocabulary",
         initializer: linear_and_affine.LinearOperatorWeightInitializer = (
-            functools.partial(
-                linear_and_affine.variance_scaling_initializer,
-                scale=1.0,
-                mode="fan_out",
-                distribution="normal",
-            )
+            _DEFAULT_EMBEDDING_INITIALIZER
         ),
         dtype: np.typing.DTypeLike = np.float32,
     ) -> EmbeddingTable:

@@ -76,7 +76,7 @@ class Sequential(layer_base.Layer):
             )
 
     @typing.final
-    def __call__(self, value: Any, /, **side_inputs: Any) -> Any:
+    def __call__(self, value: Any, **side_inputs: Any) -> Any:
         """Runs each sublayer on the previous one's output.
 
         Args:
@@ -122,7 +122,7 @@ class NamedGroup(layer_base.Layer):
             " Sequential, or write your own Layer, instead."
         )
 
-    def __call__(self, value: Any, /, **side_inputs: Any) -> Any:
+    def __call__(self, value: Any, **side_inputs: Any) -> Any:
         """Runs each sublayer on the previous one's output, inside ``jax.named_scope(name)``.
 
         Args:
@@ -165,7 +165,7 @@ class CheckedSequential(layer_base.Layer):
     sublayers: list[layer_base.Layer]
 
     @typing.final
-    def __call__(self, value: Any, /, **side_inputs: Any) -> Any:
+    def __call__(self, value: Any, **side_inputs: Any) -> Any:
         """Checks the input, runs the sublayers in order, then checks the output.
 
         Args:
@@ -206,7 +206,7 @@ class Identity(layer_base.Layer):
     """Returns its input unchanged; a placeholder where a layer is structurally required."""
 
     @typing.final
-    def __call__(self, value: Any, /, **_unused_side_inputs: Any) -> Any:
+    def __call__(self, value: Any, **_unused_side_inputs: Any) -> Any:
         """Returns ``value``."""
         return value
 
@@ -228,7 +228,7 @@ class CheckStructure(layer_base.Layer):
 
     expected: Any
 
-    def __call__(self, value: Any, /, **_unused_side_inputs: Any) -> Any:
+    def __call__(self, value: Any, **_unused_side_inputs: Any) -> Any:
         """Returns ``value``, raising ``pz.chk.StructureMismatchError`` if it does not match."""
         shapecheck.check_structure(
             value, self.expected, error_prefix="While checking a CheckStructure layer:\n"

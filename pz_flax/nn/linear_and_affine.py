@@ -288,8 +288,9 @@ def contract(
     right_free = [name for name in right_names if name not in shared]
 
     if left_data.dtype != right_data.dtype:
-        # Promote like jnp.tensordot does; lax.dot_general wants matching dtypes.
-        dtype = jnp.promote_types(left_data.dtype, right_data.dtype)
+        # Promote like jnp.tensordot does (weak types included); lax.dot_general wants
+        # matching dtypes.
+        dtype = jnp.result_type(left_data, right_data)
         left_data = left_data.astype(dtype)
         right_data = right_data.astype(dtype)
     result = jax.lax.dot_general(
@@ -321,7 +322,7 @@ class RenameAxes(layer_base.Layer):
     old: str | tuple[str, ...] = dataclasses.field(metadata={"pytree_node": False})
     new: str | tuple[str, ...] = dataclasses.field(metadata={"pytree_node": False})
 
-    def __call__(self, value: NamedArray, /, **_unused_side_inputs: Any) -> NamedArray:
+    def __call__(self, value: NamedArray, **_unused_side_inputs: Any) -> NamedArray:
         """Returns ``value`` with each ``old`` axis called by its ``new`` name.
 
         Raises:
@@ -420,7 +421,7 @@ class Linear(layer_base.Layer):
     in_axis_names: tuple[str, ...] = dataclasses.field(metadata={"pytree_node": False})
     out_axis_names: tuple[str, ...] = dataclasses.field(metadata={"pytree_node": False})
 
-    def __call__(self, in_array: NamedArray, /, **_unused_side_inputs: Any) -> NamedArray:
+    def __call__(self, in_array: NamedArray, **_unused_side_inputs: Any) -> NamedArray:
         """Applies the operator.
 
         Args:
@@ -645,9 +646,30 @@ class AddBias(layer_base.Layer):
     bias: parameters.ParameterLike[NamedArray]
     new_axis_names: tuple[str, ...] = dataclasses.field(metadata={"pytree_node": False})
 
-    def __call__(self, value: NamedArray, /, **_unused_side_inputs: Any) -> NamedArray:
-        """Returns ``value + bias`` (named-axis broadcasting)."""
-        return value + self.bias.value
+    def __call__(self, value: NamedArray, **_unused_side_inputs: Any) -> NamedArray:
+        """Returns ``value + bias`` (named-axis broadcasting).
+
+        Raises:
+            ValueError: If an axis of the input has a different size than the same axis of
+                the bias; the message names the layer, the axis and both sizes.
+        """
+        bias = self.bias.value
+        if isinstance(value, named_axes.NamedArrayBase):
+            input_shape = value.named_shape
+            for name, size in bias.named_shape.items():
+                if input_shape.get(name, size) != size:
+                    label = getattr(self.bias, "label", None)
+                    layer = (
+                        f"AddBias layer {label.removesuffix('.bias')!r}"
+                        if isinstance(label, str)
+                        else "AddBias layer"
+                    )
+                    raise ValueError(
+                        f"{layer}: input axis {name!r} has size {input_shape[name]}, but the"
+                        f" bias has size {size} (bias named shape {dict(bias.named_shape)},"
+                        f" input named shape {dict(input_shape)})."
+                    )
+        return value + bias
 
     @classmethod
     def from_config(
@@ -794,7 +816,7 @@ class ConstantRescale(layer_base.Layer):
 
     by: float | jax.Array
 
-    def __call__(self, value: Any, /, **_unused_side_inputs: Any) -> Any:
+    def __call__(self, value: Any, **_unused_side_inputs: Any) -> Any:
         """Returns ``value`` with every array leaf multiplied by ``by``."""
         return jax.tree_util.tree_map(lambda leaf: leaf * self.by, value)
 
@@ -838,7 +860,7 @@ class NamedEinsum(layer_base.Layer):
         metadata={"pytree_node": False}
     )
 
-    def __call__(self, arrays: tuple[NamedArray, ...], /, **_unused_side_inputs: Any) -> NamedArray:
+    def __call__(self, arrays: tuple[NamedArray, ...], **_unused_side_inputs: Any) -> NamedArray:
         """Runs the einsum on a tuple of named arrays, one per input spec.
 
         Raises:

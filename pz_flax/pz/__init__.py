@@ -24,7 +24,7 @@ from pz_flax.core.struct import StructStaticMetadata
 from pz_flax.core.struct import is_pytree_dataclass_type
 from pz_flax.core.struct import is_pytree_node_field
 from pz_flax.core.struct import pytree_dataclass
-from pz_flax.core.syntactic_sugar import slice  # noqa: A004 - penzai's name for it
+from pz_flax.core.syntactic_sugar import slice
 from pz_flax.core.tree_util import pretty_keystr
 from pz_flax.core.treescope_setup import disable_interactive_context
 from pz_flax.core.treescope_setup import enable_interactive_context

@@ -214,7 +214,9 @@ class StatefulTrainer(struct.Struct):
             ),
             optimizer_def=optimizer_def,
             loss_fn=loss_fn,
-            step_fn=_BoundStep(step_fn, trainable, frozen, state_vars),
+            step_fn=_BoundStep(
+                step_fn, trainable, frozen, state_vars, _spans_several_cpu_devices(templates)
+            ),
         )
 
     def step(self, **kwargs) -> AuxOutPyTree:
@@ -226,17 +228,31 @@ class StatefulTrainer(struct.Struct):
         return self.step_fn(self.root_rng, self.state, kwargs)
 
 
+def _spans_several_cpu_devices(model_variables: dict[str, variables.AbstractVariable]) -> bool:
+    """Whether the model lives on more than one CPU device (e.g. faked with XLA_FLAGS)."""
+    for variable in model_variables.values():
+        for leaf in jax.tree_util.tree_leaves(variable.get_raw_value()):
+            sharding = getattr(leaf, "sharding", None)
+            if sharding is not None and len(sharding.device_set) > 1:
+                return next(iter(sharding.device_set)).platform == "cpu"
+    return False
+
+
 class _BoundStep:
     """The per-step hot path: read raw arrays, one jitted call, write raw arrays back.
 
     Holds the variable objects found at build time, so no step ever walks the model.
     """
 
-    def __init__(self, compiled, trainable, frozen, state_vars):
+    def __init__(self, compiled, trainable, frozen, state_vars, wait_for_each_step):
         self.compiled = compiled
         self.trainable = tuple(trainable.items())
         self.frozen = tuple(frozen.items())
         self.state_vars = tuple(state_vars.items())
+        # XLA's in-process CPU collectives can deadlock when many multi-device steps are queued
+        # at once (each device runs on a shared thread pool); on CPU nothing is gained by
+        # queueing, so such steps wait for the previous one.
+        self.wait_for_each_step = wait_for_each_step
 
     def __call__(self, root_rng, trainer_state: variables.StateVariable, kwargs):
         aux, new_trainable, new_state_vars, new_internal_state = self.compiled(
@@ -252,4 +268,6 @@ class _BoundStep:
         for key, var in self.state_vars:
             var.set_raw_value(new_state_vars[key])
         trainer_state.set_raw_value(new_internal_state)
+        if self.wait_for_each_step:
+            jax.block_until_ready(new_internal_state)
         return aux

@@ -316,8 +316,9 @@ def test_at_selects_remainder_with_holes():
 
 
 def test_at_warns_when_collection_returned_without_multiple():
-    with pytest.warns(UserWarning, match="multiple=True"):
+    with pytest.warns(UserWarning, match="multiple=True") as caught:
         result = selectors.select(example_tree()).at(lambda r: (r["c"][0], r["c"][1])).apply(Marked)
+    assert caught[0].filename == __file__
     assert result["c"][0] == Marked({"value": Tagged(12)})
     assert result["c"][2] == {"value": 3}
 
@@ -703,3 +704,28 @@ def test_show_methods_display_the_rendering(monkeypatch, method, boxed):
     ((text, ignore_exceptions),) = displayed
     assert ignore_exceptions
     assert ("# Selected:" in text) == boxed
+
+
+def test_pz_flax_parameters():
+    from pz_flax.core import named_axes
+    from pz_flax.core import variables
+
+    param = variables.Parameter(value=named_axes.wrap(jnp.ones((2, 3))).tag("a", "b"), label="w")
+    tree = {"layer": Pair(param, 3)}
+    assert selectors.select(tree).at_instances_of(variables.Parameter).get() is param
+    arrays = selectors.select(tree).at_instances_of(jax.Array)
+    assert arrays.get_keypaths() == ((DictKey("layer"), GetAttrKey("left"), GetAttrKey("value")),)
+    doubled = arrays.apply(lambda a: a * 2)["layer"].left
+    assert isinstance(doubled, variables.Parameter)
+    assert doubled.label == "w"
+    assert dict(doubled.value.named_shape) == {"a": 2, "b": 3}
+    np.testing.assert_array_equal(doubled.value.unwrap("a", "b"), 2 * np.ones((2, 3)))
+    rebuilt = selectors.select(tree).at_instances_of(int).set(4)
+    assert rebuilt["layer"].left is param
+
+
+def test_rendering_finds_selected_struct_fields():
+    selection = selectors.select([Pair(1, {"x": 2})]).at_pytree_leaves()
+    text = lowering.render_to_text_as_root(selection.__treescope_root_repr__())
+    assert "not drawn" not in text
+    assert text.count("# Selected:") == 2

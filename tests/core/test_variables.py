@@ -591,3 +591,10 @@ def test_variable_jit_matches_penzai():
         return results, int(counter.value), np.asarray(param.value).tolist()
 
     assert program(variables) == program(pz_variables_oracle)
+
+
+def test_value_of_a_placeholder_raw_value_is_the_placeholder_and_renders():
+    param = variables.Parameter(value=named_axes.zeros({"a": 2}), label="p")
+    placeholder = jax.tree_util.tree_map(lambda _: "hole", param)
+    assert placeholder.value == "hole"
+    assert "hole" in treescope.render_to_text(placeholder)

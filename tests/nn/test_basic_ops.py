@@ -1,6 +1,8 @@
 """Tests for pz_flax.nn.basic_ops, differential against penzai 0.2.5."""
 
 import functools
+import importlib
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -128,3 +130,32 @@ def test_partial_with_array_argument_keeps_nmap_semantics():
     out = basic_ops.Elementwise(fn)(random_named(0, {"foo": 2}))
     assert out.positional_shape == (3,)
     assert dict(out.named_shape) == {"foo": 2}
+
+
+def _signature_summary(fn):
+    """Parameter names, kinds and simple defaults: what callers of the API depend on."""
+    return [
+        (p.name, p.kind, p.default if isinstance(p.default, int | float | str | None) else "obj")
+        for p in inspect.signature(fn).parameters.values()
+    ]
+
+
+@pytest.mark.parametrize(
+    "qualified_name",
+    [
+        "Elementwise.__init__",
+        "Elementwise.__call__",
+        "Softmax.__init__",
+        "Softmax.__call__",
+        "CastToDType.__init__",
+        "CastToDType.__call__",
+        "TanhSoftCap.__init__",
+        "TanhSoftCap.__call__",
+    ],
+)
+def test_signature_matches_penzai(qualified_name):
+    ours = basic_ops
+    theirs = importlib.import_module("penzai.nn.basic_ops")
+    for part in qualified_name.split("."):
+        ours, theirs = getattr(ours, part), getattr(theirs, part)
+    assert _signature_summary(ours) == _signature_summary(theirs)

@@ -1,5 +1,8 @@
 """Tests for pz_flax.nn.combinators, differential against penzai 0.2.5."""
 
+import importlib
+import inspect
+
 import jax
 import numpy as np
 import pytest
@@ -95,3 +98,30 @@ def test_branches_get_side_inputs():
 
     combinators.BranchAndAddTogether([branch, branch])(1.0, positions=5)
     assert calls == [{"positions": 5}, {"positions": 5}]
+
+
+def _signature_summary(fn):
+    """Parameter names, kinds and simple defaults: what callers of the API depend on."""
+    return [
+        (p.name, p.kind, p.default if isinstance(p.default, int | float | str | None) else "obj")
+        for p in inspect.signature(fn).parameters.values()
+    ]
+
+
+@pytest.mark.parametrize(
+    "qualified_name",
+    [
+        "Residual.__init__",
+        "Residual.__call__",
+        "BranchAndAddTogether.__init__",
+        "BranchAndAddTogether.__call__",
+        "BranchAndMultiplyTogether.__init__",
+        "BranchAndMultiplyTogether.__call__",
+    ],
+)
+def test_signature_matches_penzai(qualified_name):
+    ours = combinators
+    theirs = importlib.import_module("penzai.nn.combinators")
+    for part in qualified_name.split("."):
+        ours, theirs = getattr(ours, part), getattr(theirs, part)
+    assert _signature_summary(ours) == _signature_summary(theirs)

@@ -1,6 +1,8 @@
 """Tests for pz_flax.nn.grouping."""
 
 import dataclasses
+import importlib
+import inspect
 from unittest import mock
 
 import jax
@@ -214,3 +216,37 @@ def test_inline_keeps_shared_variables_shared():
     assert inlined.sublayers[0].weights is shared.weights
     assert inlined.sublayers[2]["state"] is counter
     assert inlined.sublayers[3].weights is shared.weights
+
+
+def _signature_summary(fn):
+    """Parameter names, kinds and simple defaults: what callers of the API depend on."""
+    return [
+        (p.name, p.kind, p.default if isinstance(p.default, int | float | str | None) else "obj")
+        for p in inspect.signature(fn).parameters.values()
+    ]
+
+
+@pytest.mark.parametrize(
+    "qualified_name",
+    [
+        "Sequential.__init__",
+        "Sequential.__call__",
+        "NamedGroup.__init__",
+        "NamedGroup.__call__",
+        "CheckedSequential.__init__",
+        "CheckedSequential.__call__",
+        "Identity.__call__",
+        "CheckStructure.__init__",
+        "CheckStructure.__call__",
+        "inline_groups",
+        "inline_anonymous_sequentials",
+        "is_anonymous_sequential",
+        "is_sequential_or_named",
+    ],
+)
+def test_signature_matches_penzai(qualified_name):
+    ours = grouping
+    theirs = importlib.import_module("penzai.nn.grouping")
+    for part in qualified_name.split("."):
+        ours, theirs = getattr(ours, part), getattr(theirs, part)
+    assert _signature_summary(ours) == _signature_summary(theirs)

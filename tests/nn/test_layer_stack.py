@@ -147,7 +147,7 @@ def test_from_sublayer_builder():
         builder_kwargs={"some_value": 100.0},
     )
     assert isinstance(slot_stack.stacked_sublayers.params[0], variables.ParameterSlot)
-    unbound, values = pz.unbind_variables(stack)
+    unbound, _ = pz.unbind_variables(stack)
     slot_unbound, slot_values = pz.unbind_variables(slot_stack)
     assert jax.tree_util.tree_structure(unbound) == jax.tree_util.tree_structure(slot_unbound)
     slot_by_label = {value.label: value for value in slot_values}

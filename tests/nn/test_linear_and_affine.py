@@ -1,9 +1,13 @@
 """Tests for pz_flax.nn.linear_and_affine, differential against penzai 0.2.5."""
 
+import importlib
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from penzai import pz as penzai_pz
 
 from pz_flax.core import named_axes as nx
@@ -399,6 +403,18 @@ class TestAddBiasAffine:
             "b.bias"
         )
 
+    def test_add_bias_wrong_size_names_layer_axis_and_sizes(self):
+        layer = la.AddBias.from_config("block/bias", jax.random.key(1), {"foo": 3})
+        with pytest.raises(
+            ValueError,
+            match=r"AddBias layer 'block/bias': input axis 'foo' has size 4, but the bias has"
+            r" size 3",
+        ):
+            layer(random_named(0, {"foo": 4}))
+        # A missing biased axis is broadcast in, as in penzai.
+        broadcast = layer(random_named(0, {"batch": 2}))
+        assert dict(broadcast.named_shape) == {"batch": 2, "foo": 3}
+
     @pytest.mark.parametrize("config", LINEAR_CONFIGS)
     def test_affine_matches_penzai(self, config):
         kwargs = dict(
@@ -503,3 +519,89 @@ class TestNamedEinsum:
         layer = la.NamedEinsum((("i",),), {"o": "zz"})
         with pytest.raises(ValueError, match=r"uses summation indices \['zz'\]"):
             layer((random_named(0, {"i": 2}),))
+
+
+def test_model_is_differentiable_and_visible_to_nnx():
+    config = dict(input_axes={"f": 3}, output_axes={"g": 2}, parallel_axes={"h": 2})
+    ours = la.Affine.from_config("aff", jax.random.key(0), **config)
+    theirs = penzai_pz.freeze_params(
+        penzai_pz.nn.Affine.from_config("aff", jax.random.key(0), **config)
+    )
+    x = random_named(1, {"b": 4, "f": 3, "h": 2})
+
+    labels = sorted(
+        variable.label
+        for variable in jax.tree_util.tree_leaves(
+            nnx.state(ours, nnx.Param), is_leaf=lambda n: isinstance(n, nnx.Variable)
+        )
+    )
+    assert labels == ["aff/AddBias.bias", "aff/Linear.weights"]
+
+    our_grads = jax.grad(lambda model: jnp.sum(jnp.sin(model(x).unwrap("b", "h", "g"))))(ours)
+    their_grads = jax.grad(
+        lambda model: jnp.sum(jnp.sin(model(to_penzai(x)).unwrap("b", "h", "g")))
+    )(theirs)
+    assert_same_named_array(
+        our_grads.sublayers[0].weights.value, their_grads.sublayers[0].weights.value, rtol=1e-5
+    )
+    assert_same_named_array(
+        our_grads.sublayers[1].bias.value, their_grads.sublayers[1].bias.value, rtol=1e-5
+    )
+
+
+def _signature_summary(fn):
+    """Parameter names, kinds and simple defaults: what callers of the API depend on."""
+    return [
+        (p.name, p.kind, p.default if isinstance(p.default, int | float | str | None) else "obj")
+        for p in inspect.signature(fn).parameters.values()
+    ]
+
+
+@pytest.mark.parametrize(
+    "qualified_name",
+    [
+        "Linear.from_config",
+        "Linear.__call__",
+        "AddBias.from_config",
+        "AddBias.__call__",
+        "Affine.from_config",
+        "RenameAxes.__call__",
+        "ConstantRescale.__call__",
+        "NamedEinsum.__call__",
+        "contract",
+        "variance_scaling_initializer",
+        "constant_initializer",
+        "check_unique_axis_names_for_initializer",
+        "LinearOperatorWeightInitializer.__call__",
+        "Linear.__init__",
+        "AddBias.__init__",
+        "NamedEinsum.__init__",
+    ],
+)
+def test_signature_matches_penzai(qualified_name):
+    ours = la
+    theirs = importlib.import_module("penzai.nn.linear_and_affine")
+    for part in qualified_name.split("."):
+        ours, theirs = getattr(ours, part), getattr(theirs, part)
+    assert _signature_summary(ours) == _signature_summary(theirs)
+
+
+def test_contract_promotes_like_tensordot():
+    cases = [
+        (jnp.bfloat16, jnp.float32),
+        (jnp.int32, jnp.float32),
+        (jnp.float16, jnp.bfloat16),
+    ]
+    for left_dtype, right_dtype in cases:
+        left = nx.wrap(jnp.ones((2, 3), left_dtype)).tag("a", "i")
+        right = nx.wrap(jnp.ones((3,), right_dtype)).tag("i")
+        expected = jnp.tensordot(jnp.ones((2, 3), left_dtype), jnp.ones((3,), right_dtype), 1)
+        result = la.contract("i", left, right)
+        assert result.dtype == expected.dtype
+        np.testing.assert_allclose(np.asarray(result.unwrap("a"), np.float32), 3.0)
+    # A weakly typed operand defers to the other one's dtype, as in jnp.tensordot.
+    weak_data = jnp.broadcast_to(jnp.asarray(2.0), (3,))
+    assert weak_data.weak_type
+    bf16_data = jnp.ones((3,), jnp.bfloat16)
+    result = la.contract("i", nx.wrap(bf16_data).tag("i"), nx.wrap(weak_data).tag("i"))
+    assert result.dtype == jnp.tensordot(bf16_data, weak_data, 1).dtype == jnp.bfloat16

@@ -1,5 +1,8 @@
 """Tests for pz_flax.nn.parameters, differential against penzai 0.2.5."""
 
+import importlib
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,3 +95,27 @@ def test_assert_no_parameter_slots_reports_each_slot_with_its_path():
     assert "second" not in message
     with pytest.raises(ValueError, match="<root>: 'x'"):
         parameters.assert_no_parameter_slots(variables.ParameterSlot("x"))
+
+
+def _signature_summary(fn):
+    """Parameter names, kinds and simple defaults: what callers of the API depend on."""
+    return [
+        (p.name, p.kind, p.default if isinstance(p.default, int | float | str | None) else "obj")
+        for p in inspect.signature(fn).parameters.values()
+    ]
+
+
+@pytest.mark.parametrize(
+    "qualified_name",
+    [
+        "derive_param_key",
+        "make_parameter",
+        "assert_no_parameter_slots",
+    ],
+)
+def test_signature_matches_penzai(qualified_name):
+    ours = parameters
+    theirs = importlib.import_module("penzai.nn.parameters")
+    for part in qualified_name.split("."):
+        ours, theirs = getattr(ours, part), getattr(theirs, part)
+    assert _signature_summary(ours) == _signature_summary(theirs)

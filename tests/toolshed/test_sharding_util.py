@@ -147,3 +147,17 @@ def test_sharded_training_matches_single_device(mesh):
         )
     hidden = {p.label: p for p in variables.unbind_params(sharded_model)[1]}["hidden.weights"]
     assert {s.data.shape for s in hidden.get_raw_value().addressable_shards} == {(4, 4)}
+
+
+def test_queued_sharded_steps_on_cpu_devices_do_not_deadlock(mesh):
+    """Many multi-device CPU steps in a row, never read back until the end."""
+    x, y = make_batch()
+    model = sharding_util.name_to_name_device_put(make_model(), mesh, STRATEGY)
+    trainer = basic_training.StatefulTrainer.build(
+        jax.random.key(0), model, optax.adam(0.05), mse_loss
+    )
+    sx = sharding_util.name_to_name_device_put(x, mesh, STRATEGY)
+    sy = sharding_util.name_to_name_device_put(y, mesh, STRATEGY)
+    for _ in range(50):
+        aux = trainer.step(x=sx, y=sy)
+    assert float(aux["loss"]) < 1.0

@@ -11,8 +11,10 @@ Classes whose ``__init__`` does not take exactly their fields are shown, in
 roundtrip mode, as ``TypeName.from_attributes(...)``, which is the call that
 really rebuilds them.
 
-The layer renderer in ``pz_flax.nn`` reuses `render_struct_constructor`,
-`struct_attr_style_fn_for_fields` and `render_short_struct_summary`.
+The pieces are public so that renderers of struct subclasses (layers in
+``pz_flax.nn``) can assemble the same look: `struct_colors`,
+`render_struct_constructor` and `struct_attr_style_fn_for_fields`;
+`render_short_struct_summary` is for mentioning a struct without its contents.
 """
 
 from __future__ import annotations

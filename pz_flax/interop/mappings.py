@@ -1,0 +1,950 @@
+"""The mappings pz_flax ships: every Flax NNX layer with a penzai-style counterpart.
+
+| NNX                          | pz_flax form                                                     |
+| ---------------------------- | ---------------------------------------------------------------- |
+| ``nnx.Linear``               | ``Affine([Linear, RenameAxes, AddBias])`` (as ``from_config``)   |
+| ``nnx.LinearGeneral``        | ``Affine`` over ``features``/``features_i`` axes                 |
+| ``nnx.Einsum``               | ``Affine`` whose weight axes follow the einsum letters           |
+| ``nnx.Embed``                | ``EmbeddingLookup(EmbeddingTable)``                              |
+| ``nnx.LayerNorm``            | ``LayerNorm([Standardize, Linear (scale), AddBias])``            |
+| ``nnx.RMSNorm``              | ``RMSLayerNorm([RMSStandardize, Linear (scale)])``               |
+| ``nnx.Dropout`` (no own RNG) | ``StochasticDropout`` / ``DisabledDropout``                      |
+| ``nnx.MultiHeadAttention``   | ``Attention`` with ``heads``/``projection``/``seq``/``kv_seq``   |
+| ``nnx.Sequential``           | ``Sequential`` of the converted layers                           |
+| ``nnx.List`` / ``nnx.Dict``  | ``list`` / ``dict`` of the converted entries                     |
+| ``nnx.LoRA``                 | ``Sequential([Linear, Linear])`` (plus a branch for its base)    |
+| ``nnx.LoRALinear``           | ``BranchAndAddTogether([Affine, LoRA path])``                    |
+| activations (``nnx.relu``)   | ``Elementwise(fn)``; ``jax.nn.softmax`` -> ``Softmax(features)`` |
+
+Each mapping only applies to configurations it reproduces exactly (``from_nnx`` checks this by
+rebuilding the module from the pz_flax form and comparing graph definitions); anything else
+is wrapped and keeps NNX's own code. Reverse conversions check that the pz_flax layer still
+has the shape the mapping produces, so an edit that the NNX class could not represent is
+never silently dropped: such a layer becomes a ``PzModule`` instead.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from pz_flax.core import variables
+from pz_flax.interop import naming as naming_lib
+from pz_flax.interop import registry
+from pz_flax.nn import basic_ops
+from pz_flax.nn import combinators
+from pz_flax.nn import dropout
+from pz_flax.nn import embeddings
+from pz_flax.nn import grouping
+from pz_flax.nn import linear_and_affine
+from pz_flax.nn import standardization
+from pz_flax.nn import attention
+
+NotApplicable = registry.MappingNotApplicable
+
+
+def _is_variable_like(node: Any) -> bool:
+    return isinstance(
+        node, variables.AbstractVariable | variables.AbstractVariableValue | nnx.Variable
+    )
+
+
+def structures_match(expected: Any, actual: Any) -> bool:
+    """Whether ``actual`` has the same layer structure as ``expected``, variables aside.
+
+    Static fields must be equal; variables are not compared (their shapes are checked when
+    the module is built); other leaves are compared when both are concrete numbers.
+
+    Args:
+        expected: The canonical pz_flax form.
+        actual: The layer being converted.
+
+    Returns:
+        True if they match.
+    """
+    expected_leaves, expected_def = jax.tree_util.tree_flatten(expected, is_leaf=_is_variable_like)
+    actual_leaves, actual_def = jax.tree_util.tree_flatten(actual, is_leaf=_is_variable_like)
+    if expected_def != actual_def:
+        return False
+    for want, got in zip(expected_leaves, actual_leaves):
+        if _is_variable_like(want):
+            continue
+        if isinstance(got, jax.core.Tracer) or isinstance(want, jax.core.Tracer):
+            continue
+        if not np.allclose(np.asarray(want), np.asarray(got), rtol=1e-6, atol=0):
+            return False
+    return True
+
+
+def _concrete_float(value: Any, fallback: Any) -> Any:
+    """A Python float for a number that may be a pytree leaf (hence a tracer under jit)."""
+    if isinstance(value, jax.core.Tracer):
+        if fallback is None:
+            raise ValueError("a traced value is needed as a static setting")
+        return fallback
+    return float(value)
+
+
+class _ReversibleMapping(registry.LayerMapping):
+    """A mapping whose reverse is: extract arrays, build the module, check the structure."""
+
+    def to_nnx(self, layer, context, config):
+        naming = config.get("naming", context.naming)
+        try:
+            module = self.build(layer, context, naming, config)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+            return None
+        if module is None:
+            return None
+        children = self.child_layers(layer)
+
+        def actual_child(child, path):
+            # Children were checked by their own mappings; compare the rest of the structure.
+            del child
+            try:
+                return children[path[-1]]
+            except KeyError:
+                raise NotApplicable(f"unexpected child at {path}") from None
+
+        canonical_context = registry.FromNNXContext(
+            naming=naming, path=(), convert_child=actual_child
+        )
+        try:
+            canonical = self.to_pz(module, canonical_context)
+        except NotApplicable:
+            return None
+        if not structures_match(canonical, layer):
+            return None
+        return module
+
+    @abc.abstractmethod
+    def build(self, layer, context, naming, config) -> Any:
+        """Builds the NNX module from ``layer``, or returns None if it has another shape."""
+
+    def child_layers(self, layer) -> dict[Any, Any]:
+        """The converted children inside ``layer``, by the key ``to_pz`` converts them under."""
+        del layer
+        return {}
+
+
+#### Linear layers ####
+
+
+def _affine(core: Any, bias: Any) -> Any:
+    """``core`` followed by ``bias``, laid out as ``Affine.from_config`` lays it out."""
+    if bias is None:
+        return core
+    if type(core) is linear_and_affine.LinearInPlace:
+        return linear_and_affine.Affine([*core.sublayers, bias])
+    return linear_and_affine.Affine([core, bias])
+
+
+def _linear_core(
+    context: registry.FromNNXContext,
+    kernel: nnx.Variable,
+    in_names: tuple[str, ...],
+    out_names: tuple[str, ...],
+    kernel_key: str = "kernel",
+) -> Any:
+    """A ``Linear`` from ``in_names`` to ``out_names``, renaming outputs that clash with inputs."""
+    clashing = [name for name in out_names if name in in_names]
+    weight_out = tuple(f"{name}_out" if name in clashing else name for name in out_names)
+    linear = linear_and_affine.Linear(
+        weights=context.parameter(kernel, kernel_key, (*in_names, *weight_out)),
+        in_axis_names=in_names,
+        out_axis_names=weight_out,
+    )
+    if not clashing:
+        return linear
+    return linear_and_affine.LinearInPlace(
+        [
+            linear,
+            linear_and_affine.RenameAxes(
+                old=tuple(f"{name}_out" for name in clashing), new=tuple(clashing)
+            ),
+        ]
+    )
+
+
+def _parse_affine(layer: Any) -> tuple[Any, Any] | None:
+    """Splits an affine layer into ``(linear core, AddBias or None)``.
+
+    Accepts ``Affine([Linear, AddBias])``, ``Affine([Linear, RenameAxes, AddBias])`` (the
+    layout of ``Affine.from_config`` with renamed outputs), ``Affine([LinearInPlace,
+    AddBias])`` and a bare core.
+    """
+    if type(layer) is not linear_and_affine.Affine:
+        return layer, None
+    *core_layers, bias = layer.sublayers
+    if not isinstance(bias, linear_and_affine.AddBias):
+        return None
+    if len(core_layers) == 1:
+        return core_layers[0], bias
+    if len(core_layers) == 2:
+        return linear_and_affine.LinearInPlace(list(core_layers)), bias
+    return None
+
+
+def _parse_core(core: Any) -> tuple[Any, dict[str, str]] | None:
+    """Splits a linear core into its ``Linear`` and the output renaming it applies."""
+    if type(core) is linear_and_affine.Linear:
+        return core, {}
+    if type(core) is linear_and_affine.LinearInPlace and len(core.sublayers) == 2:
+        linear, rename = core.sublayers
+        if type(linear) is linear_and_affine.Linear and isinstance(
+            rename, linear_and_affine.RenameAxes
+        ):
+            old = (rename.old,) if isinstance(rename.old, str) else tuple(rename.old)
+            new = (rename.new,) if isinstance(rename.new, str) else tuple(rename.new)
+            return linear, dict(zip(old, new))
+    return None
+
+
+def _extract_linear(layer: Any, context: registry.ToNNXContext):
+    """Reads an affine layer: ``(kernel, bias, in names, out names, bias source, kernel source)``."""
+    parsed = _parse_affine(layer)
+    if parsed is None:
+        return None
+    core, bias_layer = parsed
+    parsed_core = _parse_core(core)
+    if parsed_core is None:
+        return None
+    linear, renames = parsed_core
+    in_names = tuple(linear.in_axis_names)
+    weight_out = tuple(linear.out_axis_names)
+    kernel = context.array(linear.weights, (*in_names, *weight_out))
+    out_names = tuple(renames.get(name, name) for name in weight_out)
+    bias = None
+    if bias_layer is not None:
+        bias = context.array(bias_layer.bias, out_names)
+    return kernel, bias, in_names, out_names, linear.weights, bias_layer
+
+
+def _param_dtype(array: jax.Array) -> Any:
+    return registry.jnp_dtype_type(array.dtype)
+
+
+class LinearMapping(_ReversibleMapping):
+    """``nnx.Linear`` <-> ``Affine`` (or ``LinearInPlace`` without bias) over ``features``."""
+
+    nnx_type = nnx.Linear
+    pz_types = (linear_and_affine.Affine, linear_and_affine.LinearInPlace)
+
+    def to_pz(self, module, context):
+        features = context.naming.features
+        core = _linear_core(context, module.kernel, (features,), (features,))
+        bias = None
+        if module.bias is not None:
+            bias = linear_and_affine.AddBias(
+                bias=context.parameter(module.bias, "bias", (features,)), new_axis_names=()
+            )
+        return _affine(core, bias)
+
+    def build(self, layer, context, naming, config):
+        extracted = _extract_linear(layer, context)
+        if extracted is None:
+            return None
+        kernel, bias, in_names, out_names, kernel_source, bias_layer = extracted
+        if len(in_names) != 1 or len(out_names) != 1:
+            return None
+        by_path = {"kernel": (kernel_source, kernel)}
+        if bias is not None:
+            by_path["bias"] = (bias_layer.bias, bias)
+        return context.construct(
+            nnx.Linear,
+            kernel.shape[0],
+            kernel.shape[1],
+            use_bias=bias is not None,
+            param_dtype=_param_dtype(kernel),
+            variables_by_path=by_path,
+        )
+
+
+class LinearGeneralMapping(_ReversibleMapping):
+    """``nnx.LinearGeneral`` over trailing axes <-> ``Affine`` over ``features_i`` axes."""
+
+    nnx_type = nnx.LinearGeneral
+    pz_types = (linear_and_affine.Affine, linear_and_affine.LinearInPlace, linear_and_affine.Linear)
+
+    def to_pz(self, module, context):
+        if module.batch_axis:
+            raise NotApplicable("batch_axis is not supported (no named form).")
+        count_in = len(module.in_features)
+        if tuple(module.axis) != tuple(range(-count_in, 0)):
+            raise NotApplicable(
+                f"only trailing contraction axes (-{count_in}, ..., -1) have a named form, got"
+                f" axis={module.axis}."
+            )
+        in_names = context.naming.feature_axes(count_in)
+        out_names = context.naming.feature_axes(len(module.out_features))
+        core = _linear_core(context, module.kernel, in_names, out_names)
+        bias = None
+        if module.bias is not None:
+            bias = linear_and_affine.AddBias(
+                bias=context.parameter(module.bias, "bias", out_names), new_axis_names=()
+            )
+        return _affine(core, bias)
+
+    def build(self, layer, context, naming, config):
+        extracted = _extract_linear(layer, context)
+        if extracted is None:
+            return None
+        kernel, bias, in_names, out_names, kernel_source, bias_layer = extracted
+        by_path = {"kernel": (kernel_source, kernel)}
+        if bias is not None:
+            by_path["bias"] = (bias_layer.bias, bias)
+        count_in = len(in_names)
+        return context.construct(
+            nnx.LinearGeneral,
+            tuple(kernel.shape[:count_in]),
+            tuple(kernel.shape[count_in:]),
+            axis=tuple(range(-count_in, 0)),
+            use_bias=bias is not None,
+            param_dtype=_param_dtype(kernel),
+            variables_by_path=by_path,
+        )
+
+
+def _parse_einsum(einsum_str: str):
+    """Splits ``"ab,bc->ac"`` into operand and output subscripts (with ``.`` for ``...``)."""
+    operands, output = einsum_str.split("->")
+    lhs, rhs = operands.split(",")
+    return lhs.replace("...", "."), rhs, output.replace("...", ".")
+
+
+class EinsumMapping(_ReversibleMapping):
+    """``nnx.Einsum`` whose contracted and new axes are trailing <-> an ``Affine``.
+
+    Supported equations have the form ``[batch][contracted],[kernel]->[batch][new]``: the
+    contracted letters end the input, the kernel's other letters (new axes) end the output,
+    and every batch letter (or ``...``) is carried through in order. The contracted axes are
+    named like ``LinearGeneral``'s inputs, the new axes like its outputs.
+    """
+
+    nnx_type = nnx.Einsum
+
+    def _roles(self, einsum_str: str):
+        lhs, rhs, out = _parse_einsum(einsum_str)
+        if "." in rhs or len(set(rhs)) != len(rhs) or len(set(out)) != len(out):
+            raise NotApplicable(f"unsupported einsum {einsum_str!r}.")
+        contracted = [letter for letter in lhs if letter in rhs]
+        batch = [letter for letter in lhs if letter not in rhs]
+        new = [letter for letter in out if letter in rhs]
+        if (
+            any(letter in out for letter in contracted)
+            or lhs != "".join(batch) + "".join(contracted)
+            or out != "".join(batch) + "".join(new)
+            or sorted(contracted + new) != sorted(rhs)
+            or not contracted
+        ):
+            raise NotApplicable(
+                f"einsum {einsum_str!r} is not of the form [batch][contracted],[kernel]->"
+                "[batch][new]."
+            )
+        return contracted, new, rhs
+
+    def _names(self, einsum_str: str, naming: naming_lib.NNXNaming):
+        contracted, new, rhs = self._roles(einsum_str)
+        in_names = dict(zip(contracted, naming.feature_axes(len(contracted))))
+        out_names = dict(zip(new, naming.feature_axes(len(new))))
+        return contracted, new, rhs, in_names, out_names
+
+    def to_pz(self, module, context):
+        contracted, new, rhs, in_names, out_names = self._names(
+            module.einsum_str, context.naming
+        )
+        in_tuple = tuple(in_names[letter] for letter in contracted)
+        out_tuple = tuple(out_names[letter] for letter in new)
+        if [letter for letter in rhs if letter in in_names] != contracted or [
+            letter for letter in rhs if letter in out_names
+        ] != new:
+            raise NotApplicable("the kernel's letters must list contracted, then new axes.")
+        if rhs != "".join(contracted) + "".join(new):
+            raise NotApplicable("the kernel's letters must list contracted, then new axes.")
+        core = _linear_core(context, module.kernel, in_tuple, out_tuple)
+        bias = None
+        if module.bias is not None:
+            sizes = tuple(module.kernel.shape[rhs.index(letter)] for letter in new)
+            if tuple(module.bias.shape) != sizes:
+                raise NotApplicable(
+                    f"bias shape {module.bias.shape} is not the new axes' shape {sizes}."
+                )
+            bias = linear_and_affine.AddBias(
+                bias=context.parameter(module.bias, "bias", out_tuple), new_axis_names=()
+            )
+        return _affine(core, bias)
+
+    def config_for(self, module):
+        return {"einsum_str": module.einsum_str}
+
+    def build(self, layer, context, naming, config):
+        einsum_str = config.get("einsum_str")
+        if einsum_str is None:
+            return None
+        extracted = _extract_linear(layer, context)
+        if extracted is None:
+            return None
+        kernel, bias, _, _, kernel_source, bias_layer = extracted
+        by_path = {"kernel": (kernel_source, kernel)}
+        if bias is not None:
+            by_path["bias"] = (bias_layer.bias, bias)
+        return context.construct(
+            nnx.Einsum,
+            einsum_str,
+            tuple(kernel.shape),
+            None if bias is None else tuple(bias.shape),
+            param_dtype=_param_dtype(kernel),
+            variables_by_path=by_path,
+        )
+
+
+#### Embeddings, normalization, dropout ####
+
+
+class EmbedMapping(_ReversibleMapping):
+    """``nnx.Embed`` <-> ``EmbeddingLookup`` over a ``vocabulary`` x ``features`` table."""
+
+    nnx_type = nnx.Embed
+    pz_types = (embeddings.EmbeddingLookup,)
+
+    def to_pz(self, module, context):
+        naming = context.naming
+        table = embeddings.EmbeddingTable(
+            embeddings=context.parameter(
+                module.embedding, "embedding", (naming.vocabulary, naming.features)
+            ),
+            vocabulary_axis=naming.vocabulary,
+        )
+        return embeddings.EmbeddingLookup(table)
+
+    def build(self, layer, context, naming, config):
+        if type(layer) is not embeddings.EmbeddingLookup:
+            return None
+        table = layer.table
+        names = list(table.embeddings.value.named_shape)
+        if len(names) != 2 or table.vocabulary_axis not in names:
+            return None
+        feature_name = next(name for name in names if name != table.vocabulary_axis)
+        array = context.array(table.embeddings, (table.vocabulary_axis, feature_name))
+        return context.construct(
+            nnx.Embed,
+            array.shape[0],
+            array.shape[1],
+            param_dtype=_param_dtype(array),
+            variables_by_path={"embedding": (table.embeddings, array)},
+        )
+
+
+def _scale_layer(context, variable, features):
+    return linear_and_affine.Linear(
+        weights=context.parameter(variable, "scale", (features,)),
+        in_axis_names=(),
+        out_axis_names=(),
+    )
+
+
+def _parse_norm(layer, norm_cls, standardize_cls):
+    """Splits a (RMS)LayerNorm into its standardization, scale and shift layers."""
+    if type(layer) is not norm_cls or not layer.sublayers:
+        return None
+    standardize, *rest = layer.sublayers
+    if type(standardize) is not standardize_cls:
+        return None
+    scale = shift = None
+    for sublayer in rest:
+        if type(sublayer) is linear_and_affine.Linear and scale is None and shift is None:
+            scale = sublayer
+        elif type(sublayer) is linear_and_affine.AddBias and shift is None:
+            shift = sublayer
+        else:
+            return None
+    across = (standardize.across,) if isinstance(standardize.across, str) else standardize.across
+    if len(across) != 1:
+        return None
+    return standardize, scale, shift, across[0]
+
+
+class LayerNormMapping(_ReversibleMapping):
+    """``nnx.LayerNorm`` over the last axis <-> ``LayerNorm`` over ``features``."""
+
+    nnx_type = nnx.LayerNorm
+    pz_types = (standardization.LayerNorm,)
+
+    def to_pz(self, module, context):
+        if module.reduction_axes != -1 or module.feature_axes != -1:
+            raise NotApplicable("only reduction_axes=-1, feature_axes=-1 have a named form.")
+        features = context.naming.features
+        sublayers = [standardization.Standardize(across=(features,), epsilon=module.epsilon)]
+        if module.scale is not None:
+            sublayers.append(_scale_layer(context, module.scale, features))
+        if module.bias is not None:
+            sublayers.append(
+                linear_and_affine.AddBias(
+                    bias=context.parameter(module.bias, "bias", (features,)), new_axis_names=()
+                )
+            )
+        return standardization.LayerNorm(sublayers)
+
+    def config_for(self, module):
+        return {"num_features": module.num_features, "epsilon": module.epsilon}
+
+    def build(self, layer, context, naming, config):
+        parsed = _parse_norm(layer, standardization.LayerNorm, standardization.Standardize)
+        if parsed is None:
+            return None
+        standardize, scale, shift, features = parsed
+        by_path = {}
+        sizes = []
+        if scale is not None:
+            array = context.array(scale.weights, (features,))
+            by_path["scale"] = (scale.weights, array)
+            sizes.append(array.shape[0])
+        if shift is not None:
+            array = context.array(shift.bias, (features,))
+            by_path["bias"] = (shift.bias, array)
+            sizes.append(array.shape[0])
+        num_features = sizes[0] if sizes else config["num_features"]
+        dtype = next(iter(by_path.values()))[1].dtype if by_path else np.float32
+        return context.construct(
+            nnx.LayerNorm,
+            num_features,
+            epsilon=_concrete_float(standardize.epsilon, config.get("epsilon")),
+            use_bias=shift is not None,
+            use_scale=scale is not None,
+            param_dtype=registry.jnp_dtype_type(dtype),
+            variables_by_path=by_path,
+        )
+
+
+class RMSNormMapping(_ReversibleMapping):
+    """``nnx.RMSNorm`` over the last axis <-> ``RMSLayerNorm`` over ``features``."""
+
+    nnx_type = nnx.RMSNorm
+    pz_types = (standardization.RMSLayerNorm,)
+
+    def to_pz(self, module, context):
+        if module.reduction_axes != -1 or module.feature_axes != -1:
+            raise NotApplicable("only reduction_axes=-1, feature_axes=-1 have a named form.")
+        features = context.naming.features
+        sublayers = [standardization.RMSStandardize(across=(features,), epsilon=module.epsilon)]
+        if module.scale is not None:
+            sublayers.append(_scale_layer(context, module.scale, features))
+        return standardization.RMSLayerNorm(sublayers)
+
+    def config_for(self, module):
+        return {"num_features": module.num_features, "epsilon": module.epsilon}
+
+    def build(self, layer, context, naming, config):
+        parsed = _parse_norm(layer, standardization.RMSLayerNorm, standardization.RMSStandardize)
+        if parsed is None:
+            return None
+        standardize, scale, shift, features = parsed
+        if shift is not None:
+            return None
+        by_path = {}
+        if scale is not None:
+            array = context.array(scale.weights, (features,))
+            by_path["scale"] = (scale.weights, array)
+            num_features, dtype = array.shape[0], array.dtype
+        else:
+            num_features, dtype = config["num_features"], np.float32
+        return context.construct(
+            nnx.RMSNorm,
+            num_features,
+            epsilon=_concrete_float(standardize.epsilon, config.get("epsilon")),
+            use_scale=scale is not None,
+            param_dtype=registry.jnp_dtype_type(dtype),
+            variables_by_path=by_path,
+        )
+
+
+class DropoutMapping(_ReversibleMapping):
+    """``nnx.Dropout`` without its own RNG stream <-> ``StochasticDropout``/``DisabledDropout``.
+
+    A deterministic NNX dropout (or one with rate 0) becomes ``DisabledDropout``; an active
+    one becomes ``StochasticDropout``, which draws its mask from the ``random_stream`` side
+    input, penzai's convention. A dropout holding its own RNG stream is wrapped instead, so
+    that its stream (part of its NNX state) is kept.
+    """
+
+    nnx_type = nnx.Dropout
+    pz_types = (dropout.StochasticDropout, dropout.DisabledDropout)
+
+    def to_pz(self, module, context):
+        if module.rngs is not None:
+            raise NotApplicable("it holds its own RNG stream, which is NNX state; wrapped.")
+        if tuple(module.broadcast_dims):
+            raise NotApplicable("broadcast_dims has no named form.")
+        if module.deterministic is None:
+            raise NotApplicable("deterministic=None (decided per call) has no pz form.")
+        if module.deterministic or module.rate == 0:
+            return dropout.DisabledDropout(drop_rate=module.rate, share_across_axes=())
+        return dropout.StochasticDropout(drop_rate=module.rate)
+
+    def config_for(self, module):
+        return {"deterministic": module.deterministic, "rate": module.rate}
+
+    def build(self, layer, context, naming, config):
+        if type(layer) is dropout.StochasticDropout:
+            deterministic = config.get("deterministic", False)
+        elif type(layer) is dropout.DisabledDropout:
+            deterministic = config.get("deterministic", True)
+        else:
+            return None
+        if layer.share_across_axes or layer.random_stream_input_name != "random_stream":
+            return None
+        return context.construct(
+            nnx.Dropout,
+            _concrete_float(layer.drop_rate, config.get("rate")),
+            deterministic=deterministic,
+            rngs=None,
+            variables_by_path={},
+        )
+
+
+#### Attention ####
+
+
+class MultiHeadAttentionMapping(_ReversibleMapping):
+    """``nnx.MultiHeadAttention`` (self-attention) <-> penzai-style ``Attention``.
+
+    Queries, keys and values get ``heads`` and ``projection`` axes; keys and values have their
+    sequence axis renamed from ``seq`` to ``kv_seq``; the attention weights carry
+    ``(seq, heads, kv_seq)``. Only the configurations without decoding caches, dropout,
+    QK-normalization or grouped KV heads are mapped; masks are not applied (insert a
+    ``pz.nn.ApplyExplicitAttentionMask`` or ``ApplyCausalAttentionMask`` before the softmax
+    to add one). Other configurations are wrapped.
+    """
+
+    nnx_type = nnx.MultiHeadAttention
+
+    def to_pz(self, module, context):
+        if module.decode:
+            raise NotApplicable("decode mode (KV cache) is not mapped.")
+        if module.dropout_rate != 0 or module.rngs is not None:
+            raise NotApplicable("attention dropout is not mapped.")
+        if module.normalize_qk:
+            raise NotApplicable("normalize_qk is not mapped.")
+        if module.num_kv_heads != module.num_heads or module.in_kv_features != module.in_features:
+            raise NotApplicable("grouped KV heads / separate KV features are not mapped.")
+        naming = context.naming
+        features, seq, kv_seq = naming.features, naming.seq, naming.kv_seq
+        heads, projection = naming.heads, naming.projection
+
+        def projection_in(name):
+            child = getattr(module, name)
+            linear = linear_and_affine.Linear(
+                weights=context.parameter(child.kernel, f"{name}/kernel", (features, heads, projection)),
+                in_axis_names=(features,),
+                out_axis_names=(heads, projection),
+            )
+            bias = None
+            if child.bias is not None:
+                bias = linear_and_affine.AddBias(
+                    bias=context.parameter(child.bias, f"{name}/bias", (heads, projection)),
+                    new_axis_names=(),
+                )
+            return _affine(linear, bias)
+
+        out_linear = linear_and_affine.Linear(
+            weights=context.parameter(
+                module.out.kernel, "out/kernel", (heads, projection, features)
+            ),
+            in_axis_names=(heads, projection),
+            out_axis_names=(features,),
+        )
+        out_bias = None
+        if module.out.bias is not None:
+            out_bias = linear_and_affine.AddBias(
+                bias=context.parameter(module.out.bias, "out/bias", (features,)),
+                new_axis_names=(),
+            )
+        to_kv_seq = linear_and_affine.RenameAxes(old=(seq,), new=(kv_seq,))
+        return attention.Attention(
+            input_to_query=grouping.Sequential(
+                [
+                    projection_in("query"),
+                    linear_and_affine.ConstantRescale(by=1.0 / math.sqrt(module.head_dim)),
+                ]
+            ),
+            input_to_key=grouping.Sequential([projection_in("key"), to_kv_seq]),
+            input_to_value=grouping.Sequential([projection_in("value"), to_kv_seq]),
+            query_key_to_attn=grouping.Sequential(
+                [
+                    linear_and_affine.NamedEinsum(
+                        ((seq, heads, projection), (kv_seq, heads, projection)),
+                        (seq, heads, kv_seq),
+                    ),
+                    basic_ops.Softmax(kv_seq),
+                ]
+            ),
+            attn_value_to_output=grouping.Sequential(
+                [
+                    linear_and_affine.NamedEinsum(
+                        ((seq, heads, kv_seq), (kv_seq, heads, projection)),
+                        (seq, heads, projection),
+                    ),
+                    _affine(out_linear, out_bias),
+                ]
+            ),
+        )
+
+    def config_for(self, module):
+        return {
+            "deterministic": module.deterministic,
+            "decode": module.decode,
+            "broadcast_dropout": module.broadcast_dropout,
+        }
+
+    def build(self, layer, context, naming, config):
+        if type(layer) is not attention.Attention:
+            return None
+        features, heads, projection = naming.features, naming.heads, naming.projection
+        by_path = {}
+        for name, sublayer in (
+            ("query", layer.input_to_query.sublayers[0]),
+            ("key", layer.input_to_key.sublayers[0]),
+            ("value", layer.input_to_value.sublayers[0]),
+        ):
+            parsed = _parse_affine(sublayer)
+            if parsed is None:
+                return None
+            core, bias_layer = parsed
+            by_path[f"{name}/kernel"] = (
+                core.weights,
+                context.array(core.weights, (features, heads, projection)),
+            )
+            if bias_layer is not None:
+                by_path[f"{name}/bias"] = (
+                    bias_layer.bias,
+                    context.array(bias_layer.bias, (heads, projection)),
+                )
+        parsed = _parse_affine(layer.attn_value_to_output.sublayers[1])
+        if parsed is None:
+            return None
+        out_core, out_bias = parsed
+        by_path["out/kernel"] = (
+            out_core.weights,
+            context.array(out_core.weights, (heads, projection, features)),
+        )
+        if out_bias is not None:
+            by_path["out/bias"] = (out_bias.bias, context.array(out_bias.bias, (features,)))
+        query_kernel = by_path["query/kernel"][1]
+        in_size, num_heads, head_dim = query_kernel.shape
+        out_size = by_path["out/kernel"][1].shape[-1]
+        return context.construct(
+            nnx.MultiHeadAttention,
+            num_heads,
+            in_size,
+            num_heads * head_dim,
+            out_size,
+            use_bias="query/bias" in by_path,
+            param_dtype=_param_dtype(query_kernel),
+            deterministic=config.get("deterministic"),
+            decode=config.get("decode"),
+            broadcast_dropout=config.get("broadcast_dropout", True),
+            variables_by_path=by_path,
+        )
+
+
+#### Containers ####
+
+
+class SequentialMapping(registry.LayerMapping):
+    """``nnx.Sequential`` <-> ``Sequential`` of the converted layers and functions."""
+
+    nnx_type = nnx.Sequential
+    pz_types = (grouping.Sequential,)
+    verify_round_trip = False
+
+    def to_pz(self, module, context):
+        return grouping.Sequential(
+            [context.convert(layer, "layers", index) for index, layer in enumerate(module.layers)]
+        )
+
+    def to_nnx(self, layer, context, config):
+        if type(layer) is not grouping.Sequential:
+            return None
+        return nnx.Sequential(*(context.convert(sublayer) for sublayer in layer.sublayers))
+
+
+class ListMapping(registry.LayerMapping):
+    """``nnx.List`` of modules/functions <-> a Python list of converted entries."""
+
+    nnx_type = nnx.List
+    verify_round_trip = False
+    callable_result = False
+
+    def to_pz(self, module, context):
+        entries = list(module)
+        if not all(isinstance(entry, nnx.Module) or callable(entry) for entry in entries):
+            raise NotApplicable("only lists of modules and functions become lists of layers.")
+        return [context.convert(entry, index) for index, entry in enumerate(entries)]
+
+    def to_nnx(self, layer, context, config):
+        if not isinstance(layer, list | tuple):
+            return None
+        return nnx.List([context.convert(entry) for entry in layer])
+
+
+class DictMapping(registry.LayerMapping):
+    """``nnx.Dict`` of modules/functions <-> a Python dict of converted entries."""
+
+    nnx_type = nnx.Dict
+    verify_round_trip = False
+    callable_result = False
+
+    def to_pz(self, module, context):
+        entries = dict(module.items())
+        if not all(isinstance(entry, nnx.Module) or callable(entry) for entry in entries.values()):
+            raise NotApplicable("only dicts of modules and functions become dicts of layers.")
+        return {key: context.convert(entry, key) for key, entry in entries.items()}
+
+    def to_nnx(self, layer, context, config):
+        if not isinstance(layer, Mapping):
+            return None
+        return nnx.Dict({key: context.convert(entry) for key, entry in layer.items()})
+
+
+#### LoRA ####
+
+
+def _lora_path(context, module, prefix: str):
+    naming = context.naming
+    features, rank = naming.features, naming.lora_rank
+    return grouping.Sequential(
+        [
+            linear_and_affine.Linear(
+                weights=context.parameter(module.lora_a, f"{prefix}lora_a", (features, rank)),
+                in_axis_names=(features,),
+                out_axis_names=(rank,),
+            ),
+            linear_and_affine.Linear(
+                weights=context.parameter(module.lora_b, f"{prefix}lora_b", (rank, features)),
+                in_axis_names=(rank,),
+                out_axis_names=(features,),
+            ),
+        ]
+    )
+
+
+def _read_lora_path(layer, context, naming, prefix: str):
+    if type(layer) is not grouping.Sequential or len(layer.sublayers) != 2:
+        return None
+    first, second = layer.sublayers
+    features, rank = naming.features, naming.lora_rank
+    return {
+        f"{prefix}lora_a": (first.weights, context.array(first.weights, (features, rank))),
+        f"{prefix}lora_b": (second.weights, context.array(second.weights, (rank, features))),
+    }
+
+
+class LoRAMapping(_ReversibleMapping):
+    """``nnx.LoRA`` <-> ``Sequential([Linear, Linear])`` through a ``lora_rank`` axis.
+
+    With a base module, the result is ``BranchAndAddTogether([lora path, base])``.
+    """
+
+    nnx_type = nnx.LoRA
+
+    def child_layers(self, layer):
+        if type(layer) is combinators.BranchAndAddTogether and len(layer.branches) == 2:
+            return {"base_module": layer.branches[1]}
+        return {}
+
+    def to_pz(self, module, context):
+        lora = _lora_path(context, module, "")
+        if module.base_module is None:
+            return lora
+        return combinators.BranchAndAddTogether(
+            [lora, context.convert(module.base_module, "base_module")]
+        )
+
+    def build(self, layer, context, naming, config):
+        base = None
+        if type(layer) is combinators.BranchAndAddTogether:
+            if len(layer.branches) != 2:
+                return None
+            layer, base = layer.branches
+        by_path = _read_lora_path(layer, context, naming, "")
+        if by_path is None:
+            return None
+        lora_a = by_path["lora_a"][1]
+        lora_b = by_path["lora_b"][1]
+        module = context.construct(
+            nnx.LoRA,
+            lora_a.shape[0],
+            lora_a.shape[1],
+            lora_b.shape[1],
+            param_dtype=_param_dtype(lora_a),
+            variables_by_path=by_path,
+        )
+        if base is not None:
+            module.base_module = nnx.data(context.convert(base))
+        return module
+
+
+class LoRALinearMapping(_ReversibleMapping):
+    """``nnx.LoRALinear`` <-> ``BranchAndAddTogether([Affine, LoRA path])``."""
+
+    nnx_type = nnx.LoRALinear
+
+    def to_pz(self, module, context):
+        linear = LinearMapping().to_pz(module, context)
+        return combinators.BranchAndAddTogether([linear, _lora_path(context, module.lora, "lora/")])
+
+    def build(self, layer, context, naming, config):
+        if type(layer) is not combinators.BranchAndAddTogether or len(layer.branches) != 2:
+            return None
+        extracted = _extract_linear(layer.branches[0], context)
+        lora = _read_lora_path(layer.branches[1], context, naming, "lora/")
+        if extracted is None or lora is None:
+            return None
+        kernel, bias, _, _, kernel_source, bias_layer = extracted
+        by_path = {"kernel": (kernel_source, kernel), **lora}
+        if bias is not None:
+            by_path["bias"] = (bias_layer.bias, bias)
+        lora_a = lora["lora/lora_a"][1]
+        return context.construct(
+            nnx.LoRALinear,
+            kernel.shape[0],
+            kernel.shape[1],
+            lora_rank=lora_a.shape[1],
+            use_bias=bias is not None,
+            param_dtype=_param_dtype(kernel),
+            lora_param_dtype=_param_dtype(lora_a),
+            variables_by_path=by_path,
+        )
+
+
+# LinearGeneral comes before Linear so that Linear, registered later, is tried first when
+# to_nnx(native=True) meets an Affine both could rebuild.
+BUILTIN_MAPPINGS = (
+    LinearGeneralMapping(),
+    EinsumMapping(),
+    LinearMapping(),
+    EmbedMapping(),
+    LayerNormMapping(),
+    RMSNormMapping(),
+    DropoutMapping(),
+    MultiHeadAttentionMapping(),
+    SequentialMapping(),
+    ListMapping(),
+    DictMapping(),
+    LoRAMapping(),
+    LoRALinearMapping(),
+)
+
+
+def register_builtin_mappings() -> None:
+    """Registers the shipped mappings (done when ``pz_flax.interop`` is imported)."""
+    for mapping in BUILTIN_MAPPINGS:
+        if registry.get_mapping(mapping.nnx_type) is None:
+            registry.register_mapping(mapping)
+

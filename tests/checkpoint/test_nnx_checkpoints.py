@@ -1,0 +1,117 @@
+"""Tests for pz_flax.checkpoint.nnx_checkpoints: plain NNX checkpoints to and from pz_flax."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from pz_flax.checkpoint import errors
+from pz_flax.checkpoint import nnx_checkpoints
+from pz_flax.checkpoint import storage
+from pz_flax.core import named_axes
+from pz_flax.interop import to_nnx
+from tests.checkpoint import sample_models
+
+
+def _save_nnx(path, module):
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path, nnx.state(module))
+    checkpointer.wait_until_finished()
+
+
+def _assert_states_identical(a, b):
+    leaves_a, tree_a = jax.tree_util.tree_flatten(nnx.state(a) if isinstance(a, nnx.Module) else a)
+    leaves_b, tree_b = jax.tree_util.tree_flatten(nnx.state(b) if isinstance(b, nnx.Module) else b)
+    assert tree_a == tree_b
+    for x, y in zip(leaves_a, leaves_b):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def nnx_checkpoint(tmp_path_factory):
+    module = sample_models.make_nnx_model()
+    path = tmp_path_factory.mktemp("nnx") / "ckpt"
+    _save_nnx(path, module)
+    return module, path
+
+
+def test_nnx_to_pz_to_nnx_is_bit_identical(nnx_checkpoint, tmp_path):
+    module, path = nnx_checkpoint
+    layer = nnx_checkpoints.read_nnx_checkpoint(path, sample_models.make_nnx_model)
+    x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    out = layer(named_axes.wrap(x).tag("batch", "features")).unwrap("batch", "features")
+    np.testing.assert_allclose(out, module(x), rtol=1e-6)
+
+    storage.save(tmp_path / "pz", layer)
+    restored = storage.restore(tmp_path / "pz")
+    nnx_checkpoints.write_nnx_checkpoint(tmp_path / "nnx2", restored)
+    # Plain Orbax, no pz_flax involved, restores it into the NNX model's abstract state.
+    abstract = nnx.state(nnx.eval_shape(sample_models.make_nnx_model))
+    state = ocp.StandardCheckpointer().restore(tmp_path / "nnx2", abstract)
+    _assert_states_identical(state, nnx.state(module))
+    _assert_states_identical(to_nnx(restored), module)
+
+
+def test_load_nnx_module_into_a_sharding(nnx_checkpoint):
+    module, path = nnx_checkpoint
+    mesh = jax.make_mesh((8,), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    loaded = nnx_checkpoints.load_nnx_module(path, sample_models.make_nnx_model, sharding=replicated)
+    assert type(loaded) is type(module)
+    assert all(leaf.sharding == replicated for leaf in jax.tree_util.tree_leaves(nnx.state(loaded)))
+    _assert_states_identical(loaded, module)
+
+
+def test_wrong_factory_reports_every_differing_path(nnx_checkpoint):
+    _, path = nnx_checkpoint
+    with pytest.raises(errors.CheckpointMismatchError) as caught:
+        nnx_checkpoints.load_nnx_module(path, sample_models.make_wider_nnx_model)
+    text = "\n".join(caught.value.mismatches)
+    assert "layers/0/kernel/value: shape (3, 5) in the checkpoint, (3, 6) in the model" in text
+    assert "layers/2/scale/value: shape (5,)" in text
+    with pytest.raises(errors.CheckpointMismatchError, match="not in the model"):
+        nnx_checkpoints.load_nnx_module(path, lambda: nnx.Linear(3, 5, rngs=nnx.Rngs(0)))
+
+
+def test_factory_errors_and_wrong_inputs(nnx_checkpoint, tmp_path):
+    _, path = nnx_checkpoint
+
+    def broken():
+        raise RuntimeError("no weights today")
+
+    with pytest.raises(errors.CheckpointError, match="factory.*no weights today"):
+        nnx_checkpoints.load_nnx_module(path, broken)
+    with pytest.raises(errors.CheckpointError, match="not an nnx.Module"):
+        nnx_checkpoints.load_nnx_module(path, lambda: jnp.ones(2))
+    with pytest.raises(errors.CheckpointNotFoundError, match="does not exist"):
+        nnx_checkpoints.load_nnx_module(tmp_path / "nothing", sample_models.make_nnx_model)
+    storage.save(tmp_path / "pz", {"w": jnp.ones(2)})
+    with pytest.raises(errors.CheckpointNotFoundError, match="is a pz_flax checkpoint"):
+        nnx_checkpoints.load_nnx_module(tmp_path / "pz", sample_models.make_nnx_model)
+    with pytest.raises(errors.CheckpointNotFoundError, match="plain Orbax checkpoint"):
+        storage.restore(path)
+
+
+def test_write_is_atomic_and_refuses_to_overwrite(nnx_checkpoint, tmp_path):
+    module, _ = nnx_checkpoint
+    destination = tmp_path / "out"
+    nnx_checkpoints.write_nnx_checkpoint(destination, module)
+    with pytest.raises(errors.CheckpointExistsError, match="already exists"):
+        nnx_checkpoints.write_nnx_checkpoint(destination, module)
+    nnx_checkpoints.write_nnx_checkpoint(destination, module, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(errors.UnsupportedValueError, match="no arrays"):
+        nnx_checkpoints.write_nnx_checkpoint(tmp_path / "empty", nnx.Sequential(nnx.relu))
+
+
+def test_native_pz_layer_as_nnx_checkpoint(tmp_path):
+    layer = sample_models.build_mlp()
+    nnx_checkpoints.write_nnx_checkpoint(tmp_path / "nnx", layer)
+    abstract = nnx.state(nnx.eval_shape(lambda: to_nnx(sample_models.build_mlp())))
+    state = ocp.StandardCheckpointer().restore(tmp_path / "nnx", abstract)
+    _assert_states_identical(state, nnx.state(to_nnx(layer)))

@@ -1,0 +1,328 @@
+"""Tests of from_nnx / to_nnx: naming, overrides, errors, functions and drop-in use."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from pz_flax.core import named_axes
+from pz_flax.core import variables
+from pz_flax.interop import convert
+from pz_flax.interop import wrappers
+from pz_flax.nn import basic_ops
+from pz_flax.nn import grouping
+from pz_flax.nn import linear_and_affine
+from pz_flax.nn import standardization
+from tests.interop import helpers
+
+
+class Block(nnx.Module):
+    """A user module with its own __call__ and children of several kinds."""
+
+    def __init__(self, rngs):
+        self.norm = nnx.LayerNorm(4, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(2, 4, decode=False, rngs=rngs)
+        self.mlp = nnx.Sequential(
+            nnx.Linear(4, 8, rngs=rngs), nnx.gelu, nnx.Linear(8, 4, rngs=rngs)
+        )
+        self.gate = nnx.Param(jnp.full((4,), 0.5))
+
+    def __call__(self, x):
+        x = x + self.attn(self.norm(x))
+        return x + self.gate * self.mlp(x)
+
+
+def test_user_module_is_wrapped_with_converted_children_and_same_output():
+    module = Block(nnx.Rngs(0))
+    layer = convert.from_nnx(module)
+    assert isinstance(layer, wrappers.NNXWrapper)
+    assert layer.module_type is Block
+    assert set(layer.children) == {"norm", "attn", "mlp"}
+    assert isinstance(layer.children["attn"], wrappers.FromNNX)
+    assert layer.variables["gate"].label == "gate"
+    assert layer.variables["gate"].get_value() is module.gate.get_value()
+    x = helpers.random_input((2, 3, 4))
+    result = layer(helpers.named(x, "batch", "seq", "features")).unwrap("batch", "seq", "features")
+    np.testing.assert_allclose(result, module(x), rtol=1e-6, atol=1e-6)
+    helpers.assert_same_state(module, convert.to_nnx(layer))
+
+
+def test_user_module_gradients_match():
+    module = Block(nnx.Rngs(0))
+    x = helpers.random_input((2, 3, 4))
+    layer = convert.from_nnx(module)
+    pz_grads = helpers.pz_parameter_grads(
+        layer,
+        lambda layer: jnp.sum(
+            layer(helpers.named(x, "batch", "seq", "features")).unwrap("batch", "seq", "features")
+            ** 2
+        ),
+    )
+    nnx_grads = helpers.nnx_parameter_grads(module, lambda module: jnp.sum(module(x) ** 2))
+    assert pz_grads.keys() == nnx_grads.keys()
+    for key in nnx_grads:
+        np.testing.assert_allclose(pz_grads[key], nnx_grads[key], rtol=1e-5, atol=1e-6)
+
+
+def test_edit_of_a_wrapped_modules_child_is_used_and_carried_back():
+    module = Block(nnx.Rngs(0))
+    layer = convert.from_nnx(module)
+    # Replace the MLP by a natively built pz_flax layer: the NNX parent calls it positionally.
+    native_mlp = linear_and_affine.Affine.from_config(
+        "mlp", jax.random.key(3), {"features": 4}, {"features": 4}
+    )
+    edited = layer.select().at(lambda root: root.children["mlp"]).set(native_mlp)
+    x = helpers.random_input((2, 3, 4))
+    result = edited(helpers.named(x, "batch", "seq", "features")).unwrap("batch", "seq", "features")
+    after_attention = x + module.attn(module.norm(x))
+    expected = after_attention + module.gate.get_value() * native_mlp(
+        helpers.named(after_attention, "batch", "seq", "features")
+    ).unwrap("batch", "seq", "features")
+    np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-6)
+    rebuilt = convert.to_nnx(edited)
+    assert type(rebuilt) is Block
+    assert isinstance(rebuilt.mlp, wrappers.PzModule)
+    assert rebuilt.norm.scale.get_value() is module.norm.scale.get_value()
+
+
+def test_functions_convert_to_elementwise_softmax_or_wrapped_callables():
+    assert convert.from_nnx(nnx.relu) == basic_ops.Elementwise(nnx.relu)
+    assert convert.from_nnx(jax.nn.softmax) == basic_ops.Softmax("features")
+    flatten = convert.from_nnx(
+        lambda array: array.reshape(array.shape[0], -1), input_axes=("a", "b")
+    )
+    assert isinstance(flatten, wrappers.WrappedCallable)
+    x = helpers.named(jnp.arange(12.0).reshape(2, 3, 2), "batch", "a", "b")
+    assert dict(flatten(x).named_shape) == {"batch": 2, "features": 6}
+    log_softmax = convert.from_nnx(jax.nn.log_softmax)
+    y = helpers.random_input((2, 5))
+    np.testing.assert_allclose(
+        log_softmax(helpers.named(y, "batch", "features")).unwrap("batch", "features"),
+        jax.nn.log_softmax(y),
+    )
+    assert convert.to_nnx(log_softmax).layers[0] is jax.nn.log_softmax
+
+
+def test_naming_keywords_rename_axes_and_labels():
+    module = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    layer = convert.from_nnx(module, features="embedding", label_prefix="model")
+    weights = layer.layer.sublayers[0].weights
+    assert dict(weights.value.named_shape) == {"embedding": 3, "embedding_out": 4}
+    assert weights.label == "model/kernel"
+    x = helpers.random_input((2, 3))
+    result = layer(helpers.named(x, "batch", "embedding")).unwrap("batch", "embedding")
+    np.testing.assert_allclose(result, module(x), rtol=1e-6)
+    helpers.assert_same_state(module, convert.to_nnx(layer))
+
+
+def test_overrides_by_class_and_by_path():
+    model = nnx.Sequential(nnx.Embed(5, 3, rngs=nnx.Rngs(0)), nnx.Linear(3, 3, rngs=nnx.Rngs(1)))
+    layer = convert.from_nnx(
+        model,
+        overrides={nnx.Embed: {"vocabulary": "token"}, "layers/1": {"label_prefix": "head"}},
+    )
+    embed, linear = layer.layer.sublayers
+    assert embed.layer.table.vocabulary_axis == "token"
+    assert linear.layer.sublayers[0].weights.label == "head/layers/1/kernel"
+    ids = jnp.array([[0, 4, 2]])
+    result = layer(helpers.named(ids, "batch", "seq")).unwrap("batch", "seq", "features")
+    np.testing.assert_allclose(result, model(ids), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (3, TypeError, "from_nnx expects a Flax NNX module.*int"),
+        (nnx.Param(jnp.ones(2)), TypeError, "from_nnx expects.*Param"),
+        (
+            basic_ops.Elementwise(jax.nn.relu),
+            TypeError,
+            "pz_flax object Elementwise, which needs no conversion",
+        ),
+    ],
+)
+def test_from_nnx_rejects_what_it_cannot_convert(bad, error, match):
+    with pytest.raises(error, match=match):
+        convert.from_nnx(bad)
+
+
+def test_from_nnx_rejects_unknown_naming_options():
+    module = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"Unknown naming option\(s\) \['feature'\]"):
+        convert.from_nnx(module, feature="x")
+    with pytest.raises(TypeError, match="overrides keys"):
+        convert.from_nnx(module, overrides={3: {}})
+    with pytest.raises(TypeError, match="must be a string axis name"):
+        convert.from_nnx(module, features=3)
+
+
+def test_from_nnx_rejects_an_unconvertible_child_with_its_path():
+    model = nnx.List([nnx.Linear(2, 2, rngs=nnx.Rngs(0))])
+    layer = convert.from_nnx(model)
+    assert isinstance(layer, list)
+    with pytest.raises(TypeError, match="to_nnx expects a pz_flax layer, got builtins.int"):
+        convert.to_nnx(3)
+    with pytest.raises(TypeError, match="NNX module Linear, which needs no conversion"):
+        convert.to_nnx(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+
+
+def _native_mlp():
+    key = jax.random.key(0)
+    return grouping.Sequential(
+        [
+            linear_and_affine.Affine.from_config("in", key, {"features": 3}, {"features": 8}),
+            basic_ops.Elementwise(jax.nn.relu),
+            standardization.LayerNorm.from_config("norm", key, {"features": 8}),
+            linear_and_affine.Affine.from_config("out", key, {"features": 8}, {"features": 2}),
+        ]
+    )
+
+
+def test_to_nnx_of_native_layer_is_a_trainable_module_called_like_the_layer():
+    layer = _native_mlp()
+    module = convert.to_nnx(layer)
+    assert isinstance(module, wrappers.PzModule)
+    x = helpers.random_input((4, 3))
+    expected = layer(helpers.named(x, "batch", "features")).unwrap("batch", "features")
+    np.testing.assert_allclose(module(x), expected, rtol=1e-6)
+    named_result = module(helpers.named(x, "batch", "features"))
+    assert isinstance(named_result, named_axes.NamedArray)
+    params = nnx.state(module, nnx.Param)
+    assert len(jax.tree_util.tree_leaves(params)) == 6
+    optimizer = nnx.Optimizer(module, optax.sgd(0.1), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(module, optimizer, x):
+        loss, grads = nnx.value_and_grad(lambda module: jnp.mean(module(x) ** 2))(module)
+        optimizer.update(module, grads)
+        return loss
+
+    losses = [float(train_step(module, optimizer, x)) for _ in range(3)]
+    assert losses[-1] < losses[0]
+    # The module trains the layer's own parameters.
+    trained = layer(helpers.named(x, "batch", "features")).unwrap("batch", "features")
+    assert float(jnp.mean(trained**2)) < losses[0]
+
+
+def test_to_nnx_native_builds_nnx_layers():
+    layer = _native_mlp()
+    module = convert.to_nnx(layer, native=True)
+    assert type(module) is nnx.Sequential
+    assert [type(sub) for sub in module.layers] == [
+        nnx.Linear,
+        type(jax.nn.relu),
+        nnx.LayerNorm,
+        nnx.Linear,
+    ]
+    x = helpers.random_input((4, 3))
+    expected = layer(helpers.named(x, "batch", "features")).unwrap("batch", "features")
+    np.testing.assert_allclose(module(x), expected, rtol=1e-4, atol=1e-5)
+    first_weights = layer.sublayers[0].sublayers[0].weights
+    assert module.layers[0].kernel.get_value() is first_weights.get_value()
+
+
+def test_to_nnx_native_of_a_single_function_layer_is_a_module():
+    module = convert.to_nnx(basic_ops.Elementwise(jax.nn.relu), native=True)
+    assert isinstance(module, nnx.Sequential)
+    np.testing.assert_array_equal(module(jnp.array([-1.0, 2.0])), jnp.array([0.0, 2.0]))
+
+
+def test_pz_layer_as_attribute_of_an_nnx_module_trains_under_nnx_jit():
+    class Model(nnx.Module):
+        def __init__(self):
+            self.body = _native_mlp()
+            self.head = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            hidden = self.body(helpers.named(x, "batch", "features")).unwrap("batch", "features")
+            return self.head(hidden)
+
+    model = Model()
+    assert len(jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))) == 8
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    x = helpers.random_input((8, 3))
+    before = model.body.sublayers[0].sublayers[0].weights.get_value()
+
+    @nnx.jit
+    def train_step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda model: jnp.mean((model(x) - 1.0) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    losses = [float(train_step(model, optimizer)) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    assert not np.allclose(model.body.sublayers[0].sublayers[0].weights.get_value(), before)
+    # Plain jax.jit over the split state works too.
+    graphdef, state = nnx.split(model)
+    result = jax.jit(lambda state: nnx.merge(graphdef, state)(x))(state)
+    np.testing.assert_allclose(result, model(x), rtol=1e-5)
+
+
+def test_nnx_module_inside_pz_sequential_under_jax_jit_and_nnx_jit():
+    conv = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+    pooled = convert.from_nnx(
+        lambda array: jnp.mean(array, axis=(1, 2)),
+        input_axes=("height", "width", "features"),
+        output_axes=("features",),
+    )
+    head = linear_and_affine.Affine.from_config(
+        "head", jax.random.key(1), {"features": 4}, {"features": 2}
+    )
+    model = grouping.Sequential([convert.from_nnx(conv), pooled, head])
+    images = helpers.random_input((2, 5, 5, 3))
+    named_images = helpers.named(images, "batch", "height", "width", "features")
+    expected = head(helpers.named(jnp.mean(conv(images), axis=(1, 2)), "batch", "features"))
+    result = jax.jit(lambda model, x: model(x))(model, named_images)
+    np.testing.assert_allclose(
+        result.unwrap("batch", "features"), expected.unwrap("batch", "features"), rtol=1e-5
+    )
+    module = convert.to_nnx(model)
+    optimizer = nnx.Optimizer(module, optax.sgd(0.05), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(module, optimizer):
+        loss, grads = nnx.value_and_grad(lambda module: jnp.mean(module(images) ** 2))(module)
+        optimizer.update(module, grads)
+        return loss
+
+    losses = [float(train_step(module, optimizer)) for _ in range(3)]
+    assert losses[-1] < losses[0]
+    conv_kernel = model.sublayers[0].variables["kernel"]
+    assert not np.allclose(conv_kernel.get_value(), conv.kernel.get_value())
+
+
+def test_batch_norm_statistics_are_state_variables_updated_in_training():
+    norm = nnx.BatchNorm(3, use_running_average=False, momentum=0.5, rngs=nnx.Rngs(0))
+    layer = convert.from_nnx(norm)
+    assert isinstance(layer.variables["mean"], variables.StateVariable)
+    assert isinstance(layer.variables["scale"], variables.Parameter)
+    assert dict(layer.variables["mean"].value.named_shape) == {"features": 3}
+    x = helpers.random_input((6, 3)) + 2.0
+    layer(helpers.named(x, "batch", "features"))
+    expected_mean = 0.5 * jnp.mean(x, axis=0)
+    np.testing.assert_allclose(layer.variables["mean"].get_value(), expected_mean, rtol=1e-5)
+    rebuilt = convert.to_nnx(layer)
+    np.testing.assert_allclose(rebuilt.mean.get_value(), expected_mean, rtol=1e-5)
+    # Under variable_jit the update flows out of the compiled function too.
+    from pz_flax.core import variables as variables_lib
+
+    step = variables_lib.variable_jit(lambda layer, x: layer(x))
+    step(layer, helpers.named(x, "batch", "features"))
+    np.testing.assert_allclose(
+        layer.variables["mean"].get_value(), 0.75 * jnp.mean(x, axis=0), rtol=1e-5
+    )
+
+
+def test_wrapped_module_with_own_rng_stream_advances_it():
+    module = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
+    layer = convert.from_nnx(module)
+    count = layer.variables["rngs/count"]
+    x = helpers.named(jnp.ones((2, 8)), "batch", "features")
+    first = layer(x).unwrap("batch", "features")
+    second = layer(x).unwrap("batch", "features")
+    assert int(count.get_value()) == 2
+    assert not np.array_equal(first, second)
+    reference = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
+    np.testing.assert_array_equal(first, reference(jnp.ones((2, 8))))

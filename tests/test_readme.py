@@ -1,0 +1,61 @@
+"""README's promises: the two set-up commands, and Python examples that run as printed."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+MAIN_JOB = (
+    'python3 -m venv .venv && .venv/bin/pip install -e ".[examples]"'
+    " && .venv/bin/python examples/quickstart.py"
+)
+TESTS = (
+    'python3 -m venv .venv && .venv/bin/pip install -e ".[test]"'
+    " && .venv/bin/python -m pytest -n auto"
+)
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README, flags=re.S | re.M)
+
+
+def test_readme_starts_with_exactly_the_two_setup_commands():
+    first_block = code_blocks("bash")[0]
+    assert first_block.splitlines() == [MAIN_JOB, TESTS]
+    assert README.index(first_block) < README.index("\n## ")
+
+
+def test_ci_runs_the_readme_test_command_and_ruff():
+    ci_script = (ROOT / ".ci" / "run").read_text()
+    pattern = re.search(r"grep -m1 -E '(.*)' README.md", ci_script).group(1)
+    matches = [line for line in README.splitlines() if re.match(pattern, line)]
+    assert matches[0] == TESTS
+    assert "ruff check ." in ci_script
+
+
+def test_python_examples_run_as_printed(tmp_path):
+    script = "\n\n".join(code_blocks("python"))
+    assert "five lines" in README.lower() and len(code_blocks("python")[0].splitlines()) == 5
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        # As on a user's machine: the test suite's 8 fake CPU devices are not inherited.
+        env={
+            **{k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
+            "PYTHONPATH": str(ROOT),
+        },
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "{'batch': 2, 'neurons': 4}" in completed.stdout
+    for trained_with in ("StatefulTrainer", "jax.jit", "nnx.Optimizer", "sharded"):
+        loss = float(
+            re.search(rf"{re.escape(trained_with)} loss: ([0-9.e+-]+)", completed.stdout)[1]
+        )
+        assert loss < 0.5, (trained_with, completed.stdout)
