@@ -105,8 +105,8 @@ def _forward_contenders(size: train_step.MlpSize) -> dict[str, Callable[[], Any]
         if library == PZ_FLAX:
             # Only pz_flax's Parameters are JAX pytrees themselves, so only its live model can be
             # handed to plain jax.jit.
-            contenders[f"{library} jax.jit (live model)"] = (
-                lambda jitted=jitted, model=model: jitted(model, x)
+            contenders[f"{library} jax.jit (live model)"] = lambda jitted=jitted, model=model: (
+                jitted(model, x)
             )
     return contenders
 
@@ -120,7 +120,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     Returns:
         Rows for the eager ops (ratio to penzai) and the forward passes (ratio to raw jit).
     """
-    rounds, window = (2, 0.005) if quick else (9, 0.05)
+    rounds, window = (2, 0.002) if quick else (9, 0.05)
     rows = []
     array_size = 4 if quick else 64
     per_library = {name: _eager_ops(ns, array_size) for name, ns in _namespaces().items()}

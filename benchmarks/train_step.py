@@ -225,9 +225,9 @@ def pz_flax_model_pytree_step(size: MlpSize) -> Callable[[], Any]:
 
     @jax.jit
     def train_step(model, opt_state, inputs, targets):
-        loss, grads = jax.value_and_grad(
-            lambda m: _mse(named_forward(pz, m, inputs), targets)
-        )(model)
+        loss, grads = jax.value_and_grad(lambda m: _mse(named_forward(pz, m, inputs), targets))(
+            model
+        )
         updates, opt_state = optimizer.update(grads, opt_state, model)
         return optax.apply_updates(model, updates), opt_state, loss
 
@@ -284,9 +284,7 @@ def pz_flax_nnx_step(size: MlpSize) -> Callable[[], Any]:
     """The pz_flax model inside an ``nnx.Module``, trained with ``nnx.jit`` + ``nnx.Optimizer``."""
     pz = _pz_flax_namespace()
     holder = _PzFlaxHolder(penzai_style_mlp(pz, size))
-    return _nnx_optimizer_step(
-        holder, lambda m, inputs: named_forward(pz, m.layer, inputs), size
-    )
+    return _nnx_optimizer_step(holder, lambda m, inputs: named_forward(pz, m.layer, inputs), size)
 
 
 RAW_JIT = "raw jax.jit"
@@ -336,9 +334,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     """
     if quick:
         small = MlpSize("quick 2x8, batch 4", depth=2, width=8, batch=4)
-        rows = measure(small, list(CONTENDERS), rounds=2, window_seconds=0.005)
-        deep = MlpSize("quick depth 3", depth=3, width=8, batch=4)
-        return rows + measure(deep, DEPTH_SWEEP_CONTENDERS, rounds=2, window_seconds=0.005)
+        return measure(small, list(CONTENDERS), rounds=2, window_seconds=0.002)
 
     rows = []
     dispatch_bound = MlpSize("dispatch-bound 8x64, batch 32", depth=8, width=64, batch=32)

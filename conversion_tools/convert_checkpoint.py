@@ -106,8 +106,16 @@ def _build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add_output_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--in", dest="source", required=True, metavar="SRC")
-        command.add_argument("--out", dest="destination", required=True, metavar="DST")
+        command.add_argument(
+            "--in", dest="source", required=True, metavar="SRC", help="checkpoint to read"
+        )
+        command.add_argument(
+            "--out",
+            dest="destination",
+            required=True,
+            metavar="DST",
+            help="checkpoint directory to create (written atomically)",
+        )
         command.add_argument("--force", action="store_true", help="replace an existing DST")
         command.add_argument(
             "--progress",
@@ -241,9 +249,7 @@ def _inspect(args: argparse.Namespace) -> None:
 
 
 def _short_message(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()] or [
-        type(exc).__name__
-    ]
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
     if len(lines) > _MAX_ERROR_LINES:
         lines = [*lines[: _MAX_ERROR_LINES - 1], f"  ... and {len(lines) - 2} more"]
     return "\n".join(lines)

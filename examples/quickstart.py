@@ -234,7 +234,7 @@ def main(argv=None) -> float:
     )
 
     html_file = out_dir / "model.html"
-    html_file.write_text(treescope.render_to_html(model, roundtrip_mode=False))
+    html_file.write_text(treescope.render_to_html(model, compressed=False))
     curve_file = out_dir / "loss_curve.png"
     write_loss_curve(losses, curve_file)
 

@@ -10,8 +10,9 @@ import:
 * pz_flax's own modules (``pz_flax`` and its submodules);
 * classes and functions registered explicitly with ``register_type``;
 * modules the caller lists in ``allow_modules`` (and their submodules);
-* for everything but layer (struct) classes: the libraries pz_flax itself depends
-  on (``jax``, ``numpy``, ``ml_dtypes``, ``flax``, ``optax``, ``math``, ``operator``).
+* for everything but layer (struct) classes: a few namespaces of the libraries pz_flax
+  depends on (``jax.nn``, ``jax.numpy``, ``jax.lax``, ``flax.nnx``, ``optax``, ``math``, ...;
+  see ``_TRUSTED_LIBRARIES``), minus names that suggest I/O or host callbacks.
 
 Names outside the list raise ``UntrustedTypeError`` naming the class and the
 ``allow_modules`` entry that would admit it. Even inside the list, the object found must be
@@ -38,21 +39,49 @@ Kind = Literal["struct", "variable", "function", "type"]
 
 _OWN_PACKAGE = "pz_flax"
 
-# Dependencies whose public functions and dtypes may appear in static fields (activation
-# functions, dtypes, initializers). Their *classes* are trusted only as NNX variable types.
-_TRUSTED_LIBRARIES = ("jax", "numpy", "ml_dtypes", "flax", "optax", "math", "operator")
+# Library namespaces whose functions and classes a manifest may name without
+# ``allow_modules``: the numerics a layer holds in static fields (activations, initializers,
+# lax primitives), NNX's module/variable/graph classes (kept by layers converted from NNX),
+# and tree and sharding types. Deliberately narrow: a name resolved here may end up called by
+# the model, so nothing that touches files, callbacks or the host is reachable (numpy is left
+# out for that reason; dtypes are stored by name and need no resolution).
+_TRUSTED_LIBRARIES = (
+    "jax.nn",
+    "jax.numpy",
+    "jax.lax",
+    "jax.scipy",
+    "jax.random",
+    "jax.dtypes",
+    "jax.sharding",
+    "jax.tree_util",
+    "jax._src.nn",
+    "jax._src.numpy",
+    "jax._src.lax",
+    "jax._src.scipy",
+    "jax._src.random",
+    "jax._src.dtypes",
+    "jax._src.sharding_impls",
+    "jax._src.partition_spec",
+    "jax._src.tree_util",
+    "flax.nnx",
+    "flax.typing",
+    "optax",
+    "math",
+    "operator",
+)
+# Even inside those namespaces, names suggesting I/O or host callbacks are refused
+# (``jax.numpy.load``, ``jax.pure_callback``, ...).
+_UNSAFE_LIBRARY_NAME = re.compile(r"callback|load|save|file|open|write|exec|eval|system|import")
 
-# Public namespaces tried, in order, before a function's defining module: ``jax.nn.relu`` is
-# defined in ``jax._src.nn.functions``, a private path that may move between jax releases.
+# Public namespaces tried, in order, before a function's private defining module:
+# ``jax.nn.relu`` is defined in ``jax._src.nn.functions``, which may move between releases.
 _PUBLIC_FUNCTION_NAMESPACES = (
     "jax.nn",
     "jax.numpy",
     "jax.lax",
     "jax.scipy.special",
     "jax.nn.initializers",
-    "numpy",
-    "math",
-    "operator",
+    "flax.nnx",
 )
 
 _IDENTIFIER_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -219,6 +248,13 @@ def resolve(name: Any, kind: Kind, *, allow_modules: Iterable[str] = (), path: s
     if not (_IDENTIFIER_PATH.match(module_name) and _IDENTIFIER_PATH.match(qualname)):
         raise errors.CorruptCheckpointError(
             f"The manifest names {name!r}{where}, which is not a valid qualified name."
+        )
+    user_trusted = _module_in(module_name, (_OWN_PACKAGE, *allow_modules))
+    if not user_trusted and _UNSAFE_LIBRARY_NAME.search(qualname.lower()):
+        raise errors.UntrustedTypeError(
+            f"The checkpoint needs {module_name}.{qualname}{where}, which restoring refuses to"
+            " load from a library (it may do I/O); list its module in allow_modules if you"
+            " really mean it."
         )
     if not _module_in(module_name, _trusted_modules(kind, allow_modules)):
         top_level = module_name.split(".")[0]

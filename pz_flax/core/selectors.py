@@ -200,31 +200,45 @@ def _map_subtrees(
     Returns:
         ``(new_tree, changed)``, where ``changed`` tells whether anything was replaced.
     """
+    # Remember where ``stop`` held while flattening, so that the (user-supplied) predicate runs
+    # once per node, as in penzai, rather than again for every leaf it produced.
     if stop_uses_keypath:
+        stopped_keypaths = set()
 
-        def should_stop(keypath, node):
-            return stop(keypath_prefix + keypath, node)
+        def is_leaf_with_path(keypath, node):
+            if stop(keypath_prefix + keypath, node):
+                stopped_keypaths.add(keypath)
+                return True
+            return _is_variable_type(type(node))
 
         keyed_leaves, treedef = jax.tree_util.tree_flatten_with_path(
-            tree,
-            is_leaf=lambda keypath, node: (
-                should_stop(keypath, node) or _is_variable_type(type(node))
-            ),
-            is_leaf_takes_path=True,
+            tree, is_leaf=is_leaf_with_path, is_leaf_takes_path=True
         )
+
+        def stopped(keypath, node):
+            del node
+            return keypath in stopped_keypaths
+
     else:
+        # Without a key path the answer depends on the node alone, so identity is a safe key.
+        stopped_ids = set()
 
-        def should_stop(keypath, node):
+        def is_leaf(node):
+            if stop(node):
+                stopped_ids.add(id(node))
+                return True
+            return _is_variable_type(type(node))
+
+        keyed_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+
+        def stopped(keypath, node):
             del keypath
-            return stop(node)
+            return id(node) in stopped_ids
 
-        keyed_leaves, treedef = jax.tree_util.tree_flatten_with_path(
-            tree, is_leaf=lambda node: stop(node) or _is_variable_type(type(node))
-        )
     changed = False
     new_leaves = []
     for keypath, node in keyed_leaves:
-        if should_stop(keypath, node):
+        if stopped(keypath, node):
             new_node = replace(keypath_prefix + keypath, node)
             changed = True
         elif _is_variable_type(type(node)):

@@ -48,6 +48,8 @@ import typing
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Mapping
 from typing import Any
 from typing import Generic
 from typing import Literal
@@ -442,8 +444,79 @@ def _split_value(value: Any) -> tuple[Any, tuple[Any, ...] | None]:
     return jax.tree_util.tree_map(jnp.asarray, value), None
 
 
+@dataclasses.dataclass(frozen=True, init=False, eq=False, repr=False)
+class MetadataDict(Mapping):
+    """A read-only, hashable dict, used for dict-valued variable metadata entries.
+
+    NNX hashes variable metadata (it becomes part of graph definitions), so a metadata entry
+    cannot be a plain dict; yet penzai code stores dicts there, e.g. LayerStack's
+    ``{"layerstack_axes": {axis: LayerStackVarBehavior.SHARED}}``. Variables therefore store
+    every dict-valued entry (at any depth) as a ``MetadataDict``, which reads like the dict and
+    compares equal to it. It is a dataclass so that checkpoint manifests can describe it.
+
+    Attributes:
+        entries: The ``(key, value)`` pairs, in insertion order.
+    """
+
+    entries: tuple[tuple[Hashable, Any], ...]
+
+    def __init__(self, mapping: Mapping[Hashable, Any]):
+        """Freezes ``mapping``, turning the dicts among its values into ``MetadataDict``s too.
+
+        Args:
+            mapping: The dict to freeze.
+        """
+        frozen = tuple((key, _frozen_metadata_entry(entry)) for key, entry in mapping.items())
+        object.__setattr__(self, "entries", frozen)
+
+    def __getitem__(self, key: Hashable) -> Any:
+        for entry_key, entry in self.entries:
+            if entry_key == key:
+                return entry
+        raise KeyError(key)
+
+    def __iter__(self) -> Iterator[Hashable]:
+        return (key for key, _ in self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return dict(self.entries) == dict(other)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self.entries))
+
+    def __repr__(self) -> str:
+        return repr(dict(self.entries))
+
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any):
+        from treescope import repr_lib  # Only needed when rendering.
+
+        return repr_lib.render_dictionary_wrapper(
+            object_type=type(self),
+            wrapped_dict=dict(self.entries),
+            path=path,
+            subtree_renderer=subtree_renderer,
+        )
+
+
+def _frozen_metadata_entry(entry: Any) -> Any:
+    """Returns ``entry`` with its dicts (possibly nested in tuples) made hashable."""
+    if isinstance(entry, Mapping) and not isinstance(entry, MetadataDict):
+        return MetadataDict(entry)
+    if type(entry) is tuple:
+        return tuple(_frozen_metadata_entry(item) for item in entry)
+    return entry
+
+
 def _checked_user_metadata(owner: str, metadata: dict[Any, Any] | None) -> dict[str, Any]:
-    """Validates user metadata: it becomes NNX metadata, so it must be str-keyed and hashable."""
+    """Validates user metadata: it becomes NNX metadata, so it must be str-keyed and hashable.
+
+    Dict-valued entries are frozen into ``MetadataDict``s; other unhashable entries are errors.
+    """
     if not metadata:
         return {}
     checked = {}
@@ -458,8 +531,15 @@ def _checked_user_metadata(owner: str, metadata: dict[Any, Any] | None) -> dict[
                 f"{owner} metadata key {key!r} is reserved; the reserved keys are"
                 f" {sorted(_RESERVED_METADATA_KEYS)}."
             )
-        _check_hashable(owner, f"metadata entry {key!r}", entry)
-        checked[key] = entry
+        frozen = _frozen_metadata_entry(entry)
+        try:
+            hash(frozen)
+        except TypeError as exc:
+            raise TypeError(
+                f"{owner} metadata entry {key!r} must be hashable once its dicts are frozen (NNX"
+                f" hashes variable metadata), got {entry!r}; use tuples rather than lists."
+            ) from exc
+        checked[key] = frozen
     return checked
 
 

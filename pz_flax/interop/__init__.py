@@ -9,6 +9,7 @@ Importing this package registers the mappings pz_flax ships (see
 from pz_flax.interop import mappings as _mappings
 from pz_flax.interop.convert import from_nnx
 from pz_flax.interop.convert import to_nnx
+from pz_flax.interop.model_summary import summary
 from pz_flax.interop.naming import NNXNaming
 from pz_flax.interop.registry import FromNNXContext
 from pz_flax.interop.registry import LayerMapping
@@ -19,7 +20,6 @@ from pz_flax.interop.registry import register_elementwise_function
 from pz_flax.interop.registry import register_mapping
 from pz_flax.interop.registry import registered_mappings
 from pz_flax.interop.registry import unregister_mapping
-from pz_flax.interop.summary import summary
 from pz_flax.interop.wrappers import FromNNX
 from pz_flax.interop.wrappers import NNXWrapper
 from pz_flax.interop.wrappers import PzModule

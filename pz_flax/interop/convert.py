@@ -21,6 +21,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from pz_flax.core import named_axes
 from pz_flax.core import struct
 from pz_flax.core import variables
 from pz_flax.interop import naming as naming_lib
@@ -127,10 +128,11 @@ def _convert_from_nnx(obj, path, base_naming, overrides, strict, convert):
 def _apply_mapping(mapping: registry.LayerMapping, module: Any, context) -> Any:
     converted = mapping.to_pz(module, context)
     config = dict(mapping.config_for(module))
+    if context.naming != naming_lib.DEFAULT_NAMING:
+        # The reverse conversion must read axis names the way they were written.
+        config["naming"] = context.naming
     if mapping.verify_round_trip:
-        reverse_context = registry.ToNNXContext(
-            naming=context.naming, native=False, convert_child=_reverse_child(context.naming, False)
-        )
+        reverse_context = _reverse_context(context.naming)
         rebuilt = mapping.to_nnx(converted, reverse_context, config)
         if rebuilt is None:
             raise registry.MappingNotApplicable(
@@ -155,6 +157,7 @@ def _convert_function(fn: Any, naming: naming_lib.NNXNaming) -> Any:
         fn=fn,
         input_axes=naming.input_axes or (naming.features,),
         output_axes=naming.output_axes,
+        feature_axis=naming.features,
     )
 
 
@@ -199,17 +202,15 @@ def wrap_module(module: nnx.Module, context: registry.FromNNXContext) -> wrapper
         )
         value = original.get_value()
         if names is not None:
-            from pz_flax.core import named_axes
-
             value = named_axes.wrap(value).tag(*names)
         label = context.label(*path)
         metadata = registry.user_metadata(nnx_variable)
         if isinstance(nnx_variable, nnx.Param):
-            wrapped_variables[key] = variables.Parameter(value=value, label=label, metadata=metadata)
-        else:
-            wrapped_variables[key] = variables.StateVariable(
-                value, label=label, metadata=metadata
+            wrapped_variables[key] = variables.Parameter(
+                value=value, label=label, metadata=metadata
             )
+        else:
+            wrapped_variables[key] = variables.StateVariable(value, label=label, metadata=metadata)
         variable_paths[key] = tuple(path)
     naming = context.naming
     return wrappers.NNXWrapper(
@@ -221,6 +222,7 @@ def wrap_module(module: nnx.Module, context: registry.FromNNXContext) -> wrapper
         variable_paths=variable_paths,
         input_axes=naming.input_axes or (naming.features,),
         output_axes=naming.output_axes,
+        feature_axis=naming.features,
     )
 
 
@@ -242,12 +244,8 @@ def rebuild_wrapped_module(
     Returns:
         A module of the wrapped class, whose variables hold the wrapper's arrays.
     """
-    context = registry.ToNNXContext(
-        naming=naming,
-        native=native,
-        convert_child=lambda layer: _to_nnx(layer, context),
-        bindings=bindings,
-    )
+    context = _reverse_context(naming, native)
+    context.bindings = bindings
     return _rebuild(wrapper, context)
 
 
@@ -267,12 +265,11 @@ def _rebuild(wrapper: wrappers.NNXWrapper, context: registry.ToNNXContext) -> nn
     return module
 
 
-def _reverse_child(naming: naming_lib.NNXNaming, native: bool):
-    def convert_child(layer):
-        return _to_nnx(layer, context)
-
-    context = registry.ToNNXContext(naming=naming, native=native, convert_child=convert_child)
-    return convert_child
+def _reverse_context(naming: naming_lib.NNXNaming, native: bool = False) -> registry.ToNNXContext:
+    """A ``to_nnx`` context whose children are converted by the ``to_nnx`` engine."""
+    context = registry.ToNNXContext(naming=naming, native=native, convert_child=None)
+    context.convert_child = lambda layer: _to_nnx(layer, context)
+    return context
 
 
 def to_nnx(
@@ -317,12 +314,10 @@ def to_nnx(
     if not (isinstance(layer, list | tuple | dict) or _is_pz_layer(layer)):
         raise TypeError(f"to_nnx expects a pz_flax layer, got {_describe(layer)}.")
 
-    def convert_child(child):
-        return _to_nnx(child, context)
-
-    context = registry.ToNNXContext(naming=naming_obj, native=native, convert_child=convert_child)
+    context = _reverse_context(naming_obj, native)
     if not native and not isinstance(
-        layer, wrappers.FromNNX | wrappers.NNXWrapper | list | tuple | dict
+        layer,
+        wrappers.FromNNX | wrappers.NNXWrapper | wrappers.WrappedCallable | list | tuple | dict,
     ):
         return wrappers.PzModule(layer, input_names=input_names, naming=naming_obj)
     result = _to_nnx(layer, context)

@@ -37,6 +37,7 @@ from flax import nnx
 from pz_flax.core import variables
 from pz_flax.interop import naming as naming_lib
 from pz_flax.interop import registry
+from pz_flax.nn import attention
 from pz_flax.nn import basic_ops
 from pz_flax.nn import combinators
 from pz_flax.nn import dropout
@@ -44,7 +45,6 @@ from pz_flax.nn import embeddings
 from pz_flax.nn import grouping
 from pz_flax.nn import linear_and_affine
 from pz_flax.nn import standardization
-from pz_flax.nn import attention
 
 NotApplicable = registry.MappingNotApplicable
 
@@ -207,7 +207,13 @@ def _parse_core(core: Any) -> tuple[Any, dict[str, str]] | None:
 
 
 def _extract_linear(layer: Any, context: registry.ToNNXContext):
-    """Reads an affine layer: ``(kernel, bias, in names, out names, bias source, kernel source)``."""
+    """Reads an affine layer.
+
+    Returns:
+        ``(kernel, bias, in names, out names, kernel parameter, AddBias layer)`` with the
+        arrays in NNX layout (bias and its layer None without a bias), or None if ``layer`` is
+        not an affine layer.
+    """
     parsed = _parse_affine(layer)
     if parsed is None:
         return None
@@ -295,7 +301,7 @@ class LinearGeneralMapping(_ReversibleMapping):
         extracted = _extract_linear(layer, context)
         if extracted is None:
             return None
-        kernel, bias, in_names, out_names, kernel_source, bias_layer = extracted
+        kernel, bias, in_names, _, kernel_source, bias_layer = extracted
         by_path = {"kernel": (kernel_source, kernel)}
         if bias is not None:
             by_path["bias"] = (bias_layer.bias, bias)
@@ -356,9 +362,7 @@ class EinsumMapping(_ReversibleMapping):
         return contracted, new, rhs, in_names, out_names
 
     def to_pz(self, module, context):
-        contracted, new, rhs, in_names, out_names = self._names(
-            module.einsum_str, context.naming
-        )
+        contracted, new, rhs, in_names, out_names = self._names(module.einsum_str, context.naming)
         in_tuple = tuple(in_names[letter] for letter in contracted)
         out_tuple = tuple(out_names[letter] for letter in new)
         if [letter for letter in rhs if letter in in_names] != contracted or [
@@ -640,7 +644,9 @@ class MultiHeadAttentionMapping(_ReversibleMapping):
         def projection_in(name):
             child = getattr(module, name)
             linear = linear_and_affine.Linear(
-                weights=context.parameter(child.kernel, f"{name}/kernel", (features, heads, projection)),
+                weights=context.parameter(
+                    child.kernel, f"{name}/kernel", (features, heads, projection)
+                ),
                 in_axis_names=(features,),
                 out_axis_names=(heads, projection),
             )
@@ -947,4 +953,3 @@ def register_builtin_mappings() -> None:
     for mapping in BUILTIN_MAPPINGS:
         if registry.get_mapping(mapping.nnx_type) is None:
             registry.register_mapping(mapping)
-

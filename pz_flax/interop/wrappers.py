@@ -95,6 +95,8 @@ class NNXWrapper(layer_base.Layer):
         output_axes: Names of the output's trailing axes, or None to infer them (static).
         forwarded_side_inputs: Side inputs passed to the module as keyword arguments of the
             same name (static).
+        feature_axis: Name for a single new trailing output axis when ``output_axes`` is
+            None and the output has more trailing axes than the input (static).
     """
 
     variables: dict[str, variables.LabeledVariable]
@@ -112,6 +114,7 @@ class NNXWrapper(layer_base.Layer):
     forwarded_side_inputs: tuple[str, ...] = dataclasses.field(
         default=(), metadata={"pytree_node": False}
     )
+    feature_axis: str = dataclasses.field(default="features", metadata={"pytree_node": False})
 
     def __call__(self, argument: Any, /, **side_inputs: Any) -> Any:
         """Runs the NNX module on the positional form of ``argument``.
@@ -144,6 +147,7 @@ class NNXWrapper(layer_base.Layer):
             leading,
             trailing_in,
             self.output_axes,
+            self.feature_axis,
             positional_rank,
             f"NNX module {_type_name(self.module_type)}",
         )
@@ -163,6 +167,7 @@ class WrappedCallable(layer_base.Layer):
         fn: The function (static).
         input_axes: Names moved to the end of the positional input (static).
         output_axes: Names of the output's trailing axes, or None to infer them (static).
+        feature_axis: Name for new trailing output axes when ``output_axes`` is None (static).
     """
 
     fn: Callable[..., Any] = dataclasses.field(metadata={"pytree_node": False})
@@ -170,6 +175,7 @@ class WrappedCallable(layer_base.Layer):
     output_axes: tuple[str, ...] | None = dataclasses.field(
         default=None, metadata={"pytree_node": False}
     )
+    feature_axis: str = dataclasses.field(default="features", metadata={"pytree_node": False})
 
     def __call__(self, argument: Any, /, **_unused_side_inputs: Any) -> Any:
         """Calls ``fn`` on the positional form of ``argument`` and names the result."""
@@ -183,14 +189,15 @@ class WrappedCallable(layer_base.Layer):
             leading,
             trailing_in,
             self.output_axes,
+            self.feature_axis,
             len(argument.positional_shape),
             f"function {getattr(self.fn, '__name__', repr(self.fn))}",
         )
 
 
-def _name_output(output, leading, trailing_in, output_axes, positional_rank, who):
+def _name_output(output, leading, trailing_in, output_axes, feature_axis, positional_rank, who):
     """Names a wrapped module's output; see ``NNXWrapper`` for the rule."""
-    features_default = trailing_in[-1] if trailing_in else "features"
+    features_default = feature_axis
 
     def name_leaf(leaf):
         if not isinstance(leaf, jax.Array):

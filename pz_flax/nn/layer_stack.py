@@ -294,16 +294,16 @@ class LayerStack(layer_base.Layer):
             sublayer_vars, side_input_vars
         )
 
-        stacked_leaves, sublayer_treedef = jax.tree_util.tree_flatten(
+        sublayer_leaves, sublayer_treedef = jax.tree_util.tree_flatten(
             pure_sublayer, is_leaf=named_axes.is_namedarray
         )
         is_stacked = [
             isinstance(leaf, named_axes.NamedArrayBase) and self.stack_axis in leaf.named_shape
-            for leaf in stacked_leaves
+            for leaf in sublayer_leaves
         ]
         scanned_arrays = [
             leaf.untag_prefix(self.stack_axis).with_positional_prefix()
-            for leaf, stacked in zip(stacked_leaves, is_stacked)
+            for leaf, stacked in zip(sublayer_leaves, is_stacked)
             if stacked
         ]
 
@@ -314,7 +314,7 @@ class LayerStack(layer_base.Layer):
             layer = sublayer_treedef.unflatten(
                 [
                     next(slices) if stacked else leaf
-                    for leaf, stacked in zip(stacked_leaves, is_stacked)
+                    for leaf, stacked in zip(sublayer_leaves, is_stacked)
                 ]
             )
             layer_output, new_states = layer.stateless_call(
@@ -341,6 +341,9 @@ class LayerStack(layer_base.Layer):
             init=(argument, shared_values),
             xs=(scanned_arrays, per_layer_values),
             length=self.stack_axis_size,
+            # Tracing happens once either way; unrolling the compiled loop (as
+            # penzai does) lets XLA fuse across layers and skips per-step
+            # dynamic slicing, which wins for the moderate depths of most models.
             unroll=True,
         )
         for state in final_shared:

@@ -21,10 +21,20 @@ def test_pz_checkpoint_summary(tmp_path):
     assert len(summary.entries) == 5
     assert summary.total_bytes == 4 * (32 + 8 + 8 + 8 + 32)
     lines = summary.format_table().splitlines()
-    assert lines[0].startswith("pz_flax checkpoint ") and "(model: pz_flax.nn.grouping:Sequential)" in lines[0]
+    assert (
+        lines[0].startswith("pz_flax checkpoint ")
+        and "(model: pz_flax.nn.grouping:Sequential)" in lines[0]
+    )
     assert lines[1].split() == ["path", "axis", "names", "shape", "dtype", "size"]
     assert lines[3].split() == [
-        "sublayers/0/sublayers/0/weights", "(features,", "hidden)", "(4,", "8)", "float32", "128", "B"
+        "sublayers/0/sublayers/0/weights",
+        "(features,",
+        "hidden)",
+        "(4,",
+        "8)",
+        "float32",
+        "128",
+        "B",
     ]
     assert lines[-1] == "5 arrays, 88 elements, 352 B"
 
@@ -50,8 +60,14 @@ def test_not_a_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "size, text", [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 * 2**20, "5.0 MiB"),
-                   (3 * 2**40, "3072.0 GiB")]
+    "size, text",
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1536, "1.5 KiB"),
+        (5 * 2**20, "5.0 MiB"),
+        (3 * 2**40, "3072.0 GiB"),
+    ],
 )
 def test_format_bytes(size, text):
     assert inspection.format_bytes(size) == text
@@ -60,4 +76,7 @@ def test_format_bytes(size, text):
 def test_storage_round_trip_is_listed_in_order(tmp_path):
     storage.save(tmp_path / "c", {"b": jnp.ones(2), "a": jnp.zeros((1, 2), jnp.bfloat16)})
     entries = inspection.inspect_checkpoint(tmp_path / "c").entries
-    assert [(e.path, e.dtype, e.nbytes) for e in entries] == [("b", "float32", 8), ("a", "bfloat16", 4)]
+    assert [(e.path, e.dtype, e.nbytes) for e in entries] == [
+        ("b", "float32", 8),
+        ("a", "bfloat16", 4),
+    ]

@@ -57,6 +57,7 @@ def _json_round_trip(value, allow_modules=("tests",)):
         np.int8,
         Pair(1, "r"),
         HashableMapping({"k": 1}),
+        variables.MetadataDict({"stack": Color.RED, "nested": {"a": (1, 2)}}),
     ],
 )
 def test_static_values_round_trip_through_json(value):

@@ -61,7 +61,9 @@ def test_load_nnx_module_into_a_sharding(nnx_checkpoint):
     module, path = nnx_checkpoint
     mesh = jax.make_mesh((8,), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    loaded = nnx_checkpoints.load_nnx_module(path, sample_models.make_nnx_model, sharding=replicated)
+    loaded = nnx_checkpoints.load_nnx_module(
+        path, sample_models.make_nnx_model, sharding=replicated
+    )
     assert type(loaded) is type(module)
     assert all(leaf.sharding == replicated for leaf in jax.tree_util.tree_leaves(nnx.state(loaded)))
     _assert_states_identical(loaded, module)
@@ -84,9 +86,9 @@ def test_factory_errors_and_wrong_inputs(nnx_checkpoint, tmp_path):
     def broken():
         raise RuntimeError("no weights today")
 
-    with pytest.raises(errors.CheckpointError, match="factory.*no weights today"):
+    with pytest.raises(errors.CheckpointError, match=r"factory.*no weights today"):
         nnx_checkpoints.load_nnx_module(path, broken)
-    with pytest.raises(errors.CheckpointError, match="not an nnx.Module"):
+    with pytest.raises(errors.CheckpointError, match=r"not an nnx\.Module"):
         nnx_checkpoints.load_nnx_module(path, lambda: jnp.ones(2))
     with pytest.raises(errors.CheckpointNotFoundError, match="does not exist"):
         nnx_checkpoints.load_nnx_module(tmp_path / "nothing", sample_models.make_nnx_model)

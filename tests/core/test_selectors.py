@@ -357,6 +357,44 @@ def test_at_subtrees_where_innermost_with_keypath():
     assert selection.get_keypaths() == ((DictKey("a"), DictKey("b")), (DictKey("d"),))
 
 
+@pytest.mark.parametrize("absolute_keypath", [False, True])
+def test_at_subtrees_where_calls_keypath_filter_once_per_node_like_penzai(absolute_keypath):
+    tree = {"a": 1, "b": [{"v": Tagged(1)}, {"v": Tagged(2)}, {"v": 3}]}
+
+    def keypaths_seen(select):
+        seen = []
+
+        def record(keypath, node):
+            seen.append(keypath)
+            return isinstance(node, Tagged)
+
+        selected = (
+            select(tree)
+            .at(lambda root: root["b"])
+            .at_subtrees_where(record, with_keypath=True, absolute_keypath=absolute_keypath)
+            .get_sequence()
+        )
+        return seen, selected
+
+    seen, selected = keypaths_seen(selectors.select)
+    assert selected == (Tagged(1), Tagged(2))
+    assert len(seen) == len(set(seen))
+    # penzai visits the same nodes in the same order (it re-visits some; pz_flax does not).
+    assert seen == list(dict.fromkeys(keypaths_seen(penzai.core.selectors.select)[0]))
+
+
+def test_at_subtrees_where_calls_filter_once_per_node():
+    calls = collections.Counter()
+
+    def record(node):
+        calls[type(node).__name__] += 1
+        return isinstance(node, str)
+
+    tree = {"a": "x", "b": ["y", ("z",)], "c": 1.0}
+    assert selectors.select(tree).at_subtrees_where(record).get_sequence() == ("x", "y", "z")
+    assert calls == {"dict": 1, "list": 1, "tuple": 1, "str": 3, "float": 1}
+
+
 def test_at_subtrees_where_requires_bool():
     with pytest.raises(TypeError, match="must return a Python bool"):
         selectors.select({"a": jnp.ones(2)}).at_subtrees_where(

@@ -123,6 +123,39 @@ def test_invalid_labels_and_metadata_are_rejected(kwargs, error, message):
         variables.Parameter(**arguments)
 
 
+def test_dict_metadata_is_frozen_and_reads_like_penzai():
+    metadata = {"layerstack_axes": {"stack": "shared"}, "nested": ({"a": {"b": 1}},), "n": 1}
+    ours = variables.StateVariable(label="s", value=0, metadata=metadata)
+    oracle = pz_variables_oracle.StateVariable(label="s", value=0, metadata=metadata)
+    assert ours.metadata == oracle.metadata == metadata
+    assert ours.metadata["layerstack_axes"]["stack"] == "shared"
+    assert ours.freeze().metadata == metadata
+    assert ours.freeze().unfreeze_as_copy().metadata == metadata
+    frozen = ours.metadata["layerstack_axes"]
+    assert isinstance(frozen, variables.MetadataDict)
+    assert isinstance(ours.metadata["nested"][0]["a"], variables.MetadataDict)
+    assert hash(frozen) == hash(variables.MetadataDict({"stack": "shared"}))
+    with pytest.raises(TypeError):
+        frozen["stack"] = "per_layer"
+    ours.metadata = {"layerstack_axes": {"stack": "per_layer"}}
+    assert ours.metadata == {"layerstack_axes": {"stack": "per_layer"}}
+
+
+def test_metadata_dict_is_a_read_only_mapping():
+    frozen = variables.MetadataDict({"b": 2, "a": 1})
+    assert list(frozen) == ["b", "a"]
+    assert len(frozen) == 2
+    assert frozen == {"a": 1, "b": 2}
+    assert frozen != {"a": 1}
+    assert frozen != [("b", 2), ("a", 1)]
+    assert repr(frozen) == "{'b': 2, 'a': 1}"
+    with pytest.raises(KeyError, match="'c'"):
+        frozen["c"]
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(variables.MetadataDict({"a": [1]}))
+    assert "MetadataDict" in treescope.render_to_text(frozen)
+
+
 def test_invalid_metadata_assignment_is_rejected():
     param = variables.Parameter(label="w", value=1.0)
     with pytest.raises(TypeError, match="must be hashable"):

@@ -216,8 +216,25 @@ def test_nnx_jit_propagates_state_variable_mutation():
 
 def test_unhashable_metadata_is_caught_before_nnx_would_fail():
     # nnx.split hashes variable metadata; the constructor refuses such metadata up front.
-    with pytest.raises(TypeError, match="must be hashable"):
-        variables.Parameter(label="w", value=1.0, metadata={"schedule": {"lr": 1}})
+    with pytest.raises(TypeError, match="'schedule' must be hashable.*use tuples"):
+        variables.Parameter(label="w", value=1.0, metadata={"schedule": {"lr": [1, 2]}})
+
+
+def test_dict_metadata_survives_nnx_split_merge_and_jit():
+    # penzai code puts dicts in metadata (LayerStack's "layerstack_axes"); they are frozen so
+    # that NNX can hash them.
+    state = variables.StateVariable(label="s", value=0, metadata={"axes": {"stack": "shared"}})
+    graphdef, nnx_state = nnx.split({"s": state})
+    hash(graphdef)
+    assert nnx.merge(graphdef, nnx_state)["s"].metadata == {"axes": {"stack": "shared"}}
+
+    @nnx.jit
+    def increment(tree):
+        tree["s"].value = tree["s"].value + 1
+
+    increment({"s": state})
+    assert int(state.value) == 1
+    assert state.metadata["axes"]["stack"] == "shared"
 
 
 @pytest.mark.parametrize("vmap", [jax.vmap, nnx.vmap], ids=["jax.vmap", "nnx.vmap"])

@@ -162,7 +162,7 @@ def test_from_nnx_rejects_an_unconvertible_child_with_its_path():
     model = nnx.List([nnx.Linear(2, 2, rngs=nnx.Rngs(0))])
     layer = convert.from_nnx(model)
     assert isinstance(layer, list)
-    with pytest.raises(TypeError, match="to_nnx expects a pz_flax layer, got builtins.int"):
+    with pytest.raises(TypeError, match=r"to_nnx expects a pz_flax layer, got builtins\.int"):
         convert.to_nnx(3)
     with pytest.raises(TypeError, match="NNX module Linear, which needs no conversion"):
         convert.to_nnx(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))

@@ -235,19 +235,18 @@ def test_kv_caching_matches_full_forward_and_penzai():
     outputs = []
     for start, stop in [(0, 3), (3, 4), (4, 5)]:
         chunk = x[{"seq": pz.slice[start:stop]}]
-        side = {
-            "token_positions": named_axes.arange("seq", start, stop),
-            "kv_positions": _kv_positions(stop),
-            "cache_end_index": start,
-        }
-        out = ours(chunk, **side)
-        _assert_same(
-            out,
-            theirs(
-                _to_penzai(chunk),
-                **{k: _to_penzai(v) if k != "cache_end_index" else v for k, v in side.items()},
-            ),
+        positions = named_axes.arange("seq", start, stop)
+        kv_positions = _kv_positions(stop)
+        out = ours(
+            chunk, token_positions=positions, kv_positions=kv_positions, cache_end_index=start
         )
+        expected = theirs(
+            _to_penzai(chunk),
+            token_positions=_to_penzai(positions),
+            kv_positions=_to_penzai(kv_positions),
+            cache_end_index=start,
+        )
+        _assert_same(out, expected)
         outputs.append(out)
     cached = named_axes.concatenate(outputs, "seq")
     _assert_same(cached, full)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from pz_flax.core import named_axes
 from pz_flax.core import selectors
+from pz_flax.core import shapecheck
 from pz_flax.core import struct
 from pz_flax.core import variables
 from pz_flax.models.transformer import model_parts
@@ -69,16 +70,12 @@ class KVCachingTransformerLM(layer_base.Layer):
     pad_id: int = dataclasses.field(metadata={"pytree_node": False})
 
     def _check_tokens(self, tokens: named_axes.NamedArray) -> None:
-        expected = dict(self.batch_axes)
-        got = dict(tokens.named_shape)
-        seq_len = got.pop("seq", None)
-        if seq_len is None or got != expected or tokens.positional_shape:
-            raise ValueError(
-                "KVCachingTransformerLM expects token ids with the batch axes"
-                f" {expected} plus a 'seq' axis (and no positional axes), but got"
-                f" named_shape {dict(tokens.named_shape)}, positional shape"
-                f" {tokens.positional_shape}."
-            )
+        shapecheck.check_structure(
+            tokens,
+            shapecheck.ArraySpec(named_shape={**self.batch_axes, "seq": shapecheck.var("S")}),
+            error_prefix="KVCachingTransformerLM token ids: ",
+        )
+        seq_len = tokens.named_shape["seq"]
         if seq_len > self.cache_len:
             raise ValueError(
                 f"KVCachingTransformerLM: {seq_len} tokens along 'seq' do not fit in a"
@@ -102,8 +99,9 @@ class KVCachingTransformerLM(layer_base.Layer):
           ``"vocabulary"``.
 
         Raises:
-          ValueError: If the tokens' axes do not match ``batch_axes`` plus
-            ``"seq"``, or there are more tokens than the cache length.
+          StructureMismatchError: If the tokens' axes are not ``batch_axes``
+            plus ``"seq"``.
+          ValueError: If there are more tokens than the cache length.
         """
         self._check_tokens(tokens)
         start = self.cache_end_index.value

@@ -114,7 +114,8 @@ def test_from_uncached_structure(model):
 def test_token_shape_errors(model):
     cached = sampling_mode.KVCachingTransformerLM.from_uncached(model, 4, {"batch": 2})
     with pytest.raises(
-        ValueError, match=r"batch axes \{'batch': 2\} plus a 'seq' axis.*'batch': 3"
+        pz.chk.StructureMismatchError,
+        match=r"(?s)KVCachingTransformerLM token ids.*'batch': Actual size 3 does not match expected 2",
     ):
         cached(named_axes.zeros({"batch": 3, "seq": 1}, jnp.int32))
     with pytest.raises(ValueError, match=r"5 tokens along 'seq' do not fit in a cache of length 4"):

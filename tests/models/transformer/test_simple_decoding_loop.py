@@ -55,7 +55,7 @@ def test_greedy_decoding_follows_full_forward_argmax(model):
 
 def test_sampling_is_reproducible_and_stops_when_cache_is_full(model):
     def sample(seed):
-        cached = sampling_mode.KVCachingTransformerLM.from_uncached(model, 6, {"batch": 2})
+        cached = sampling_mode.KVCachingTransformerLM.from_uncached(model, 8, {"batch": 2})
         out = simple_decoding_loop.temperature_sample_pyloop(
             cached, _prompt(), jax.random.key(seed), temperature=1.5
         )
@@ -64,10 +64,10 @@ def test_sampling_is_reproducible_and_stops_when_cache_is_full(model):
     cached, first = sample(1)
     _, again = sample(1)
     np.testing.assert_array_equal(first, again)
-    # Three prompt tokens fill half the cache; three more samples fill it (the last sampled
-    # token is returned but never written).
-    assert first.shape == (2, 4)
-    assert int(cached.cache_end_index.value) == 6
+    # Three prompt tokens and five fed-back samples fill the cache of 8; the sixth sample
+    # is returned but never written.
+    assert first.shape == (2, 6)
+    assert int(cached.cache_end_index.value) == 8
     assert ((first >= 0) & (first < CONFIG.vocab_size)).all()
 
 
@@ -79,7 +79,7 @@ def test_sampling_is_reproducible_and_stops_when_cache_is_full(model):
     ],
 )
 def test_argument_errors(model, kwargs, message):
-    cached = sampling_mode.KVCachingTransformerLM.from_uncached(model, 6, {"batch": 2})
+    cached = sampling_mode.KVCachingTransformerLM.from_uncached(model, 8, {"batch": 2})
     with pytest.raises(ValueError, match=message):
         simple_decoding_loop.temperature_sample_pyloop(
             cached, _prompt(), jax.random.key(0), **kwargs

@@ -1,0 +1,373 @@
+"""LoRA fine-tuning of a Flax NNX checkpoint with pz_flax, written back as an NNX checkpoint.
+
+The situation: a team trains its models in Flax NNX and keeps them as Orbax checkpoints of
+``nnx.state(model)``. It wants to fine-tune one cheaply with low-rank adapters (LoRA) without
+rewriting the model, and hand the result back to NNX code that knows nothing of pz_flax.
+
+Run it from the repository root (``python examples/finetune_nnx_checkpoint.py --help``); it
+takes seconds. Stage by stage it:
+
+1. trains a small NNX regression model (``nnx.Linear``/``nnx.LayerNorm`` in a user-defined
+   class) on task A with ``nnx.Optimizer`` and saves ``nnx.state(model)`` with
+   ``orbax.checkpoint.StandardCheckpointer``: an ordinary NNX checkpoint;
+2. reads that checkpoint into pz_flax (``pz_flax.checkpoint.read_nnx_checkpoint``), which
+   gives the same computation as named-axis layers; the user's class becomes a wrapper that
+   runs its own ``__call__`` around the converted ``nnx.Linear`` layers;
+3. marks every pretrained parameter ``trainable=False`` and replaces each dense ``Linear``
+   with a ``LowRankAdapter`` (the frozen ``Linear`` plus a trainable rank-r update whose
+   second factor starts at zero, so the adapted model starts out computing exactly what the
+   pretrained one did), found with selectors the penzai way;
+4. fine-tunes on task B (a low-rank change of task A) with ``StatefulTrainer`` and Optax and
+   checks that only the adapter parameters moved;
+5. merges each adapter into its base kernel (``W + A @ B``), because the NNX class has no
+   LoRA slots, and writes the result with ``pz_flax.checkpoint.write_nnx_checkpoint``;
+6. restores that checkpoint with plain Orbax into
+   ``nnx.state(nnx.eval_shape(factory))`` and checks that the NNX model predicts what the
+   fine-tuned pz_flax model predicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from pz_flax import checkpoint
+from pz_flax import pz
+from pz_flax.interop import wrappers
+from pz_flax.toolshed import basic_training
+
+LOWRANK_AXIS = "lowrank"
+
+
+class RegressionMLP(nnx.Module):
+    """The NNX team's model: dense, layer norm, ReLU, dense. Nothing pz_flax-specific."""
+
+    def __init__(self, num_features: int, hidden: int, num_outputs: int, *, rngs: nnx.Rngs):
+        self.up = nnx.Linear(num_features, hidden, rngs=rngs)
+        self.norm = nnx.LayerNorm(hidden, rngs=rngs)
+        self.down = nnx.Linear(hidden, num_outputs, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down(nnx.relu(self.norm(self.up(x))))
+
+
+@pz.pytree_dataclass(has_implicitly_inherited_fields=True)
+class LowRankAdapter(pz.nn.Sequential):
+    """A frozen pretrained ``Linear`` plus a trainable low-rank update ``x -> x A B``.
+
+    Being its own ``Sequential`` subclass makes adapters easy to select (to merge them, count
+    them, or switch them off) and gives them their own colour in treescope.
+
+    Attributes:
+      sublayers: One ``BranchAndAddTogether`` of the ``"Pretrained"`` group (the original
+        ``Linear``) and the ``"Update"`` group (``Linear`` A into the low-rank axis, then
+        ``Linear`` B out of it).
+    """
+
+    @classmethod
+    def from_linear(
+        cls, linear: pz.nn.Linear, init_base_rng: jax.Array, rank: int
+    ) -> LowRankAdapter:
+        """Wraps ``linear``; B starts at zero, so the adapter first computes what ``linear`` did.
+
+        The adapter parameters are labelled after the base weight (``up/kernel`` gets
+        ``up/kernel/lora_a.weights`` and ``up/kernel/lora_b.weights``), which keeps labels
+        unique and says what each adapter belongs to.
+        """
+        base_label = linear.weights.label
+        return cls(
+            [
+                pz.nn.BranchAndAddTogether(
+                    [
+                        pz.nn.NamedGroup("Pretrained", [linear]),
+                        pz.nn.NamedGroup(
+                            "Update",
+                            [
+                                pz.nn.Linear.from_config(
+                                    name=f"{base_label}/lora_a",
+                                    init_base_rng=init_base_rng,
+                                    input_axes=linear.input_axes,
+                                    output_axes={LOWRANK_AXIS: rank},
+                                    parallel_axes=linear.parallel_axes,
+                                ),
+                                pz.nn.Linear.from_config(
+                                    name=f"{base_label}/lora_b",
+                                    init_base_rng=init_base_rng,
+                                    input_axes={LOWRANK_AXIS: rank},
+                                    output_axes=linear.output_axes,
+                                    parallel_axes=linear.parallel_axes,
+                                    initializer=pz.nn.zero_initializer,
+                                ),
+                            ],
+                        ),
+                    ]
+                )
+            ]
+        )
+
+    @property
+    def pretrained(self) -> pz.nn.Linear:
+        return self.sublayers[0].branches[0].sublayers[0]
+
+    @property
+    def update_factors(self) -> tuple[pz.nn.Linear, pz.nn.Linear]:
+        first, second = self.sublayers[0].branches[1].sublayers
+        return first, second
+
+    def merged(self) -> pz.nn.Linear:
+        """The base ``Linear`` with ``A B`` added to its weights, and its ``trainable`` flag gone.
+
+        Contracting over the named low-rank axis gives a weight with exactly the base weight's
+        axes, whatever their order, so no transposes are needed.
+        """
+        base = self.pretrained
+        lora_a, lora_b = (factor.weights.value for factor in self.update_factors)
+        update = pz.nx.nmap(jnp.dot)(lora_a.untag(LOWRANK_AXIS), lora_b.untag(LOWRANK_AXIS))
+        metadata = {k: v for k, v in base.weights.metadata.items() if k != "trainable"}
+        return pz.nn.Linear(
+            weights=pz.Parameter(
+                value=base.weights.value + update, label=base.weights.label, metadata=metadata
+            ),
+            in_axis_names=base.in_axis_names,
+            out_axis_names=base.out_axis_names,
+        )
+
+
+def freeze_all_parameters(model):
+    """Marks every parameter ``trainable=False`` (the trainer then never updates it)."""
+    return (
+        pz.select(model)
+        .at_instances_of(pz.Parameter)
+        .apply(
+            lambda param: pz.Parameter(
+                value=param.value,
+                label=param.label,
+                metadata={**param.metadata, "trainable": False},
+            )
+        )
+    )
+
+
+def add_lora_adapters(model, rank: int, seed: int):
+    """Replaces the weight ``Linear`` of every converted ``nnx.Linear`` by a `LowRankAdapter`.
+
+    Only dense layers are adapted: the layer norm's scale is also a ``Linear`` (with no input
+    or output axes) and stays as it is.
+    """
+    dense_layers = (
+        pz.select(model)
+        .at_instances_of(wrappers.FromNNX)
+        .where(lambda converted: converted.nnx_type is nnx.Linear)
+    )
+    rngs = iter(jax.random.split(jax.random.key(seed), dense_layers.count()))
+    return dense_layers.apply(
+        lambda converted: (
+            pz.select(converted)
+            .at_instances_of(pz.nn.Linear)
+            .apply(lambda linear: LowRankAdapter.from_linear(linear, next(rngs), rank))
+        )
+    )
+
+
+def merge_lora_adapters(model):
+    """Folds every adapter into its base weights, giving back the pretrained structure."""
+    return pz.select(model).at_instances_of(LowRankAdapter).apply(LowRankAdapter.merged)
+
+
+def parameter_arrays(model) -> dict[str, np.ndarray]:
+    """Every parameter's value by label, copied to host memory (a snapshot)."""
+    _, params = pz.unbind_params(model)
+    return {str(param.label): np.array(param.value.data_array) for param in params}
+
+
+def make_tasks(num_features: int, num_outputs: int, seed: int):
+    """Two regression teachers: task B is task A's linear map plus a rank-2 change."""
+    rng = np.random.default_rng(seed)
+    teacher_a = rng.normal(size=(num_features, num_outputs)) / np.sqrt(num_features)
+    change = rng.normal(size=(num_features, 2)) @ rng.normal(size=(2, num_outputs))
+    teacher_b = teacher_a + 0.5 * change / np.sqrt(num_features)
+
+    def sample(teacher, num_examples, sample_seed):
+        inputs = np.random.default_rng(sample_seed).normal(size=(num_examples, num_features))
+        return inputs.astype(np.float32), np.tanh(inputs @ teacher).astype(np.float32)
+
+    return functools.partial(sample, teacher_a), functools.partial(sample, teacher_b)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out-dir",
+        type=pathlib.Path,
+        default=pathlib.Path("finetune_out"),
+        help="where the two NNX checkpoints go",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrain-steps", type=int, default=300, help="NNX steps on task A")
+    parser.add_argument("--steps", type=int, default=300, help="LoRA fine-tuning steps on task B")
+    parser.add_argument("--rank", type=int, default=2, help="rank of each adapter")
+    parser.add_argument("--features", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--outputs", type=int, default=4)
+    parser.add_argument("--quick", action="store_true", help="40 + 40 steps (for smoke tests)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.pretrain_steps, args.steps = 40, 40
+    for flag in ("pretrain_steps", "steps", "rank"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    return args
+
+
+def pretrain_nnx_model(factory, task_a, steps: int) -> nnx.Module:
+    """Stage 1: ordinary Flax NNX training, as the NNX team would have done it."""
+    model = factory()
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, inputs, targets):
+        def loss_fn(model):
+            return jnp.mean((model(inputs) - targets) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads)
+        return loss
+
+    inputs, targets = task_a(num_examples=512, sample_seed=1)
+    for _ in range(steps):
+        loss = train_step(model, optimizer, inputs, targets)
+    print(f"[1] pretrained the NNX model on task A: loss {float(loss):.4f}")
+    return model
+
+
+def mean_squared_error(*, model, state, rng, inputs, targets):
+    del rng
+    error = model(inputs) - targets
+    loss = (error**2).untag("batch", "features").unwrap().mean()
+    return loss, state, {"loss": loss}
+
+
+def named(array: np.ndarray) -> pz.nx.NamedArray:
+    return pz.nx.wrap(jnp.asarray(array)).tag("batch", "features")
+
+
+def main(argv=None) -> dict:
+    """Runs every stage; returns what the smoke test checks."""
+    args = parse_args(argv)
+    out_dir = args.out_dir.resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def factory() -> RegressionMLP:
+        return RegressionMLP(args.features, args.hidden, args.outputs, rngs=nnx.Rngs(args.seed))
+
+    task_a, task_b = make_tasks(args.features, args.outputs, args.seed)
+
+    # Stage 1: an NNX checkpoint, written the plain NNX way.
+    nnx_model = pretrain_nnx_model(factory, task_a, args.pretrain_steps)
+    pretrained_dir = out_dir / "pretrained_nnx"
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(pretrained_dir, nnx.state(nnx_model), force=True)
+    print(f"    saved nnx.state(model) with StandardCheckpointer: {pretrained_dir}")
+
+    # Stage 2: into pz_flax.
+    pretrained = checkpoint.read_nnx_checkpoint(pretrained_dir, factory)
+    test_inputs, test_targets = task_b(num_examples=256, sample_seed=3)
+    same = np.allclose(
+        pretrained(named(test_inputs)).unwrap("batch", "features"),
+        nnx_model(jnp.asarray(test_inputs)),
+        atol=1e-6,
+    )
+    print(
+        f"[2] read it as a pz_flax {type(pretrained).__name__} around"
+        f" {pz.select(pretrained).at_instances_of(wrappers.FromNNX).count()} converted layers;"
+        f" same outputs as the NNX model: {same}"
+    )
+
+    # Stage 3: freeze, then adapt.
+    model = add_lora_adapters(freeze_all_parameters(pretrained), args.rank, args.seed + 1)
+    before = parameter_arrays(model)
+    adapter_labels = {label for label in before if "/lora_" in label}
+    print(
+        f"[3] froze {len(before) - len(adapter_labels)} pretrained parameters and added"
+        f" {pz.select(model).at_instances_of(LowRankAdapter).count()} rank-{args.rank} adapters"
+        f" ({sum(before[label].size for label in adapter_labels)} trainable weights)"
+    )
+
+    # Stage 4: fine-tune on task B; only adapter parameters may move.
+    train_inputs, train_targets = task_b(num_examples=512, sample_seed=2)
+
+    def task_b_test_loss(layer) -> float:
+        return float(
+            jnp.mean((layer(named(test_inputs)).unwrap("batch", "features") - test_targets) ** 2)
+        )
+
+    loss_before = task_b_test_loss(model)
+    trainer = basic_training.StatefulTrainer.build(
+        root_rng=jax.random.key(args.seed),
+        model=model,
+        optimizer_def=optax.adam(1e-2),
+        loss_fn=mean_squared_error,
+    )
+    batch = {"inputs": named(train_inputs), "targets": named(train_targets)}
+    for _ in range(args.steps):
+        trainer.step(**batch)
+    loss_after = task_b_test_loss(model)
+    after = parameter_arrays(model)
+    moved = {label for label in before if not np.array_equal(before[label], after[label])}
+    base_unchanged = not (moved - adapter_labels)
+    print(
+        f"[4] fine-tuned {args.steps} steps: task B test loss {loss_before:.4f} ->"
+        f" {loss_after:.4f}; parameters that changed: {len(moved)}, all of them adapter"
+        f" parameters: {base_unchanged}"
+    )
+    if not base_unchanged:
+        raise SystemExit(f"frozen parameters changed during fine-tuning: {sorted(moved)}")
+
+    # Stage 5: merge (RegressionMLP has no LoRA slots) and write an NNX checkpoint.
+    merged = merge_lora_adapters(model)
+    merged_predictions = merged(named(test_inputs)).unwrap("batch", "features")
+    adapted_predictions = model(named(test_inputs)).unwrap("batch", "features")
+    merge_error = float(jnp.max(jnp.abs(merged_predictions - adapted_predictions)))
+    finetuned_dir = checkpoint.write_nnx_checkpoint(out_dir / "finetuned_nnx", merged, force=True)
+    print(
+        f"[5] {type(nnx_model).__name__} has no LoRA slots, so merged each adapter into its"
+        f" base kernel (W + A B; max output change {merge_error:.1e}) and wrote an NNX"
+        f" checkpoint: {finetuned_dir}"
+    )
+
+    # Stage 6: plain Flax NNX + Orbax, no pz_flax involved.
+    abstract_model = nnx.eval_shape(factory)
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored_state = checkpointer.restore(finetuned_dir, nnx.state(abstract_model))
+    nnx.update(abstract_model, restored_state)
+    restored_predictions = abstract_model(jnp.asarray(test_inputs))
+    restored_error = float(jnp.max(jnp.abs(restored_predictions - adapted_predictions)))
+    print(
+        f"[6] restored it into nnx.state(nnx.eval_shape(factory)) with plain Orbax: a"
+        f" {type(abstract_model).__name__} whose predictions differ from the fine-tuned pz_flax"
+        f" model's by at most {restored_error:.1e}"
+    )
+    return {
+        "pretrained_dir": pretrained_dir,
+        "finetuned_dir": finetuned_dir,
+        "factory": factory,
+        "adapter_labels": adapter_labels,
+        "parameters_before": before,
+        "parameters_after": after,
+        "task_b_loss": (loss_before, loss_after),
+        "merged_parameters": parameter_arrays(merged),
+        "adapted_predictions": np.asarray(adapted_predictions),
+        "test_inputs": test_inputs,
+    }
+
+
+if __name__ == "__main__":
+    main()

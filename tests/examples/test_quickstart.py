@@ -1,0 +1,35 @@
+"""Smoke test of the main job, examples/quickstart.py, in a short run."""
+
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def load_quickstart():
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_trains_checkpoints_restores_and_converts(tmp_path, capsys):
+    quickstart = load_quickstart()
+    accuracy = quickstart.main(["--epochs", "8", "--out-dir", str(tmp_path), "--hidden", "64"])
+    printed = capsys.readouterr().out
+    assert accuracy >= 0.9
+    assert f"test accuracy: {accuracy:.2f}" in printed
+    assert "predictions identical: True" in printed
+    assert "predictions identical: False" not in printed
+    assert (tmp_path / "checkpoint").is_dir()
+    html = (tmp_path / "model.html").read_text()
+    for expected in ("Sequential", "Affine", "neurons", "classes", "hidden/Linear.weights"):
+        assert expected in html
+    assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("checkpoint", "model.html", "loss_curve.png"):
+        assert str(tmp_path / name) in printed
+
+
+def test_quickstart_flags_have_defaults_needing_nothing():
+    args = load_quickstart().parse_args([])
+    assert args.epochs > 0 and args.seed == 0 and args.out_dir.name == "quickstart_out"
