@@ -355,6 +355,8 @@ def main(argv=None) -> dict:
         f" {type(abstract_model).__name__} whose predictions differ from the fine-tuned pz_flax"
         f" model's by at most {restored_error:.1e}"
     )
+    if not same or restored_error > 1e-5:
+        raise SystemExit("a converted or restored model disagrees with the one it came from")
     return {
         "pretrained_dir": pretrained_dir,
         "finetuned_dir": finetuned_dir,

@@ -154,7 +154,10 @@ class BatchSampler:
 
     def __init__(self, token_ids: np.ndarray, batch_size: int, seq_len: int, seed: int, mesh):
         if len(token_ids) <= seq_len + 1:
-            raise ValueError(f"The corpus ({len(token_ids)} tokens) is shorter than --seq-len.")
+            raise ValueError(
+                f"The corpus has {len(token_ids)} tokens; windows of --seq-len {seq_len} need"
+                f" more than {seq_len + 1}."
+            )
         self.token_ids, self.batch_size, self.seq_len = token_ids, batch_size, seq_len
         self.rng = np.random.default_rng(seed)
         self.mesh = mesh

@@ -218,7 +218,7 @@ def wrap_module(module: nnx.Module, context: registry.FromNNXContext) -> wrapper
         children=children,
         pz_attributes=pz_attributes,
         module_type=type(module),
-        shell=shell_graphdef,
+        shell=wrappers.ModuleShell(shell_graphdef),
         variable_paths=variable_paths,
         input_axes=naming.input_axes or (naming.features,),
         output_axes=naming.output_axes,
@@ -254,7 +254,7 @@ def _rebuild(wrapper: wrappers.NNXWrapper, context: registry.ToNNXContext) -> nn
         (wrapper.variable_paths[key], variable.get_value())
         for key, variable in wrapper.variables.items()
     ]
-    module = nnx.merge(wrapper.shell, nnx.from_flat_state(flat))
+    module = nnx.merge(wrapper.shell.graphdef, nnx.from_flat_state(flat))
     if context.bindings is not None:
         for key, variable in wrapper.variables.items():
             context.bindings.append((variable, module, wrapper.variable_paths[key]))

@@ -77,7 +77,10 @@ def structures_match(expected: Any, actual: Any) -> bool:
             continue
         if isinstance(got, jax.core.Tracer) or isinstance(want, jax.core.Tracer):
             continue
-        if not np.allclose(np.asarray(want), np.asarray(got), rtol=1e-6, atol=0):
+        want_array, got_array = np.asarray(want), np.asarray(got)
+        if want_array.shape != got_array.shape or not np.allclose(
+            want_array, got_array, rtol=1e-6, atol=0
+        ):
             return False
     return True
 

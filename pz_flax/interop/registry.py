@@ -331,12 +331,28 @@ def _abstract_module(nnx_class, args, kwargs):
 
 
 def user_metadata(variable: nnx.Variable) -> dict[str, Any]:
-    """The metadata of an NNX variable that pz_flax should carry (NNX's own entries dropped)."""
-    return {
-        key: entry
-        for key, entry in variable.get_metadata().items()
-        if key not in _NNX_BUILTIN_METADATA and key not in _PZ_RESERVED_METADATA
-    }
+    """The metadata of an NNX variable that pz_flax should carry.
+
+    NNX's own entries and pz_flax's reserved keys are dropped, and so are unhashable entries
+    (pz_flax variables require hashable metadata); a mapped module that loses metadata this
+    way no longer round-trips exactly and is wrapped instead, whose graph definition keeps it.
+
+    Args:
+        variable: The NNX variable.
+
+    Returns:
+        The entries to put into the pz_flax variable's metadata.
+    """
+    carried = {}
+    for key, entry in variable.get_metadata().items():
+        if key in _NNX_BUILTIN_METADATA or key in _PZ_RESERVED_METADATA:
+            continue
+        try:
+            hash(entry)
+        except TypeError:
+            continue
+        carried[key] = entry
+    return carried
 
 
 def _named_value(variable: nnx.Variable, axis_names: Sequence[str] | None, label: str) -> Any:

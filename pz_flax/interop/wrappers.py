@@ -66,6 +66,35 @@ class FromNNX(layer_base.Layer):
         return "#c9b3e8"
 
 
+class ModuleShell:
+    """What a wrapped NNX module is without its converted children: its graph definition.
+
+    A static value that compares and hashes like the graph definition (so jit caches hit),
+    and renders as one short line in treescope and ``repr``, since the full definition is
+    rarely what a reader of a model wants to see.
+
+    Attributes:
+        graphdef: The ``nnx.GraphDef`` of the module with its converted children removed.
+    """
+
+    __slots__ = ("graphdef",)
+
+    def __init__(self, graphdef: Any):
+        object.__setattr__(self, "graphdef", graphdef)
+
+    def __setattr__(self, name: str, value: Any):
+        raise AttributeError("ModuleShell is immutable.")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ModuleShell) and self.graphdef == other.graphdef
+
+    def __hash__(self) -> int:
+        return hash(self.graphdef)
+
+    def __repr__(self) -> str:
+        return f"ModuleShell(<nnx.GraphDef of {self.graphdef.nodes[0].type.__name__}>)"
+
+
 @struct.pytree_dataclass
 class NNXWrapper(layer_base.Layer):
     """Runs an NNX module's own ``__call__`` inside a pz_flax model.
@@ -88,7 +117,7 @@ class NNXWrapper(layer_base.Layer):
         children: Converted child modules by attribute name (pz_flax layers, lists, dicts).
         pz_attributes: Attributes that already held pz_flax objects, given back unchanged.
         module_type: The NNX class (static).
-        shell: Graph definition of the module without ``children`` and ``pz_attributes``
+        shell: The module without ``children`` and ``pz_attributes``, as a ``ModuleShell``
             (static).
         variable_paths: The NNX path (with integer list indices) of each variable (static).
         input_axes: Names moved to the end of the positional input, in order (static).
@@ -103,7 +132,7 @@ class NNXWrapper(layer_base.Layer):
     children: dict[str, Any]
     pz_attributes: dict[str, Any]
     module_type: type[Any] = dataclasses.field(metadata={"pytree_node": False})
-    shell: Any = dataclasses.field(metadata={"pytree_node": False})
+    shell: ModuleShell = dataclasses.field(metadata={"pytree_node": False})
     variable_paths: dict[str, tuple[Hashable, ...]] = dataclasses.field(
         metadata={"pytree_node": False}
     )

@@ -425,3 +425,28 @@ def test_restore_of_an_untrusted_type_fails_before_reading_arrays(saved, tmp_pat
         storage.restore(copy)
     with pytest.raises(errors.CorruptCheckpointError, match="cannot be found"):
         storage.restore(copy, allow_modules="my_project")
+
+
+def test_restore_keeps_no_copies_besides_the_model(tmp_path):
+    model = {"w": jnp.arange(4096.0).reshape(64, 64), "b": jnp.ones(64)}
+    storage.save(tmp_path / "ckpt", model)
+    del model
+
+    def live_bytes():
+        return sum(array.nbytes for array in jax.live_arrays())
+
+    before = live_bytes()
+    restored = storage.restore(tmp_path / "ckpt")
+    model_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(restored))
+    assert live_bytes() - before == model_bytes
+
+
+def test_sharded_models_save_and_restore(tmp_path):
+    mesh = _mesh()
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "model"))
+    weights = jax.device_put(jnp.arange(32.0).reshape(4, 8), sharding)
+    storage.save(tmp_path / "ckpt", {"w": weights})
+    restored = storage.restore(tmp_path / "ckpt")["w"]
+    np.testing.assert_array_equal(restored, weights)
+    assert restored.sharding == storage.default_sharding()
+    assert storage.restore(tmp_path / "ckpt", sharding=sharding)["w"].sharding == sharding

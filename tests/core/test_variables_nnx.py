@@ -216,7 +216,7 @@ def test_nnx_jit_propagates_state_variable_mutation():
 
 def test_unhashable_metadata_is_caught_before_nnx_would_fail():
     # nnx.split hashes variable metadata; the constructor refuses such metadata up front.
-    with pytest.raises(TypeError, match="'schedule' must be hashable.*use tuples"):
+    with pytest.raises(TypeError, match=r"'schedule' must be hashable.*use tuples"):
         variables.Parameter(label="w", value=1.0, metadata={"schedule": {"lr": [1, 2]}})
 
 

@@ -80,6 +80,8 @@ def test_bad_input_is_rejected_with_a_clear_message(example):
     vocabulary = example.CharVocabulary("abc ")
     with pytest.raises(ValueError, match=r"\['z'\] are not in the vocabulary"):
         vocabulary.encode("abz")
+    with pytest.raises(ValueError, match="windows of --seq-len 8 need more than 9"):
+        example.BatchSampler(np.ones(9, np.int32), batch_size=2, seq_len=8, seed=0, mesh=None)
     for bad_flags in (["--steps", "0"], ["--sample-chars", "-1"], ["--prompt", ""]):
         with pytest.raises(SystemExit):
             example.parse_args(bad_flags)

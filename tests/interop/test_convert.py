@@ -315,6 +315,17 @@ def test_batch_norm_statistics_are_state_variables_updated_in_training():
     )
 
 
+def test_batch_norm_statistics_update_through_a_pz_module_under_nnx_jit():
+    norm = nnx.BatchNorm(3, use_running_average=False, momentum=0.5, rngs=nnx.Rngs(0))
+    layer = grouping.Sequential([convert.from_nnx(norm)])
+    module = convert.to_nnx(layer)
+    x = helpers.random_input((6, 3)) + 2.0
+    nnx.jit(lambda module, x: module(x))(module, x)
+    np.testing.assert_allclose(
+        layer.sublayers[0].variables["mean"].get_value(), 0.5 * jnp.mean(x, axis=0), rtol=1e-5
+    )
+
+
 def test_wrapped_module_with_own_rng_stream_advances_it():
     module = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
     layer = convert.from_nnx(module)
@@ -326,3 +337,26 @@ def test_wrapped_module_with_own_rng_stream_advances_it():
     assert not np.array_equal(first, second)
     reference = nnx.Dropout(0.5, rngs=nnx.Rngs(0))
     np.testing.assert_array_equal(first, reference(jnp.ones((2, 8))))
+
+
+def test_to_nnx_native_covers_embeddings_norms_and_dropout():
+    from pz_flax.nn import dropout
+    from pz_flax.nn import embeddings
+
+    key = jax.random.key(0)
+    table = embeddings.EmbeddingTable.from_config(
+        "embed", key, vocab_size=6, embedding_axes={"features": 4}
+    )
+    model = grouping.Sequential(
+        [
+            embeddings.EmbeddingLookup(table),
+            standardization.RMSLayerNorm.from_config("norm", key, {"features": 4}),
+            dropout.DisabledDropout(drop_rate=0.1, share_across_axes=()),
+        ]
+    )
+    module = convert.to_nnx(model, native=True)
+    assert [type(sub) for sub in module.layers] == [nnx.Embed, nnx.RMSNorm, nnx.Dropout]
+    assert module.layers[2].deterministic is True
+    ids = jnp.array([[0, 5, 2]])
+    expected = model(helpers.named(ids, "batch", "seq")).unwrap("batch", "seq", "features")
+    np.testing.assert_allclose(module(ids), expected, rtol=1e-5, atol=1e-6)

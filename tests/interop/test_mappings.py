@@ -419,3 +419,5 @@ def test_structures_match_detects_changed_scalars_and_structure():
     assert mappings.structures_match(rescale, linear_and_affine.ConstantRescale(by=0.5))
     assert not mappings.structures_match(rescale, linear_and_affine.ConstantRescale(by=0.25))
     assert not mappings.structures_match(rescale, grouping.Sequential([rescale]))
+    vector = linear_and_affine.ConstantRescale(by=jnp.ones(2))
+    assert not mappings.structures_match(vector, linear_and_affine.ConstantRescale(by=jnp.ones(3)))

@@ -186,3 +186,12 @@ def test_context_parameter_carries_nnx_metadata():
         context.parameter(module.kernel, "kernel", ("features",))
     rebuilt = convert.to_nnx(convert.from_nnx(module))
     assert rebuilt.kernel.get_metadata()["note"] == "frozen"
+
+
+def test_unhashable_metadata_is_not_carried_and_the_module_is_wrapped():
+    module = nnx.Linear(2, 3, kernel_metadata={"tags": ["a", "b"]}, rngs=nnx.Rngs(0))
+    assert registry.user_metadata(module.kernel) == {}
+    layer = convert.from_nnx(module)
+    assert isinstance(layer, wrappers.NNXWrapper)
+    rebuilt = convert.to_nnx(layer)
+    assert rebuilt.kernel.get_metadata()["tags"] == ["a", "b"]

@@ -162,3 +162,14 @@ def test_pz_module_state_is_visible_to_nnx():
     assert {leaf.shape for leaf in leaves} == {(2, 3), (3,)}
     assert wrappers.is_pz_object(layer)
     assert not wrappers.is_pz_object(module)
+
+
+def test_module_shell_compares_by_graph_definition_and_prints_briefly():
+    first = convert.from_nnx(nnx.BatchNorm(3, rngs=nnx.Rngs(0))).shell
+    second = convert.from_nnx(nnx.BatchNorm(3, rngs=nnx.Rngs(1))).shell
+    other = convert.from_nnx(nnx.BatchNorm(4, rngs=nnx.Rngs(0))).shell
+    assert first == second and hash(first) == hash(second)
+    assert first != other
+    assert repr(first) == "ModuleShell(<nnx.GraphDef of BatchNorm>)"
+    with pytest.raises(AttributeError, match="immutable"):
+        first.graphdef = None
