@@ -195,6 +195,16 @@ class StatefulTrainer(struct.Struct):
         initial_opt_state = optimizer_def.init(
             {key: var.get_raw_value() for key, var in trainable.items()}
         )
+        initial_state = _placed_like_parameters(
+            InternalTrainerState(
+                # An array from the start, so the second step does not recompile for a Python
+                # int turning into an array.
+                step=jnp.zeros((), jnp.int32),
+                opt_state=initial_opt_state,
+                loss_fn_state=initial_loss_fn_state,
+            ),
+            trainable,
+        )
         step_fn = _make_step_function(skeleton, templates, loss_fn, optimizer_def)
         if jit:
             # Index 1-4: trainer state, trainable params, frozen params, state variables.
@@ -202,16 +212,7 @@ class StatefulTrainer(struct.Struct):
         return cls(
             root_rng=root_rng,
             model=model,
-            state=variables.StateVariable(
-                InternalTrainerState(
-                    # An array from the start, so the second step does not recompile for a
-                    # Python int turning into an array.
-                    step=jnp.zeros((), jnp.int32),
-                    opt_state=initial_opt_state,
-                    loss_fn_state=initial_loss_fn_state,
-                ),
-                label="StatefulTrainer.state",
-            ),
+            state=variables.StateVariable(initial_state, label="StatefulTrainer.state"),
             optimizer_def=optimizer_def,
             loss_fn=loss_fn,
             step_fn=_BoundStep(
@@ -226,6 +227,38 @@ class StatefulTrainer(struct.Struct):
             The loss function's auxiliary outputs.
         """
         return self.step_fn(self.root_rng, self.state, kwargs)
+
+
+def _placed_like_parameters(
+    state: InternalTrainerState, trainable: dict[str, variables.AbstractVariable]
+) -> InternalTrainerState:
+    """Replicates the trainer state's unplaced arrays over the parameters' mesh, if any.
+
+    Scalars such as the step counter and Adam's count are created on the default device,
+    but the first step returns them placed on the parameters' mesh; without this, the second
+    step would see new input shardings and compile the whole step again.
+    """
+    mesh_sharding = next(
+        (
+            leaf.sharding
+            for var in trainable.values()
+            for leaf in jax.tree_util.tree_leaves(var.get_raw_value())
+            if isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)
+        ),
+        None,
+    )
+    if mesh_sharding is None:
+        return state
+    replicated = jax.sharding.NamedSharding(mesh_sharding.mesh, jax.sharding.PartitionSpec())
+
+    def place(leaf):
+        if isinstance(leaf, jax.Array) and isinstance(
+            leaf.sharding, jax.sharding.SingleDeviceSharding
+        ):
+            return jax.device_put(leaf, replicated)
+        return leaf
+
+    return jax.tree_util.tree_map(place, state)
 
 
 def _spans_several_cpu_devices(model_variables: dict[str, variables.AbstractVariable]) -> bool:

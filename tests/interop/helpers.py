@@ -33,7 +33,8 @@ def assert_same_state(original, rebuilt):
 
 def pz_parameter_grads(layer, loss):
     """Gradients of ``loss(layer)`` by parameter label."""
-    grads = jax.grad(loss)(layer)
+    # One compiled function instead of many eagerly dispatched operations: faster on CPU.
+    grads = jax.jit(jax.grad(loss))(layer)
     is_parameter = lambda node: isinstance(node, variables.Parameter)  # noqa: E731
     return {
         leaf.label: leaf.get_value()
@@ -44,7 +45,7 @@ def pz_parameter_grads(layer, loss):
 
 def nnx_parameter_grads(module, loss):
     """Gradients of ``loss(module)`` by NNX path."""
-    grads = nnx.grad(loss)(module)
+    grads = nnx.jit(nnx.grad(loss))(module)
     return {
         "/".join(str(part) for part in path): variable.get_value()
         for path, variable in nnx.to_flat_state(grads)

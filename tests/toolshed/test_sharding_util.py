@@ -161,3 +161,23 @@ def test_queued_sharded_steps_on_cpu_devices_do_not_deadlock(mesh):
     for _ in range(50):
         aux = trainer.step(x=sx, y=sy)
     assert float(aux["loss"]) < 1.0
+
+
+def test_sharded_trainer_traces_its_step_once(mesh):
+    traces = []
+
+    def counting_loss(**kwargs):
+        traces.append(1)  # runs only while JAX traces the step
+        return mse_loss(**kwargs)
+
+    x, y = make_batch()
+    model = sharding_util.name_to_name_device_put(make_model(), mesh, STRATEGY)
+    trainer = basic_training.StatefulTrainer.build(
+        jax.random.key(0), model, optax.adam(0.05), counting_loss
+    )
+    sx = sharding_util.name_to_name_device_put(x, mesh, STRATEGY)
+    sy = sharding_util.name_to_name_device_put(y, mesh, STRATEGY)
+    for _ in range(3):
+        trainer.step(x=sx, y=sy)
+    assert len(traces) == 1
+    assert trainer.state.value.step.sharding.mesh.shape == mesh.shape
