@@ -124,10 +124,11 @@ def time_interleaved(
     for round_index in range(rounds):
         for offset in range(len(contenders)):
             index = (round_index + offset) % len(contenders)
-            # Collect the previous window's garbage now, so that a collection it provoked does
-            # not land in this contender's window. The collector stays on inside windows: the
-            # garbage a contender makes per step is part of its cost.
-            gc.collect()
+            # Collect the previous window's young garbage now, so that a collection it provoked
+            # does not land in this contender's window (a full collection would cost more than a
+            # window on a big heap). The collector stays on inside windows: the garbage a
+            # contender makes per step is part of its cost.
+            gc.collect(1)
             per_step_seconds[index].append(
                 _run_window(contenders[index].step, steps_per_window[index])
             )

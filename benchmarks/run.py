@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import importlib
 import os
 import platform
@@ -24,6 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import jax
 
 BENCHMARKS = ("train_step", "named_ops", "conversion", "checkpoint_bench")
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
@@ -52,7 +55,6 @@ WHY_NNX_GRAPH = (
 def environment() -> dict[str, str]:
     """The machine and library versions the numbers were measured with."""
     import flax
-    import jax
     import jaxlib
     import optax
     import orbax.checkpoint
@@ -98,6 +100,10 @@ def run_benchmarks(names: tuple[str, ...], quick: bool) -> dict[str, list[dict[s
         start = time.perf_counter()
         print(f"[{name}] running...", flush=True)
         results[name] = module.run(quick=quick)
+        # Drop this benchmark's compiled executables and models before the next one starts, so
+        # it neither pays for collecting them nor runs with a heap bloated by them.
+        jax.clear_caches()
+        gc.collect()
         print(f"[{name}] done in {time.perf_counter() - start:.0f} s", flush=True)
     return results
 
@@ -215,30 +221,30 @@ def _depth_of(row: dict) -> int:
 
 
 def _depth_targets(rows: list[dict]) -> list[dict[str, str]]:
-    """Per-layer cost growth: the slope of ms/step against depth, relative to raw jit's."""
-    depths = sorted({_depth_of(row) for row in rows})
-    if len(depths) < 2:
-        return []
-    shallow, deep = depths[0], depths[-1]
+    """Per-layer cost growth: the slope of CPU ms/step against depth, relative to raw jit's.
 
-    def slope(contender: str) -> float | None:
-        ends = [
-            _find(rows, contender=_is(contender), case=_contains(f"depth {depth}x"))
-            for depth in (shallow, deep)
-        ]
-        if None in ends:
-            return None
-        return (ends[1]["cpu_ms"] - ends[0]["cpu_ms"]) / (deep - shallow)
-
-    raw_slope = slope("raw jax.jit")
+    Each contender is compared with raw ``jax.jit`` over the same pair of depths: its shallowest
+    and deepest measured points (the deepest point may cover fewer contenders).
+    """
+    by_contender: dict[str, dict[int, float]] = {}
+    for row in rows:
+        by_contender.setdefault(row["contender"], {})[_depth_of(row)] = row["cpu_ms"]
+    raw = by_contender.get("raw jax.jit", {})
     targets = []
-    for contender in sorted({row["contender"] for row in rows} - {"raw jax.jit"}):
-        contender_slope = slope(contender)
-        if contender_slope is None or not raw_slope:
+    for contender, points in by_contender.items():
+        common = sorted(set(points) & set(raw))
+        if contender == "raw jax.jit" or len(common) < 2:
+            continue
+        shallow, deep = common[0], common[-1]
+        raw_slope = (raw[deep] - raw[shallow]) / (deep - shallow)
+        contender_slope = (points[deep] - points[shallow]) / (deep - shallow)
+        if raw_slope <= 0:
             continue
         relative = contender_slope / raw_slope
-        why = WHY_MODEL_PYTREE if "model pytree" in contender else ""
-        if "nnx" in contender:
+        why = WHY_TRAINER if "StatefulTrainer" in contender else ""
+        if "model pytree" in contender:
+            why = WHY_MODEL_PYTREE
+        elif "nnx" in contender:
             why = WHY_NNX_GRAPH
         targets.append(
             _target(

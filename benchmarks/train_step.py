@@ -307,6 +307,7 @@ DEPTH_SWEEP_CONTENDERS = (
     "pz_flax + jax.jit (param dict)",
     "flax nnx.jit + nnx.Optimizer",
 )
+DEEPEST_CONTENDERS = (RAW_JIT, "pz_flax StatefulTrainer", "pz_flax + jax.jit (param dict)")
 
 
 def measure(
@@ -340,8 +341,14 @@ def run(quick: bool) -> list[dict[str, Any]]:
     dispatch_bound = MlpSize("dispatch-bound 8x64, batch 32", depth=8, width=64, batch=32)
     rows += measure(dispatch_bound, list(CONTENDERS), rounds=15, window_seconds=0.1)
     compute_bound = MlpSize("compute-bound 8x512, batch 256", depth=8, width=512, batch=256)
-    rows += measure(compute_bound, list(CONTENDERS), rounds=9, window_seconds=0.2)
-    for depth in (100, 300, 1000):
+    rows += measure(compute_bound, list(CONTENDERS), rounds=15, window_seconds=0.15)
+    for depth, contenders in (
+        (100, DEPTH_SWEEP_CONTENDERS),
+        (300, DEPTH_SWEEP_CONTENDERS),
+        # Compiling a 1000-layer step takes about a minute per contender on two cores, so the
+        # deepest point keeps only the floor and pz_flax's two fast paths.
+        (1000, DEEPEST_CONTENDERS),
+    ):
         deep = MlpSize(f"depth {depth}x16, batch 32", depth=depth, width=16, batch=32)
-        rows += measure(deep, DEPTH_SWEEP_CONTENDERS, rounds=5, window_seconds=0.2)
+        rows += measure(deep, contenders, rounds=5, window_seconds=0.2)
     return rows

@@ -13,14 +13,16 @@ takes seconds. Stage by stage it:
 2. reads that checkpoint into pz_flax (``pz_flax.checkpoint.read_nnx_checkpoint``), which
    gives the same computation as named-axis layers; the user's class becomes a wrapper that
    runs its own ``__call__`` around the converted ``nnx.Linear`` layers;
-3. marks every pretrained parameter ``trainable=False`` and replaces each dense ``Linear``
-   with a ``LowRankAdapter`` (the frozen ``Linear`` plus a trainable rank-r update whose
-   second factor starts at zero, so the adapted model starts out computing exactly what the
-   pretrained one did), found with selectors the penzai way;
+3. marks every pretrained parameter ``trainable=False`` and, with
+   ``pz_flax.toolshed.lora.loraify_linears_in_selection`` on a selection of the dense layers,
+   replaces each of their ``Linear``s with a ``LowRankAdapter`` (the frozen ``Linear`` plus a
+   trainable rank-r update whose second factor starts at zero, so the adapted model starts out
+   computing exactly what the pretrained one did);
 4. fine-tunes on task B (a low-rank change of task A) with ``StatefulTrainer`` and Optax and
    checks that only the adapter parameters moved;
-5. merges each adapter into its base kernel (``W + A @ B``), because the NNX class has no
-   LoRA slots, and writes the result with ``pz_flax.checkpoint.write_nnx_checkpoint``;
+5. merges each adapter into its base kernel (``W + A @ B``, with
+   ``lora.merge_lora_adapters_in_selection``), because the NNX class has no LoRA slots, and
+   writes the result with ``pz_flax.checkpoint.write_nnx_checkpoint``;
 6. restores that checkpoint with plain Orbax into
    ``nnx.state(nnx.eval_shape(factory))`` and checks that the NNX model predicts what the
    fine-tuned pz_flax model predicts.
@@ -43,8 +45,7 @@ from pz_flax import checkpoint
 from pz_flax import pz
 from pz_flax.interop import wrappers
 from pz_flax.toolshed import basic_training
-
-LOWRANK_AXIS = "lowrank"
+from pz_flax.toolshed import lora
 
 
 class RegressionMLP(nnx.Module):
@@ -57,88 +58,6 @@ class RegressionMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down(nnx.relu(self.norm(self.up(x))))
-
-
-@pz.pytree_dataclass(has_implicitly_inherited_fields=True)
-class LowRankAdapter(pz.nn.Sequential):
-    """A frozen pretrained ``Linear`` plus a trainable low-rank update ``x -> x A B``.
-
-    Being its own ``Sequential`` subclass makes adapters easy to select (to merge them, count
-    them, or switch them off) and gives them their own colour in treescope.
-
-    Attributes:
-      sublayers: One ``BranchAndAddTogether`` of the ``"Pretrained"`` group (the original
-        ``Linear``) and the ``"Update"`` group (``Linear`` A into the low-rank axis, then
-        ``Linear`` B out of it).
-    """
-
-    @classmethod
-    def from_linear(
-        cls, linear: pz.nn.Linear, init_base_rng: jax.Array, rank: int
-    ) -> LowRankAdapter:
-        """Wraps ``linear``; B starts at zero, so the adapter first computes what ``linear`` did.
-
-        The adapter parameters are labelled after the base weight (``up/kernel`` gets
-        ``up/kernel/lora_a.weights`` and ``up/kernel/lora_b.weights``), which keeps labels
-        unique and says what each adapter belongs to.
-        """
-        base_label = linear.weights.label
-        return cls(
-            [
-                pz.nn.BranchAndAddTogether(
-                    [
-                        pz.nn.NamedGroup("Pretrained", [linear]),
-                        pz.nn.NamedGroup(
-                            "Update",
-                            [
-                                pz.nn.Linear.from_config(
-                                    name=f"{base_label}/lora_a",
-                                    init_base_rng=init_base_rng,
-                                    input_axes=linear.input_axes,
-                                    output_axes={LOWRANK_AXIS: rank},
-                                    parallel_axes=linear.parallel_axes,
-                                ),
-                                pz.nn.Linear.from_config(
-                                    name=f"{base_label}/lora_b",
-                                    init_base_rng=init_base_rng,
-                                    input_axes={LOWRANK_AXIS: rank},
-                                    output_axes=linear.output_axes,
-                                    parallel_axes=linear.parallel_axes,
-                                    initializer=pz.nn.zero_initializer,
-                                ),
-                            ],
-                        ),
-                    ]
-                )
-            ]
-        )
-
-    @property
-    def pretrained(self) -> pz.nn.Linear:
-        return self.sublayers[0].branches[0].sublayers[0]
-
-    @property
-    def update_factors(self) -> tuple[pz.nn.Linear, pz.nn.Linear]:
-        first, second = self.sublayers[0].branches[1].sublayers
-        return first, second
-
-    def merged(self) -> pz.nn.Linear:
-        """The base ``Linear`` with ``A B`` added to its weights, and its ``trainable`` flag gone.
-
-        Contracting over the named low-rank axis gives a weight with exactly the base weight's
-        axes, whatever their order, so no transposes are needed.
-        """
-        base = self.pretrained
-        lora_a, lora_b = (factor.weights.value for factor in self.update_factors)
-        update = pz.nx.nmap(jnp.dot)(lora_a.untag(LOWRANK_AXIS), lora_b.untag(LOWRANK_AXIS))
-        metadata = {k: v for k, v in base.weights.metadata.items() if k != "trainable"}
-        return pz.nn.Linear(
-            weights=pz.Parameter(
-                value=base.weights.value + update, label=base.weights.label, metadata=metadata
-            ),
-            in_axis_names=base.in_axis_names,
-            out_axis_names=base.out_axis_names,
-        )
 
 
 def freeze_all_parameters(model):
@@ -157,29 +76,20 @@ def freeze_all_parameters(model):
 
 
 def add_lora_adapters(model, rank: int, seed: int):
-    """Replaces the weight ``Linear`` of every converted ``nnx.Linear`` by a `LowRankAdapter`.
+    """Puts a ``LowRankAdapter`` around the kernel of every converted ``nnx.Linear``.
 
-    Only dense layers are adapted: the layer norm's scale is also a ``Linear`` (with no input
-    or output axes) and stays as it is.
+    Only dense layers are selected: the layer norm's scale is also a ``Linear`` (with no input
+    or output axes) and stays as it is. The adapter parameters are labelled after where they
+    sit in the model (``LoRA:<path>/LoRA_A.weights``), as in penzai.
     """
     dense_layers = (
         pz.select(model)
         .at_instances_of(wrappers.FromNNX)
         .where(lambda converted: converted.nnx_type is nnx.Linear)
     )
-    rngs = iter(jax.random.split(jax.random.key(seed), dense_layers.count()))
-    return dense_layers.apply(
-        lambda converted: (
-            pz.select(converted)
-            .at_instances_of(pz.nn.Linear)
-            .apply(lambda linear: LowRankAdapter.from_linear(linear, next(rngs), rank))
-        )
+    return lora.loraify_linears_in_selection(
+        dense_layers, rank=rank, init_base_rng=jax.random.key(seed)
     )
-
-
-def merge_lora_adapters(model):
-    """Folds every adapter into its base weights, giving back the pretrained structure."""
-    return pz.select(model).at_instances_of(LowRankAdapter).apply(LowRankAdapter.merged)
 
 
 def parameter_arrays(model) -> dict[str, np.ndarray]:
@@ -294,10 +204,11 @@ def main(argv=None) -> dict:
     # Stage 3: freeze, then adapt.
     model = add_lora_adapters(freeze_all_parameters(pretrained), args.rank, args.seed + 1)
     before = parameter_arrays(model)
-    adapter_labels = {label for label in before if "/lora_" in label}
+    adapter_labels = {label for label in before if label.startswith("LoRA:")}
+    num_adapters = pz.select(model).at_instances_of(lora.LowRankAdapter).count()
     print(
         f"[3] froze {len(before) - len(adapter_labels)} pretrained parameters and added"
-        f" {pz.select(model).at_instances_of(LowRankAdapter).count()} rank-{args.rank} adapters"
+        f" {num_adapters} rank-{args.rank} adapters"
         f" ({sum(before[label].size for label in adapter_labels)} trainable weights)"
     )
 
@@ -332,7 +243,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"frozen parameters changed during fine-tuning: {sorted(moved)}")
 
     # Stage 5: merge (RegressionMLP has no LoRA slots) and write an NNX checkpoint.
-    merged = merge_lora_adapters(model)
+    merged = lora.merge_lora_adapters_in_selection(pz.select(model))
     merged_predictions = merged(named(test_inputs)).unwrap("batch", "features")
     adapted_predictions = model(named(test_inputs)).unwrap("batch", "features")
     merge_error = float(jnp.max(jnp.abs(merged_predictions - adapted_predictions)))

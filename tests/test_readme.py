@@ -55,6 +55,7 @@ def test_python_examples_run_as_printed(tmp_path):
     assert completed.returncode == 0, completed.stderr[-4000:]
     assert "{'batch': 2, 'neurons': 4}" in completed.stdout
     assert "{'batch': 64, 'target': 1}" in completed.stdout
+    assert "Sequential gelu" in completed.stdout
     for trained_with in ("StatefulTrainer", "jax.jit", "nnx.Optimizer", "sharded"):
         loss = float(
             re.search(rf"{re.escape(trained_with)} loss: ([0-9.e+-]+)", completed.stdout)[1]
@@ -70,19 +71,18 @@ def test_checkpoint_conversion_walkthrough_runs_as_printed(tmp_path):
     ``.venv`` runs this interpreter with the checkout on ``PYTHONPATH``.
     """
     walkthrough = next(block for block in code_blocks("bash") if "pz-flax-convert" in block)
-    venv_bin = tmp_path / ".venv" / "bin"
-    venv_bin.mkdir(parents=True)
-    installed = ROOT / ".venv" / "bin"
-    for tool, module in (
-        ("python", None),
-        ("pz-flax-convert", "conversion_tools.convert_checkpoint"),
-    ):
-        if (installed / tool).exists():
-            (venv_bin / tool).symlink_to(installed / tool)
-            continue
-        run = f"{sys.executable} -m {module}" if module else sys.executable
-        (venv_bin / tool).write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec {run} "$@"\n')
-        (venv_bin / tool).chmod(0o755)
+    installed = ROOT / ".venv"
+    if (installed / "bin" / "pz-flax-convert").exists():
+        (tmp_path / ".venv").symlink_to(installed)  # the whole venv, so it finds pyvenv.cfg
+    else:
+        venv_bin = tmp_path / ".venv" / "bin"
+        venv_bin.mkdir(parents=True)
+        for tool, run in (
+            ("python", sys.executable),
+            ("pz-flax-convert", f"{sys.executable} -m conversion_tools.convert_checkpoint"),
+        ):
+            (venv_bin / tool).write_text(f'#!/bin/sh\nPYTHONPATH="{ROOT}" exec {run} "$@"\n')
+            (venv_bin / tool).chmod(0o755)
     completed = subprocess.run(
         ["bash", "-euo", "pipefail", "-c", walkthrough],
         cwd=tmp_path,

@@ -66,33 +66,29 @@ class FromNNX(layer_base.Layer):
         return "#c9b3e8"
 
 
+@dataclasses.dataclass(frozen=True)
 class ModuleShell:
     """What a wrapped NNX module is without its converted children: its graph definition.
 
-    A static value that compares and hashes like the graph definition (so jit caches hit),
-    and renders as one short line in treescope and ``repr``, since the full definition is
-    rarely what a reader of a model wants to see.
+    A static value that compares and hashes like the graph definition (so jit caches hit).
+    It is a dataclass so that checkpoint manifests can describe it, but renders as one short
+    line in treescope and ``repr``, since the full definition is rarely what a reader of a
+    model wants to see.
 
     Attributes:
         graphdef: The ``nnx.GraphDef`` of the module with its converted children removed.
     """
 
-    __slots__ = ("graphdef",)
-
-    def __init__(self, graphdef: Any):
-        object.__setattr__(self, "graphdef", graphdef)
-
-    def __setattr__(self, name: str, value: Any):
-        raise AttributeError("ModuleShell is immutable.")
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ModuleShell) and self.graphdef == other.graphdef
-
-    def __hash__(self) -> int:
-        return hash(self.graphdef)
+    graphdef: Any
 
     def __repr__(self) -> str:
         return f"ModuleShell(<nnx.GraphDef of {self.graphdef.nodes[0].type.__name__}>)"
+
+    def __treescope_repr__(self, path: str | None, subtree_renderer: Any):
+        from treescope import rendering_parts
+
+        del path, subtree_renderer
+        return rendering_parts.text(repr(self))
 
 
 @struct.pytree_dataclass

@@ -29,6 +29,7 @@ to a Flax NNX class without LoRA slots (``pz_flax.to_nnx``, ``write_nnx_checkpoi
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any
 
 import jax
@@ -62,8 +63,9 @@ class LowRankAdapter(grouping.Sequential):
 
     ``lora_a`` is a ``Linear`` from ``linear``'s input axes to a new low-rank axis, and
     ``lora_b`` one from the low-rank axis to ``linear``'s output axes; both keep ``linear``'s
-    parallel axes (one independent update per index). ``lora_b`` starts at zero, so a fresh
-    adapter computes exactly what ``linear`` did, and training starts from the pretrained
+    parallel axes (one independent update per index); a factor is a ``LinearInPlace`` instead
+    if the low-rank axis has the name of one of its other axes. ``lora_b`` starts at zero, so a
+    fresh adapter computes exactly what ``linear`` did, and training starts from the pretrained
     model rather than from a perturbed one.
 
     Being its own ``Sequential`` subclass (with no behaviour of its own) makes adapters easy to
@@ -95,8 +97,9 @@ class LowRankAdapter(grouping.Sequential):
                 into it, as ``Linear.from_config`` does), or None to leave ``ParameterSlot``s
                 to be bound later.
             rank: Size of the low-rank axis.
-            lowrank_axis: Name of the low-rank axis between ``lora_a`` and ``lora_b``; it must
-                not already be one of ``linear``'s weight axes.
+            lowrank_axis: Name of the low-rank axis between ``lora_a`` and ``lora_b``. It must
+                not be a parallel axis of ``linear``; if it is an input or output axis, the
+                factor that would see it twice becomes a ``LinearInPlace`` (as in penzai).
 
         Returns:
             An adapter computing ``linear(x) + lora_b(lora_a(x))``, initially equal to
@@ -104,8 +107,8 @@ class LowRankAdapter(grouping.Sequential):
 
         Raises:
             TypeError: If ``linear`` is not a ``Linear`` layer.
-            ValueError: If ``rank`` is not a positive integer, or ``lowrank_axis`` is already
-                an axis of ``linear``'s weight.
+            ValueError: If ``rank`` is not a positive integer, or ``lowrank_axis`` is a
+                parallel axis of ``linear``.
         """
         if not isinstance(linear, linear_and_affine.Linear):
             raise TypeError(
@@ -113,16 +116,21 @@ class LowRankAdapter(grouping.Sequential):
                 f" {type(linear).__name__}; select the Linear layers inside it instead (for"
                 " example with loraify_linears_in_selection)."
             )
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
             raise ValueError(f"The LoRA rank must be a positive integer, got {rank!r}.")
+        rank = int(rank)
         input_axes = linear.input_axes
         output_axes = linear.output_axes
         parallel_axes = linear.parallel_axes
-        if lowrank_axis in {**input_axes, **output_axes, **parallel_axes}:
+        # A low-rank axis named like an input or output axis is handled by the factors'
+        # from_config, which renames through a LinearInPlace (this is what happens when an
+        # adapter's own factors are adapted). A parallel axis of that name cannot work: the
+        # update would need two axes with one name.
+        if lowrank_axis in parallel_axes:
             raise ValueError(
-                f"lowrank_axis {lowrank_axis!r} is already an axis of the weight of the layer"
-                f" being adapted (input axes {input_axes}, output axes {output_axes}, parallel"
-                f" axes {parallel_axes}); pass a different lowrank_axis name."
+                f"lowrank_axis {lowrank_axis!r} is a parallel axis of the layer being adapted"
+                f" (input axes {input_axes}, output axes {output_axes}, parallel axes"
+                f" {parallel_axes}); pass a different lowrank_axis name."
             )
         lora_a = linear_and_affine.Linear.from_config(
             name=f"{name}/LoRA_A",
@@ -209,24 +217,16 @@ class LowRankAdapter(grouping.Sequential):
             pz.UnboundVariableError: If a weight is an unbound ``ParameterSlot``.
         """
         base = self.pretrained
-        lora_a, lora_b = self.update_factors
-        for role, layer in (("pretrained", base), ("lora_a", lora_a), ("lora_b", lora_b)):
-            if not isinstance(layer, linear_and_affine.Linear):
-                raise ValueError(
-                    f"Cannot merge a LowRankAdapter whose {role} layer is a"
-                    f" {type(layer).__name__}; merging needs three Linear layers."
-                )
-        (lowrank_axis,) = lora_a.out_axis_names or (None,)
-        if lora_a.out_axis_names != lora_b.in_axis_names or lowrank_axis is None:
+        if not isinstance(base, linear_and_affine.Linear):
             raise ValueError(
-                "Cannot merge a LowRankAdapter whose factors do not meet on one low-rank axis:"
-                f" lora_a outputs {lora_a.out_axis_names}, lora_b contracts"
-                f" {lora_b.in_axis_names}."
+                "Cannot merge a LowRankAdapter whose pretrained layer is a"
+                f" {type(base).__name__}; merging needs a Linear there."
             )
-        base_weight = base.weights.value
-        update = linear_and_affine.contract(
-            lowrank_axis, lora_a.weights.value, lora_b.weights.value
+        lora_a, lora_b = self.update_factors
+        update = _update_weight(
+            _as_renamed_linear(lora_a, "lora_a"), _as_renamed_linear(lora_b, "lora_b")
         )
+        base_weight = base.weights.value
         if dict(update.named_shape) != dict(base_weight.named_shape):
             raise ValueError(
                 f"The LoRA update has named shape {dict(update.named_shape)}, which differs from"
@@ -236,6 +236,62 @@ class LowRankAdapter(grouping.Sequential):
             (base_weight + update).astype(base_weight.dtype).order_as(*base_weight.named_axes)
         )
         return dataclasses.replace(base, weights=_with_value(base.weights, merged_value))
+
+
+def _as_renamed_linear(factor: Any, role: str) -> tuple[linear_and_affine.Linear, dict[str, str]]:
+    """Splits an update factor into its ``Linear`` and the renaming of its outputs, if any."""
+    if isinstance(factor, linear_and_affine.Linear):
+        return factor, {}
+    if (
+        isinstance(factor, linear_and_affine.LinearInPlace)
+        and len(factor.sublayers) == 2
+        and isinstance(factor.sublayers[0], linear_and_affine.Linear)
+        and isinstance(factor.sublayers[1], linear_and_affine.RenameAxes)
+    ):
+        linear, rename = factor.sublayers
+        old = (rename.old,) if isinstance(rename.old, str) else tuple(rename.old)
+        new = (rename.new,) if isinstance(rename.new, str) else tuple(rename.new)
+        return linear, dict(zip(old, new))
+    raise ValueError(
+        f"Cannot merge a LowRankAdapter whose {role} layer is a {type(factor).__name__};"
+        " merging needs a Linear (or a LinearInPlace) there."
+    )
+
+
+def _update_weight(
+    lora_a: tuple[linear_and_affine.Linear, dict[str, str]],
+    lora_b: tuple[linear_and_affine.Linear, dict[str, str]],
+) -> named_axes.NamedArray:
+    """The weight of ``lora_b`` after ``lora_a`` as one operator (``A B`` by axis name).
+
+    The axes joining the factors are the outputs of A (after A's renaming) that B contracts.
+    Both sides are retagged with fresh names before contracting, because A's output may carry
+    the name of one of its own inputs (and B's input the name of one of its outputs) when
+    the factors are ``LinearInPlace``s.
+    """
+    (linear_a, renames_a), (linear_b, renames_b) = lora_a, lora_b
+    joining = {renames_a.get(raw, raw): raw for raw in linear_a.out_axis_names}
+    if set(joining) != set(linear_b.in_axis_names):
+        raise ValueError(
+            "Cannot merge a LowRankAdapter whose factors do not meet on the low-rank axis:"
+            f" lora_a outputs {tuple(joining)}, but lora_b contracts {linear_b.in_axis_names}."
+        )
+    weight_a = linear_a.weights.value
+    weight_b = linear_b.weights.value
+    taken = {*weight_a.named_shape, *weight_b.named_shape}
+    fresh = {}
+    for name in joining:
+        candidate = f"{name}__joined"
+        while candidate in taken:
+            candidate += "_"
+        fresh[name] = candidate
+        taken.add(candidate)
+    weight_a = weight_a.untag(*joining.values()).tag(*fresh.values())
+    weight_b = weight_b.untag(*joining).tag(*(fresh[name] for name in joining))
+    update = linear_and_affine.contract(tuple(fresh.values()), weight_a, weight_b)
+    if renames_b:
+        update = update.untag(*renames_b).tag(*renames_b.values())
+    return update
 
 
 def _with_value(weights: Any, value: named_axes.NamedArray) -> Any:
@@ -276,8 +332,8 @@ def loraify_linears_in_selection(
         The whole model (``selection.deselect()``) with the adapters in place.
 
     Raises:
-        ValueError: If ``rank`` is not a positive integer, or a ``Linear`` already has an
-            axis named ``"lowrank"``.
+        ValueError: If ``rank`` is not a positive integer, or a selected ``Linear`` has a
+            parallel axis named ``"lowrank"``.
     """
     model = selection.deselect()
     return selection.at_instances_of(linear_and_affine.Linear).apply(

@@ -9,6 +9,7 @@ reuse the NNX weight buffers.
 import math
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks import conversion
@@ -172,3 +173,14 @@ def test_main_writes_a_results_file(tmp_path, capsys):
 def test_main_rejects_an_unknown_benchmark():
     with pytest.raises(SystemExit):
         run.main(["--quick", "--only", "no_such_bench"])
+
+
+def test_peak_memory_sees_a_fresh_allocation():
+    if not conversion.peak_memory_supported():
+        pytest.skip("needs Linux /proc/self/clear_refs")
+    sixteen_mib = 4 * 2**20
+    result, seconds, extra = conversion.run_with_peak_memory(
+        lambda: np.ones(sixteen_mib, np.float32)
+    )
+    assert result.nbytes == 16 * 2**20 and seconds >= 0
+    assert extra >= 15 * 2**20
