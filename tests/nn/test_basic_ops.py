@@ -1,8 +1,6 @@
 """Tests for pz_flax.nn.basic_ops, differential against penzai 0.2.5."""
 
 import functools
-import importlib
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -12,38 +10,25 @@ from penzai import pz as penzai_pz
 
 from pz_flax.core import named_axes as nx
 from pz_flax.nn import basic_ops
+from tests.nn import helpers
 
-
-def random_named(key_index: int, named_shape: dict) -> nx.NamedArray:
-    data = jax.random.normal(jax.random.key(key_index), tuple(named_shape.values())) * 3
-    return nx.wrap(data).tag(*named_shape)
-
-
-def to_penzai(array):
-    names = tuple(array.named_shape)
-    return penzai_pz.nx.wrap(np.asarray(array.unwrap(*names))).tag(*names)
-
-
-def assert_same(ours, theirs):
-    assert dict(ours.named_shape) == dict(theirs.named_shape)
-    assert ours.dtype == theirs.dtype
-    names = tuple(theirs.named_shape)
-    np.testing.assert_allclose(
-        np.asarray(ours.unwrap(*names)), np.asarray(theirs.unwrap(*names)), rtol=1e-6, atol=1e-6
-    )
+# Spread the inputs wider than unit normal so the nonlinearities see their saturated regions.
+random_named = functools.partial(helpers.random_named, scale=3.0)
 
 
 @pytest.mark.parametrize("fn", [jax.nn.relu, jax.nn.gelu, jnp.tanh, jax.nn.silu])
 def test_elementwise_matches_penzai(fn):
     x = random_named(0, {"foo": 3, "bar": 2})
-    assert_same(basic_ops.Elementwise(fn)(x), penzai_pz.nn.Elementwise(fn)(to_penzai(x)))
+    helpers.assert_same_named_array(
+        basic_ops.Elementwise(fn)(x), penzai_pz.nn.Elementwise(fn)(helpers.to_penzai(x))
+    )
 
 
 def test_elementwise_sees_only_positional_axes():
     # nmap hands the function one element per named position: summing over "everything"
     # must therefore leave each element unchanged.
     x = random_named(0, {"foo": 3})
-    assert_same(basic_ops.Elementwise(jnp.sum)(x), x)
+    helpers.assert_same_named_array(basic_ops.Elementwise(jnp.sum)(x), x)
     row = nx.wrap(jnp.arange(6.0).reshape(2, 3)).tag_prefix("rows")
     summed = basic_ops.Elementwise(jnp.sum)(row)
     np.testing.assert_allclose(summed.unwrap("rows"), [3.0, 12.0])
@@ -63,7 +48,9 @@ def test_elementwise_function_is_static():
 @pytest.mark.parametrize("axes", ["foo", ("foo", "bar"), ("baz",)])
 def test_softmax_matches_penzai(axes):
     x = random_named(1, {"foo": 3, "bar": 4, "baz": 5})
-    assert_same(basic_ops.Softmax(axes)(x), penzai_pz.nn.Softmax(axes)(to_penzai(x)))
+    helpers.assert_same_named_array(
+        basic_ops.Softmax(axes)(x), penzai_pz.nn.Softmax(axes)(helpers.to_penzai(x))
+    )
 
 
 def test_softmax_normalizes_jointly():
@@ -79,7 +66,9 @@ def test_softmax_missing_axis_error():
 def test_cast_to_dtype():
     x = random_named(0, {"foo": 3})
     cast = basic_ops.CastToDType(jnp.bfloat16)
-    assert_same(cast(x), penzai_pz.nn.CastToDType(jnp.bfloat16)(to_penzai(x)))
+    helpers.assert_same_named_array(
+        cast(x), penzai_pz.nn.CastToDType(jnp.bfloat16)(helpers.to_penzai(x))
+    )
     tree = cast({"named": x, "plain": jnp.ones(2, jnp.float32)})
     assert tree["named"].dtype == jnp.bfloat16
     assert dict(tree["named"].named_shape) == {"foo": 3}
@@ -89,7 +78,9 @@ def test_cast_to_dtype():
 def test_tanh_soft_cap_matches_penzai():
     x = random_named(2, {"foo": 4, "bar": 3})
     ours = basic_ops.TanhSoftCap(soft_cap=2.5)(x)
-    assert_same(ours, penzai_pz.nn.TanhSoftCap(soft_cap=2.5)(to_penzai(x)))
+    helpers.assert_same_named_array(
+        ours, penzai_pz.nn.TanhSoftCap(soft_cap=2.5)(helpers.to_penzai(x))
+    )
     assert float(jnp.max(jnp.abs(ours.unwrap("foo", "bar")))) < 2.5
 
 
@@ -98,7 +89,7 @@ def test_tanh_soft_cap_is_a_pytree_child():
     assert len(jax.tree_util.tree_leaves(layer)) == 1
     x = random_named(2, {"foo": 4})
     jitted = jax.jit(lambda layer, value: layer(value))(layer, x)
-    assert_same(jitted, basic_ops.TanhSoftCap(soft_cap=2.0)(x))
+    helpers.assert_same_named_array(jitted, basic_ops.TanhSoftCap(soft_cap=2.0)(x))
 
 
 @pytest.mark.parametrize(
@@ -132,14 +123,6 @@ def test_partial_with_array_argument_keeps_nmap_semantics():
     assert dict(out.named_shape) == {"foo": 2}
 
 
-def _signature_summary(fn):
-    """Parameter names, kinds and simple defaults: what callers of the API depend on."""
-    return [
-        (p.name, p.kind, p.default if isinstance(p.default, int | float | str | None) else "obj")
-        for p in inspect.signature(fn).parameters.values()
-    ]
-
-
 @pytest.mark.parametrize(
     "qualified_name",
     [
@@ -154,8 +137,4 @@ def _signature_summary(fn):
     ],
 )
 def test_signature_matches_penzai(qualified_name):
-    ours = basic_ops
-    theirs = importlib.import_module("penzai.nn.basic_ops")
-    for part in qualified_name.split("."):
-        ours, theirs = getattr(ours, part), getattr(theirs, part)
-    assert _signature_summary(ours) == _signature_summary(theirs)
+    helpers.assert_signature_matches_penzai(basic_ops, "penzai.nn.basic_ops", qualified_name)

@@ -1,35 +1,13 @@
 """Tests for pz_flax.nn.combinators, differential against penzai 0.2.5."""
 
-import importlib
-import inspect
-
 import jax
-import numpy as np
 import pytest
 from penzai import pz as penzai_pz
 
-from pz_flax.core import named_axes as nx
 from pz_flax.nn import basic_ops
 from pz_flax.nn import combinators
 from pz_flax.nn import linear_and_affine
-
-
-def random_named(key_index: int, named_shape: dict) -> nx.NamedArray:
-    data = jax.random.normal(jax.random.key(key_index), tuple(named_shape.values()))
-    return nx.wrap(data).tag(*named_shape)
-
-
-def to_penzai(array):
-    names = tuple(array.named_shape)
-    return penzai_pz.nx.wrap(np.asarray(array.unwrap(*names))).tag(*names)
-
-
-def assert_same(ours, theirs):
-    assert dict(ours.named_shape) == dict(theirs.named_shape)
-    names = tuple(theirs.named_shape)
-    np.testing.assert_allclose(
-        np.asarray(ours.unwrap(*names)), np.asarray(theirs.unwrap(*names)), rtol=1e-6, atol=1e-6
-    )
+from tests.nn import helpers
 
 
 def linear_pair(name: str):
@@ -43,8 +21,10 @@ def linear_pair(name: str):
 
 def test_residual_matches_penzai():
     ours, theirs = linear_pair("delta")
-    x = random_named(1, {"f": 4, "h": 2, "b": 3})
-    assert_same(combinators.Residual(ours)(x), penzai_pz.nn.Residual(theirs)(to_penzai(x)))
+    x = helpers.random_named(1, {"f": 4, "h": 2, "b": 3})
+    helpers.assert_same_named_array(
+        combinators.Residual(ours)(x), penzai_pz.nn.Residual(theirs)(helpers.to_penzai(x))
+    )
 
 
 def test_residual_forwards_side_inputs():
@@ -70,15 +50,15 @@ def test_branches_match_penzai(ours_cls, theirs_cls):
     ours_b, theirs_b = linear_pair("b")
     ours = ours_cls([ours_a, basic_ops.Elementwise(jax.nn.gelu), ours_b])
     theirs = theirs_cls([theirs_a, penzai_pz.nn.Elementwise(jax.nn.gelu), theirs_b])
-    x = random_named(2, {"b": 3, "f": 4, "h": 2})
-    assert_same(ours(x), theirs(to_penzai(x)))
+    x = helpers.random_named(2, {"b": 3, "f": 4, "h": 2})
+    helpers.assert_same_named_array(ours(x), theirs(helpers.to_penzai(x)))
 
 
 def test_single_branch_is_that_branch():
-    x = random_named(2, {"f": 4})
+    x = helpers.random_named(2, {"f": 4})
     relu = basic_ops.Elementwise(jax.nn.relu)
-    assert_same(combinators.BranchAndAddTogether([relu])(x), relu(x))
-    assert_same(combinators.BranchAndMultiplyTogether([relu])(x), relu(x))
+    helpers.assert_same_named_array(combinators.BranchAndAddTogether([relu])(x), relu(x))
+    helpers.assert_same_named_array(combinators.BranchAndMultiplyTogether([relu])(x), relu(x))
 
 
 @pytest.mark.parametrize(
@@ -100,14 +80,6 @@ def test_branches_get_side_inputs():
     assert calls == [{"positions": 5}, {"positions": 5}]
 
 
-def _signature_summary(fn):
-    """Parameter names, kinds and simple defaults: what callers of the API depend on."""
-    return [
-        (p.name, p.kind, p.default if isinstance(p.default, int | float | str | None) else "obj")
-        for p in inspect.signature(fn).parameters.values()
-    ]
-
-
 @pytest.mark.parametrize(
     "qualified_name",
     [
@@ -120,8 +92,4 @@ def _signature_summary(fn):
     ],
 )
 def test_signature_matches_penzai(qualified_name):
-    ours = combinators
-    theirs = importlib.import_module("penzai.nn.combinators")
-    for part in qualified_name.split("."):
-        ours, theirs = getattr(ours, part), getattr(theirs, part)
-    assert _signature_summary(ours) == _signature_summary(theirs)
+    helpers.assert_signature_matches_penzai(combinators, "penzai.nn.combinators", qualified_name)

@@ -1,8 +1,6 @@
 """Tests for pz_flax.nn.grouping."""
 
 import dataclasses
-import importlib
-import inspect
 from unittest import mock
 
 import jax
@@ -19,6 +17,7 @@ from pz_flax.nn import basic_ops
 from pz_flax.nn import grouping
 from pz_flax.nn import layer as layer_base
 from pz_flax.nn import linear_and_affine
+from tests.nn import helpers
 
 
 @struct.pytree_dataclass
@@ -218,14 +217,6 @@ def test_inline_keeps_shared_variables_shared():
     assert inlined.sublayers[3].weights is shared.weights
 
 
-def _signature_summary(fn):
-    """Parameter names, kinds and simple defaults: what callers of the API depend on."""
-    return [
-        (p.name, p.kind, p.default if isinstance(p.default, int | float | str | None) else "obj")
-        for p in inspect.signature(fn).parameters.values()
-    ]
-
-
 @pytest.mark.parametrize(
     "qualified_name",
     [
@@ -245,8 +236,4 @@ def _signature_summary(fn):
     ],
 )
 def test_signature_matches_penzai(qualified_name):
-    ours = grouping
-    theirs = importlib.import_module("penzai.nn.grouping")
-    for part in qualified_name.split("."):
-        ours, theirs = getattr(ours, part), getattr(theirs, part)
-    assert _signature_summary(ours) == _signature_summary(theirs)
+    helpers.assert_signature_matches_penzai(grouping, "penzai.nn.grouping", qualified_name)

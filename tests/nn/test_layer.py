@@ -1,8 +1,5 @@
 """Tests for pz_flax.nn.layer: the Layer base class and its rendering."""
 
-import importlib
-import inspect
-
 import jax
 import pytest
 import treescope
@@ -13,6 +10,7 @@ from pz_flax.core import variables
 from pz_flax.nn import grouping
 from pz_flax.nn import layer as layer_base
 from pz_flax.nn import linear_and_affine
+from tests.nn import helpers
 
 
 @struct.pytree_dataclass
@@ -187,14 +185,6 @@ def test_repr_of_a_layer_shows_its_type():
     assert repr(linear_and_affine.RenameAxes(old="a", new="b")).startswith("RenameAxes(")
 
 
-def _signature_summary(fn):
-    """Parameter names, kinds and simple defaults: what callers of the API depend on."""
-    return [
-        (p.name, p.kind, p.default if isinstance(p.default, int | float | str | None) else "obj")
-        for p in inspect.signature(fn).parameters.values()
-    ]
-
-
 @pytest.mark.parametrize(
     "qualified_name",
     [
@@ -204,8 +194,4 @@ def _signature_summary(fn):
     ],
 )
 def test_signature_matches_penzai(qualified_name):
-    ours = layer_base
-    theirs = importlib.import_module("penzai.nn.layer")
-    for part in qualified_name.split("."):
-        ours, theirs = getattr(ours, part), getattr(theirs, part)
-    assert _signature_summary(ours) == _signature_summary(theirs)
+    helpers.assert_signature_matches_penzai(layer_base, "penzai.nn.layer", qualified_name)

@@ -1,8 +1,5 @@
 """Tests for pz_flax.nn.linear_and_affine, differential against penzai 0.2.5."""
 
-import importlib
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,30 +12,7 @@ from pz_flax.core import shapecheck
 from pz_flax.core import variables
 from pz_flax.nn import grouping
 from pz_flax.nn import linear_and_affine as la
-
-RTOL = 1e-6
-ATOL = 1e-6
-
-
-def to_penzai(array: nx.NamedArray):
-    names = tuple(array.named_shape)
-    return penzai_pz.nx.wrap(np.asarray(array.unwrap(*names))).tag(*names)
-
-
-def assert_same_named_array(ours, theirs, rtol=RTOL, atol=ATOL):
-    """Same axis names and sizes, and the same values (compared in a common axis order)."""
-    assert dict(ours.named_shape) == dict(theirs.named_shape)
-    assert not ours.positional_shape
-    names = tuple(theirs.named_shape)
-    np.testing.assert_allclose(
-        np.asarray(ours.unwrap(*names)), np.asarray(theirs.unwrap(*names)), rtol=rtol, atol=atol
-    )
-
-
-def random_named(key_index: int, named_shape: dict, dtype=jnp.float32) -> nx.NamedArray:
-    data = jax.random.normal(jax.random.key(key_index), tuple(named_shape.values()), dtype)
-    return nx.wrap(data).tag(*named_shape)
-
+from tests.nn import helpers
 
 LINEAR_CONFIGS = [
     dict(input_axes={"foo": 3}, output_axes={"bar": 5}),
@@ -72,7 +46,7 @@ class TestInitializers:
         )
         ours = getattr(la, initializer_name)(jax.random.key(4), **axes)
         theirs = getattr(penzai_pz.nn, initializer_name)(jax.random.key(4), **axes)
-        assert_same_named_array(ours, theirs, rtol=0, atol=0)
+        helpers.assert_same_named_array(ours, theirs, rtol=0, atol=0)
 
     @pytest.mark.parametrize("mode", ["fan_in", "fan_out", "fan_avg"])
     @pytest.mark.parametrize("distribution", ["uniform", "normal", "truncated_normal"])
@@ -89,7 +63,7 @@ class TestInitializers:
         )
         ours = la.variance_scaling_initializer(jax.random.key(1), **kwargs)
         theirs = penzai_pz.nn.variance_scaling_initializer(jax.random.key(1), **kwargs)
-        assert_same_named_array(ours, theirs, rtol=0, atol=0)
+        helpers.assert_same_named_array(ours, theirs, rtol=0, atol=0)
 
     def test_variance_scaling_with_no_axes_in_some_roles(self):
         weight = la.variance_scaling_initializer(
@@ -144,38 +118,44 @@ class TestInitializers:
 
 class TestContract:
     def test_matches_penzai_with_batch_axes_and_layouts(self):
-        left = random_named(0, {"b": 2, "i": 3, "j": 4, "x": 5})
-        right = random_named(1, {"j": 4, "b": 2, "i": 3, "y": 6})
-        theirs = penzai_pz.nn.contract(("i", "j"), to_penzai(left), to_penzai(right))
-        assert_same_named_array(la.contract(("i", "j"), left, right), theirs)
+        left = helpers.random_named(0, {"b": 2, "i": 3, "j": 4, "x": 5})
+        right = helpers.random_named(1, {"j": 4, "b": 2, "i": 3, "y": 6})
+        theirs = penzai_pz.nn.contract(
+            ("i", "j"), helpers.to_penzai(left), helpers.to_penzai(right)
+        )
+        helpers.assert_same_named_array(la.contract(("i", "j"), left, right), theirs)
         # A transposed view and a single-name string argument give the same answer.
         view = left.untag("x", "b").tag("x", "b")
-        theirs_one = penzai_pz.nn.contract("j", to_penzai(left), to_penzai(right))
-        assert_same_named_array(la.contract("j", view, right), theirs_one)
+        theirs_one = penzai_pz.nn.contract("j", helpers.to_penzai(left), helpers.to_penzai(right))
+        helpers.assert_same_named_array(la.contract("j", view, right), theirs_one)
 
     def test_mixed_dtypes_promote(self):
-        left = random_named(0, {"i": 3}, jnp.bfloat16)
-        right = random_named(1, {"i": 3, "o": 2})
+        left = helpers.random_named(0, {"i": 3}, jnp.bfloat16)
+        right = helpers.random_named(1, {"i": 3, "o": 2})
         assert la.contract("i", left, right).dtype == jnp.float32
 
     def test_missing_axis_error_names_it(self):
-        left = random_named(0, {"i": 3})
-        right = random_named(1, {"o": 2})
+        left = helpers.random_named(0, {"i": 3})
+        right = helpers.random_named(1, {"o": 2})
         with pytest.raises(ValueError, match=r"axis 'i' must be present in both"):
             la.contract("i", left, right)
 
     def test_size_mismatch_error_names_axis_and_sizes(self):
         with pytest.raises(ValueError, match=r"axis 'i' has size 3 on the left but 4"):
-            la.contract("i", random_named(0, {"i": 3}), random_named(1, {"i": 4}))
+            la.contract("i", helpers.random_named(0, {"i": 3}), helpers.random_named(1, {"i": 4}))
         with pytest.raises(ValueError, match=r"axis 'b' has size 2 on the left but 5"):
-            la.contract("i", random_named(0, {"i": 3, "b": 2}), random_named(1, {"i": 3, "b": 5}))
+            la.contract(
+                "i",
+                helpers.random_named(0, {"i": 3, "b": 2}),
+                helpers.random_named(1, {"i": 3, "b": 5}),
+            )
 
     def test_positional_axes_rejected(self):
         left = nx.wrap(jnp.ones((2, 3))).tag_prefix("i")
         with pytest.raises(ValueError, match="positional axes"):
-            la.contract("i", left, random_named(1, {"i": 2}))
+            la.contract("i", left, helpers.random_named(1, {"i": 2}))
         with pytest.raises(TypeError, match="must be a NamedArray"):
-            la.contract("i", jnp.ones(3), random_named(1, {"i": 3}))
+            la.contract("i", jnp.ones(3), helpers.random_named(1, {"i": 3}))
 
 
 class TestLinear:
@@ -186,15 +166,15 @@ class TestLinear:
             name="lin", init_base_rng=jax.random.key(3), **config
         )
         assert type(ours).__name__ == type(theirs).__name__
-        x = random_named(7, input_shape_for(config))
-        assert_same_named_array(ours(x), theirs(to_penzai(x)))
+        x = helpers.random_named(7, input_shape_for(config))
+        helpers.assert_same_named_array(ours(x), theirs(helpers.to_penzai(x)))
         our_linear = ours.sublayers[0] if isinstance(ours, la.LinearInPlace) else ours
         their_linear = (
             theirs.sublayers[0] if isinstance(theirs, penzai_pz.nn.LinearInPlace) else theirs
         )
         assert our_linear.weights.label == their_linear.weights.label == "lin.weights"
         assert isinstance(our_linear.weights, variables.Parameter)
-        assert_same_named_array(
+        helpers.assert_same_named_array(
             our_linear.weights.value, their_linear.weights.value, rtol=0, atol=0
         )
         assert our_linear.input_axes == their_linear.input_axes
@@ -224,19 +204,19 @@ class TestLinear:
             in_axis_names=("i",),
             out_axis_names=("o",),
         )
-        x = random_named(2, {"h": 2, "i": 3, "t": 5})
-        assert_same_named_array(ours(x), theirs(to_penzai(x)))
+        x = helpers.random_named(2, {"h": 2, "i": 3, "t": 5})
+        helpers.assert_same_named_array(ours(x), theirs(helpers.to_penzai(x)))
         jitted = jax.jit(lambda layer, value: layer(value))(ours, x)
-        assert_same_named_array(jitted, theirs(to_penzai(x)))
+        helpers.assert_same_named_array(jitted, theirs(helpers.to_penzai(x)))
 
     def test_works_with_frozen_and_custom_parameter_like(self):
         layer = la.Linear.from_config("lin", jax.random.key(0), {"i": 3}, {"o": 2})
-        x = random_named(1, {"i": 3})
+        x = helpers.random_named(1, {"i": 3})
         expected = layer(x)
         frozen = la.Linear(
             weights=layer.weights.freeze(), in_axis_names=("i",), out_axis_names=("o",)
         )
-        assert_same_named_array(frozen(x), expected, rtol=0, atol=0)
+        helpers.assert_same_named_array(frozen(x), expected, rtol=0, atol=0)
 
         class Doubled:
             def __init__(self, inner):
@@ -249,9 +229,9 @@ class TestLinear:
         custom = la.Linear.from_attributes(
             weights=Doubled(layer.weights), in_axis_names=("i",), out_axis_names=("o",)
         )
-        assert_same_named_array(custom(x), expected * 2)
+        helpers.assert_same_named_array(custom(x), expected * 2)
         with pytest.raises(shapecheck.StructureMismatchError, match=r"^Linear layer with"):
-            custom(random_named(1, {"i": 4}))
+            custom(helpers.random_named(1, {"i": 4}))
 
     def test_wrong_size_error_names_layer_axis_and_sizes(self):
         layer = la.Linear.from_config("encoder/proj", jax.random.key(0), {"i": 3}, {"o": 2})
@@ -260,7 +240,7 @@ class TestLinear:
             match=r"Linear layer 'encoder/proj'.*input axis 'i' has size 4, but the weights"
             r" expect 3",
         ):
-            layer(random_named(0, {"i": 4, "batch": 2}))
+            layer(helpers.random_named(0, {"i": 4, "batch": 2}))
 
     def test_missing_axis_error(self):
         layer = la.Linear.from_config(
@@ -270,7 +250,7 @@ class TestLinear:
             shapecheck.StructureMismatchError,
             match=r"Linear layer 'proj'.*input axis 'h' \(size 2\) is missing",
         ):
-            layer(random_named(0, {"i": 3}))
+            layer(helpers.random_named(0, {"i": 3}))
 
     def test_output_axis_in_input_rejected(self):
         layer = la.Linear.from_config("proj", jax.random.key(0), {"i": 3}, {"o": 2})
@@ -278,7 +258,7 @@ class TestLinear:
             shapecheck.StructureMismatchError,
             match=r"output axis 'o' \(size 2\) is already in the input \(size 2\)",
         ):
-            layer(random_named(0, {"i": 3, "o": 2}))
+            layer(helpers.random_named(0, {"i": 3, "o": 2}))
 
     def test_non_float_positional_and_unnamed_inputs_rejected(self):
         layer = la.Linear.from_config("proj", jax.random.key(0), {"i": 3}, {"o": 2})
@@ -335,11 +315,13 @@ class TestLinear:
             parallel_axes={"h": 4},
             parallel_broadcast_axes={"q": 5},
         )
-        x = random_named(0, {"b": 6, "i": 3, "h": 4})
+        x = helpers.random_named(0, {"b": 6, "i": 3, "h": 4})
         found = shapecheck.check_structure(x, layer.input_structure())
         shapecheck.check_structure(layer(x), layer.output_structure(), known_vars=found)
         with pytest.raises(shapecheck.StructureMismatchError):
-            shapecheck.check_structure(random_named(0, {"i": 2, "h": 4}), layer.input_structure())
+            shapecheck.check_structure(
+                helpers.random_named(0, {"i": 2, "h": 4}), layer.input_structure()
+            )
 
     def test_gradients_match_penzai(self):
         config = LINEAR_CONFIGS[2]
@@ -347,7 +329,7 @@ class TestLinear:
         theirs = penzai_pz.nn.Linear.from_config(
             name="lin", init_base_rng=jax.random.key(3), **config
         )
-        x = random_named(7, input_shape_for(config))
+        x = helpers.random_named(7, input_shape_for(config))
 
         def our_loss(weight_data):
             layer = la.Linear(
@@ -367,7 +349,7 @@ class TestLinear:
                 in_axis_names=theirs.in_axis_names,
                 out_axis_names=theirs.out_axis_names,
             )
-            return jnp.sum(layer(to_penzai(x)).unwrap("batch", "baz", "bar") ** 2)
+            return jnp.sum(layer(helpers.to_penzai(x)).unwrap("batch", "baz", "bar") ** 2)
 
         weight_data = jnp.asarray(ours.weights.value.unwrap("baz", "foo", "bar"))
         np.testing.assert_allclose(
@@ -390,15 +372,15 @@ class TestAddBiasAffine:
         )
         assert ours.bias.label == "b.bias"
         assert ours.new_axis_names == ("bar",)
-        x = random_named(3, {"batch": 2, "foo": 3})
-        assert_same_named_array(ours(x), theirs(to_penzai(x)))
+        x = helpers.random_named(3, {"batch": 2, "foo": 3})
+        helpers.assert_same_named_array(ours(x), theirs(helpers.to_penzai(x)))
         shapecheck.check_structure(x, ours.input_structure())
         shapecheck.check_structure(ours(x), ours.output_structure())
 
     def test_add_bias_defaults_to_zeros(self):
         layer = la.AddBias.from_config("b", jax.random.key(1), {"foo": 3})
-        x = random_named(3, {"foo": 3})
-        assert_same_named_array(layer(x), x, rtol=0, atol=0)
+        x = helpers.random_named(3, {"foo": 3})
+        helpers.assert_same_named_array(layer(x), x, rtol=0, atol=0)
         assert la.AddBias.from_config("b", None, {"foo": 3}).bias == variables.ParameterSlot(
             "b.bias"
         )
@@ -410,9 +392,9 @@ class TestAddBiasAffine:
             match=r"AddBias layer 'block/bias': input axis 'foo' has size 4, but the bias has"
             r" size 3",
         ):
-            layer(random_named(0, {"foo": 4}))
+            layer(helpers.random_named(0, {"foo": 4}))
         # A missing biased axis is broadcast in, as in penzai.
-        broadcast = layer(random_named(0, {"batch": 2}))
+        broadcast = layer(helpers.random_named(0, {"batch": 2}))
         assert dict(broadcast.named_shape) == {"batch": 2, "foo": 3}
 
     @pytest.mark.parametrize("config", LINEAR_CONFIGS)
@@ -432,37 +414,39 @@ class TestAddBiasAffine:
         ]
         assert ours.sublayers[0].weights.label == "aff/Linear.weights"
         assert ours.sublayers[-1].bias.label == "aff/AddBias.bias"
-        x = random_named(11, input_shape_for(config))
-        assert_same_named_array(ours(x), theirs(to_penzai(x)))
+        x = helpers.random_named(11, input_shape_for(config))
+        helpers.assert_same_named_array(ours(x), theirs(helpers.to_penzai(x)))
 
 
 class TestSmallLayers:
     def test_rename_axes_single_and_multi(self):
-        x = random_named(0, {"foo": 2, "baz": 3, "x": 4})
+        x = helpers.random_named(0, {"foo": 2, "baz": 3, "x": 4})
         one = la.RenameAxes(old="foo", new="bar")(x)
-        assert_same_named_array(
-            one, penzai_pz.nn.RenameAxes(old="foo", new="bar")(to_penzai(x)), rtol=0, atol=0
+        helpers.assert_same_named_array(
+            one, penzai_pz.nn.RenameAxes(old="foo", new="bar")(helpers.to_penzai(x)), rtol=0, atol=0
         )
         multi = la.RenameAxes(old=("foo", "x"), new=("bar", "y"))
-        theirs = penzai_pz.nn.RenameAxes(old=("foo", "x"), new=("bar", "y"))(to_penzai(x))
-        assert_same_named_array(multi(x), theirs, rtol=0, atol=0)
+        theirs = penzai_pz.nn.RenameAxes(old=("foo", "x"), new=("bar", "y"))(helpers.to_penzai(x))
+        helpers.assert_same_named_array(multi(x), theirs, rtol=0, atol=0)
         found = shapecheck.check_structure(x, multi.input_structure())
         shapecheck.check_structure(multi(x), multi.output_structure(), known_vars=found)
 
     def test_rename_axes_errors(self):
-        x = random_named(0, {"foo": 2})
+        x = helpers.random_named(0, {"foo": 2})
         with pytest.raises(ValueError, match=r"without axis 'nope'"):
             la.RenameAxes(old="nope", new="bar")(x)
         with pytest.raises(ValueError, match="as many new names"):
             la.RenameAxes(old=("foo",), new=("a", "b"))(x)
 
     def test_constant_rescale(self):
-        x = random_named(0, {"foo": 3})
+        x = helpers.random_named(0, {"foo": 3})
         result = la.ConstantRescale(3.0)(x)
-        assert_same_named_array(result, penzai_pz.nn.ConstantRescale(3.0)(to_penzai(x)))
+        helpers.assert_same_named_array(
+            result, penzai_pz.nn.ConstantRescale(3.0)(helpers.to_penzai(x))
+        )
         tree = la.ConstantRescale(2.0)({"a": jnp.ones(2), "b": x})
         np.testing.assert_array_equal(np.asarray(tree["a"]), 2.0)
-        assert_same_named_array(tree["b"], x * 2, rtol=0, atol=0)
+        helpers.assert_same_named_array(tree["b"], x * 2, rtol=0, atol=0)
 
 
 class TestNamedEinsum:
@@ -495,12 +479,12 @@ class TestNamedEinsum:
 
     @pytest.mark.parametrize(("input_axes", "output_axes", "shapes"), CASES)
     def test_matches_penzai(self, input_axes, output_axes, shapes):
-        arrays = tuple(random_named(i, shape) for i, shape in enumerate(shapes))
+        arrays = tuple(helpers.random_named(i, shape) for i, shape in enumerate(shapes))
         ours = la.NamedEinsum(input_axes, output_axes)(arrays)
         theirs = penzai_pz.nn.NamedEinsum(input_axes, output_axes)(
-            tuple(to_penzai(a) for a in arrays)
+            tuple(helpers.to_penzai(a) for a in arrays)
         )
-        assert_same_named_array(ours, theirs, rtol=1e-5, atol=1e-5)
+        helpers.assert_same_named_array(ours, theirs, rtol=1e-5, atol=1e-5)
         layer = la.NamedEinsum(input_axes, output_axes)
         found = shapecheck.check_structure(arrays, layer.input_structure())
         shapecheck.check_structure(ours, layer.output_structure(), known_vars=found)
@@ -508,17 +492,22 @@ class TestNamedEinsum:
     def test_inconsistent_index_size_raises(self):
         layer = la.NamedEinsum((("i", "j"), ("j", "k")), ("i", "k"))
         with pytest.raises(shapecheck.StructureMismatchError, match="NamedEinsum"):
-            layer((random_named(0, {"i": 2, "j": 3}), random_named(1, {"j": 4, "k": 5})))
+            layer(
+                (
+                    helpers.random_named(0, {"i": 2, "j": 3}),
+                    helpers.random_named(1, {"j": 4, "k": 5}),
+                )
+            )
 
     def test_different_batch_axes_raise(self):
         layer = la.NamedEinsum((("i",), ("i",)), ("i",))
         with pytest.raises(shapecheck.StructureMismatchError):
-            layer((random_named(0, {"i": 2, "b": 3}), random_named(1, {"i": 2})))
+            layer((helpers.random_named(0, {"i": 2, "b": 3}), helpers.random_named(1, {"i": 2})))
 
     def test_unknown_output_index_raises(self):
         layer = la.NamedEinsum((("i",),), {"o": "zz"})
         with pytest.raises(ValueError, match=r"uses summation indices \['zz'\]"):
-            layer((random_named(0, {"i": 2}),))
+            layer((helpers.random_named(0, {"i": 2}),))
 
 
 def test_model_is_differentiable_and_visible_to_nnx():
@@ -527,7 +516,7 @@ def test_model_is_differentiable_and_visible_to_nnx():
     theirs = penzai_pz.freeze_params(
         penzai_pz.nn.Affine.from_config("aff", jax.random.key(0), **config)
     )
-    x = random_named(1, {"b": 4, "f": 3, "h": 2})
+    x = helpers.random_named(1, {"b": 4, "f": 3, "h": 2})
 
     labels = sorted(
         variable.label
@@ -539,22 +528,14 @@ def test_model_is_differentiable_and_visible_to_nnx():
 
     our_grads = jax.grad(lambda model: jnp.sum(jnp.sin(model(x).unwrap("b", "h", "g"))))(ours)
     their_grads = jax.grad(
-        lambda model: jnp.sum(jnp.sin(model(to_penzai(x)).unwrap("b", "h", "g")))
+        lambda model: jnp.sum(jnp.sin(model(helpers.to_penzai(x)).unwrap("b", "h", "g")))
     )(theirs)
-    assert_same_named_array(
+    helpers.assert_same_named_array(
         our_grads.sublayers[0].weights.value, their_grads.sublayers[0].weights.value, rtol=1e-5
     )
-    assert_same_named_array(
+    helpers.assert_same_named_array(
         our_grads.sublayers[1].bias.value, their_grads.sublayers[1].bias.value, rtol=1e-5
     )
-
-
-def _signature_summary(fn):
-    """Parameter names, kinds and simple defaults: what callers of the API depend on."""
-    return [
-        (p.name, p.kind, p.default if isinstance(p.default, int | float | str | None) else "obj")
-        for p in inspect.signature(fn).parameters.values()
-    ]
 
 
 @pytest.mark.parametrize(
@@ -579,11 +560,7 @@ def _signature_summary(fn):
     ],
 )
 def test_signature_matches_penzai(qualified_name):
-    ours = la
-    theirs = importlib.import_module("penzai.nn.linear_and_affine")
-    for part in qualified_name.split("."):
-        ours, theirs = getattr(ours, part), getattr(theirs, part)
-    assert _signature_summary(ours) == _signature_summary(theirs)
+    helpers.assert_signature_matches_penzai(la, "penzai.nn.linear_and_affine", qualified_name)
 
 
 def test_contract_promotes_like_tensordot():

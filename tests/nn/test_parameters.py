@@ -1,8 +1,5 @@
 """Tests for pz_flax.nn.parameters, differential against penzai 0.2.5."""
 
-import importlib
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +11,7 @@ from pz_flax.core import variables
 from pz_flax.nn import grouping
 from pz_flax.nn import linear_and_affine
 from pz_flax.nn import parameters
+from tests.nn import helpers
 
 
 def uniform_and_sum(key, a, b):
@@ -97,14 +95,6 @@ def test_assert_no_parameter_slots_reports_each_slot_with_its_path():
         parameters.assert_no_parameter_slots(variables.ParameterSlot("x"))
 
 
-def _signature_summary(fn):
-    """Parameter names, kinds and simple defaults: what callers of the API depend on."""
-    return [
-        (p.name, p.kind, p.default if isinstance(p.default, int | float | str | None) else "obj")
-        for p in inspect.signature(fn).parameters.values()
-    ]
-
-
 @pytest.mark.parametrize(
     "qualified_name",
     [
@@ -114,8 +104,4 @@ def _signature_summary(fn):
     ],
 )
 def test_signature_matches_penzai(qualified_name):
-    ours = parameters
-    theirs = importlib.import_module("penzai.nn.parameters")
-    for part in qualified_name.split("."):
-        ours, theirs = getattr(ours, part), getattr(theirs, part)
-    assert _signature_summary(ours) == _signature_summary(theirs)
+    helpers.assert_signature_matches_penzai(parameters, "penzai.nn.parameters", qualified_name)
