@@ -56,7 +56,13 @@ def test_python_examples_run_as_printed(tmp_path):
     assert "{'batch': 2, 'neurons': 4}" in completed.stdout
     assert "{'batch': 64, 'target': 1}" in completed.stdout
     assert "Sequential gelu" in completed.stdout
-    for trained_with in ("StatefulTrainer", "jax.jit", "nnx.Optimizer", "sharded"):
+    for trained_with in (
+        "StatefulTrainer",
+        "jax.jit",
+        "jax.jit over raw arrays",
+        "nnx.Optimizer",
+        "sharded",
+    ):
         loss = float(
             re.search(rf"{re.escape(trained_with)} loss: ([0-9.e+-]+)", completed.stdout)[1]
         )
