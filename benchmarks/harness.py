@@ -47,10 +47,12 @@ class Timing:
         name: The contender's name.
         median_ms: Median over windows of the wall time per step, in milliseconds.
         min_ms: The fastest window's wall time per step, in milliseconds.
-        cpu_median_ms: Median over windows of this process's CPU time per step (all threads,
-            so XLA's compute threads count too), in milliseconds. Other sessions' load inflates
-            wall time by making this process wait for a core; it barely changes CPU time, so
-            ratios of CPU times are the steadier comparison on a shared machine.
+        wall_samples_ms: The wall time per step of each window, in round order.
+        cpu_median_ms: Median over windows of this process's CPU time per step, in
+            milliseconds. Other sessions' load inflates wall time by making this process wait
+            for a core but barely changes CPU time, which makes it a cross-check on a shared
+            machine. It counts every thread, so where XLA computes while Python dispatches the
+            next step it exceeds wall time.
         windows: How many timed windows the median is taken over.
         steps_per_window: How many steps each window runs.
     """
@@ -58,6 +60,7 @@ class Timing:
     name: str
     median_ms: float
     min_ms: float
+    wall_samples_ms: tuple[float, ...]
     cpu_median_ms: float
     windows: int
     steps_per_window: int
@@ -138,6 +141,7 @@ def time_interleaved(
             name=contender.name,
             median_ms=1e3 * statistics.median(wall for wall, _ in samples),
             min_ms=1e3 * min(wall for wall, _ in samples),
+            wall_samples_ms=tuple(1e3 * wall for wall, _ in samples),
             cpu_median_ms=1e3 * statistics.median(cpu for _, cpu in samples),
             windows=len(samples),
             steps_per_window=steps,
@@ -170,7 +174,10 @@ def rows_against_floor(
 
     Returns:
         One dict per timing: the labels, ``contender``, wall and CPU milliseconds per step, and
-        ``ratio`` (wall) and ``cpu_ratio`` to the floor.
+        three ratios to the floor: ``ratio``, the median over rounds of this contender's window
+        time over the floor's window time *in the same round* (pairing windows that ran
+        seconds apart cancels slow drifts in outside load); ``min_ratio``, best window over
+        best window; and ``cpu_ratio``, median CPU time over median CPU time.
     """
     by_name = {timing.name: timing for timing in timings}
     if floor_name not in by_name:
@@ -183,7 +190,11 @@ def rows_against_floor(
             "ms": timing.median_ms,
             "min_ms": timing.min_ms,
             "cpu_ms": timing.cpu_median_ms,
-            "ratio": timing.median_ms / floor.median_ms,
+            "ratio": statistics.median(
+                mine / theirs
+                for mine, theirs in zip(timing.wall_samples_ms, floor.wall_samples_ms, strict=True)
+            ),
+            "min_ratio": timing.min_ms / floor.min_ms,
             "cpu_ratio": timing.cpu_median_ms / floor.cpu_median_ms,
             "windows": timing.windows,
             "steps_per_window": timing.steps_per_window,

@@ -45,6 +45,22 @@ WHY_TRAINER = (
     " twice per variable (~1.4 us each, 17 per step at 8 layers), plus flattening the"
     " InternalTrainerState struct and the label-keyed dicts."
 )
+WHY_COMPUTE = (
+    "the compiled programs match raw jit's (checked at 8x64: same fusion and dot counts in the"
+    " optimized HLO), so the difference is timing noise from other processes; rerun on a quiet"
+    " machine."
+)
+WHY_NNX_COMPUTE = (
+    "nnx.jit's per-call Python graph walk (the whole dispatch-bound step time of this contender,"
+    " ~1.7 ms) is added to every step and does not overlap the computation; Flax's own model"
+    " pays the same kind of cost."
+)
+WHY_DEPTH_NOISE = (
+    "Caveat: deep steps are dominated by XLA executing ~10k small ops and by allocating and"
+    " freeing thousands of buffers per step; standalone runs at 1000 layers vary by +-20%"
+    " between processes (one run: raw 77 ms, param dict 80 ms, trainer 63 ms per step), so a"
+    " growth ratio within ~1.2x is not resolved by this measurement."
+)
 WHY_NNX_GRAPH = (
     "nnx.jit walks the object graph in Python on every call (graphlib._graph_flatten /"
     " _graph_unflatten), per node; a pz_flax model has more nodes than the nnx.Linear model"
@@ -138,7 +154,10 @@ def _target(target: str, measured: str, met: bool | None, why: str = "") -> dict
 
 
 def _ratio_text(row: dict) -> str:
-    return f"{row['cpu_ratio']:.2f}x CPU, {row['ratio']:.2f}x wall"
+    return (
+        f"{row['ratio']:.2f}x (best window {row['min_ratio']:.2f}x, CPU time"
+        f" {row['cpu_ratio']:.2f}x)"
+    )
 
 
 def _train_step_targets(rows: list[dict]) -> list[dict[str, str]]:
@@ -146,7 +165,7 @@ def _train_step_targets(rows: list[dict]) -> list[dict[str, str]]:
     dispatch = [row for row in rows if row["case"].startswith("dispatch-bound")]
     trainer = _find(dispatch, contender=_is("pz_flax StatefulTrainer"))
     if trainer:
-        ratio = trainer["cpu_ratio"]
+        ratio = trainer["ratio"]
         aim = "; aim 1.02x met" if ratio <= 1.02 else f"; aim 1.02x missed by {ratio - 1.02:.2f}x"
         targets.append(
             _target(
@@ -162,12 +181,12 @@ def _train_step_targets(rows: list[dict]) -> list[dict[str, str]]:
         ):
             rival_row = _find(dispatch, contender=_is(rival))
             if rival_row:
-                speedup = rival_row["cpu_ms"] / trainer["cpu_ms"]
+                speedup = rival_row["ms"] / trainer["ms"]
                 targets.append(
                     _target(
                         f"pz_flax StatefulTrainer faster than {rival}"
                         + (" (~10x)" if wanted > 1 else ""),
-                        f"{speedup:.1f}x faster (CPU)",
+                        f"{speedup:.1f}x faster",
                         speedup >= wanted * (0.8 if wanted > 1 else 1.0),
                         WHY_TRAINER,
                     )
@@ -183,8 +202,8 @@ def _train_step_targets(rows: list[dict]) -> list[dict[str, str]]:
                     f"hand-written jax.jit + optax loop, {contender[len('pz_flax + jax.jit ') :]},"
                     " dispatch-bound, <= 1.10x raw",
                     _ratio_text(row),
-                    row["cpu_ratio"] <= 1.10,
-                    f"misses by {row['cpu_ratio'] - 1.10:.2f}x: {why}",
+                    row["ratio"] <= 1.10,
+                    f"misses by {row['ratio'] - 1.10:.2f}x: {why}",
                 )
             )
     row = _find(dispatch, contender=_is("pz_flax + nnx.jit + nnx.Optimizer"))
@@ -193,8 +212,8 @@ def _train_step_targets(rows: list[dict]) -> list[dict[str, str]]:
         targets.append(
             _target(
                 "pz_flax under nnx.jit + nnx.Optimizer no slower than Flax's own nnx.Linear model",
-                f"{row['cpu_ratio']:.1f}x raw vs Flax {flax_row['cpu_ratio']:.1f}x raw (CPU)",
-                row["cpu_ms"] <= flax_row["cpu_ms"],
+                f"{row['ratio']:.1f}x raw vs Flax {flax_row['ratio']:.1f}x raw",
+                row["ms"] <= flax_row["ms"],
                 WHY_NNX_GRAPH,
             )
         )
@@ -206,9 +225,9 @@ def _train_step_targets(rows: list[dict]) -> list[dict[str, str]]:
                 _target(
                     f"{row['contender']}, compute-bound, <= 1.02x raw",
                     _ratio_text(row),
-                    row["cpu_ratio"] <= 1.02,
-                    f"misses by {row['cpu_ratio'] - 1.02:.2f}x; at this size dispatch overhead"
-                    " is a small share, so check the compiled HLO and timing noise.",
+                    row["ratio"] <= 1.02,
+                    f"misses by {row['ratio'] - 1.02:.2f}x: "
+                    + (WHY_NNX_COMPUTE if "nnx" in row["contender"] else WHY_COMPUTE),
                 )
             )
 
@@ -221,14 +240,14 @@ def _depth_of(row: dict) -> int:
 
 
 def _depth_targets(rows: list[dict]) -> list[dict[str, str]]:
-    """Per-layer cost growth: the slope of CPU ms/step against depth, relative to raw jit's.
+    """Per-layer cost growth: the slope of ms/step against depth, relative to raw jit's.
 
     Each contender is compared with raw ``jax.jit`` over the same pair of depths: its shallowest
     and deepest measured points (the deepest point may cover fewer contenders).
     """
     by_contender: dict[str, dict[int, float]] = {}
     for row in rows:
-        by_contender.setdefault(row["contender"], {})[_depth_of(row)] = row["cpu_ms"]
+        by_contender.setdefault(row["contender"], {})[_depth_of(row)] = row["ms"]
     raw = by_contender.get("raw jax.jit", {})
     targets = []
     for contender, points in by_contender.items():
@@ -253,7 +272,7 @@ def _depth_targets(rows: list[dict]) -> list[dict[str, str]]:
                 f"{1e3 * contender_slope:.1f} us/layer vs raw {1e3 * raw_slope:.1f} us/layer"
                 f" ({relative:.2f}x)",
                 relative <= 1.05,
-                f"grows {relative:.2f}x as fast as raw. {why}",
+                f"grows {relative:.2f}x as fast as raw. {why} {WHY_DEPTH_NOISE}",
             )
         )
     return targets
@@ -326,8 +345,8 @@ def _checkpoint_targets(rows: list[dict]) -> list[dict[str, str]]:
 def evaluate_targets(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, str]]:
     """Compares the measured rows with the project's performance targets.
 
-    Ratios to raw ``jax.jit`` are judged on CPU time (see ``benchmarks.harness``): other
-    sessions on a shared machine inflate wall time by making this process wait for a core.
+    Ratios are judged on median wall time, what a user waits for. CPU-time ratios are shown
+    beside them as a cross-check that other sessions' load did not decide a verdict.
 
     Returns:
         One dict per target: ``target``, ``measured``, ``status`` and ``why`` (when missed).
@@ -373,8 +392,9 @@ def markdown_table(rows: list[dict[str, Any]], skip: tuple[str, ...] = ()) -> st
 _SECTION_NOTES = {
     "train_step": (
         "Adam step, MSE loss, dense ReLU MLP. `ms`: median wall time per step over round-robin"
-        " windows; `cpu_ms`: median process CPU time per step (all threads); ratios are to raw"
-        " `jax.jit` on the same problem, measured in the same rounds."
+        " windows; `min_ms`: best window; `cpu_ms`: median process CPU time per step (all"
+        " threads); ratios are to raw `jax.jit` on the same problem, measured in the same"
+        " rounds (see above)."
     ),
     "named_ops": (
         "Eager ops: ratio to penzai 0.2.5 running the same code. Jitted forward: ratio to raw"
@@ -410,16 +430,21 @@ def results_markdown(
         " windows of back-to-back steps that block only on the last result; the contenders'"
         " windows are interleaved round-robin (A, B, C, then B, C, A, ...) so that load from"
         " other processes on this shared machine lands on all of them alike, and each figure"
-        " is the median over windows. Wall time and this process's CPU time are both recorded;"
-        " targets are judged on CPU-time ratios, which other sessions' load barely moves (wall"
-        " ratios are shown beside them).",
+        " is the median over windows. Targets are judged on `ratio`: the median over rounds of"
+        " a contender's window time divided by raw jit's window time in the same round. The"
+        " best-window ratio (`min_ratio`) is shown too. This"
+        " process's CPU time per step is recorded too (`cpu_ms`, `cpu_ratio`) as a cross-check"
+        " that barely moves with other sessions' load; it counts every thread, so where XLA"
+        " computes while Python dispatches the next step (raw jit at small sizes) it exceeds"
+        " wall time and its ratios read lower than the wall ones.",
         "",
         "## Machine and versions",
         "",
         *[f"- {key}: {value}" for key, value in env.items()],
         "- GPU: none was lent to the session that produced these numbers; CPU only.",
         f"- command: `{command}`" + (" (quick smoke mode: numbers mean nothing)" if quick else ""),
-        f"- total run time: {elapsed_seconds:.0f} s",
+        f"- total run time: {elapsed_seconds:.0f} s; load average at the end:"
+        f" {', '.join(f'{value:.1f}' for value in os.getloadavg())}",
         "",
         f"## Targets ({met} of {len(targets)} met)",
         "",

@@ -339,7 +339,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
 
     rows = []
     dispatch_bound = MlpSize("dispatch-bound 8x64, batch 32", depth=8, width=64, batch=32)
-    rows += measure(dispatch_bound, list(CONTENDERS), rounds=15, window_seconds=0.1)
+    rows += measure(dispatch_bound, list(CONTENDERS), rounds=25, window_seconds=0.06)
     compute_bound = MlpSize("compute-bound 8x512, batch 256", depth=8, width=512, batch=256)
     rows += measure(compute_bound, list(CONTENDERS), rounds=15, window_seconds=0.15)
     for depth, contenders in (
@@ -350,5 +350,5 @@ def run(quick: bool) -> list[dict[str, Any]]:
         (1000, DEEPEST_CONTENDERS),
     ):
         deep = MlpSize(f"depth {depth}x16, batch 32", depth=depth, width=16, batch=32)
-        rows += measure(deep, contenders, rounds=5, window_seconds=0.2)
+        rows += measure(deep, contenders, rounds=7, window_seconds=0.2)
     return rows

@@ -19,6 +19,7 @@ Heavy imports (JAX, Orbax) happen after argument parsing, so ``--help`` is insta
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import logging
@@ -27,6 +28,7 @@ import pathlib
 import sys
 import warnings
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
 from typing import TextIO
@@ -83,6 +85,16 @@ class Progress:
             if self.enabled:
                 self.stream.write("\n")
                 self.stream.flush()
+
+    @contextlib.contextmanager
+    def step(self, description: str) -> Iterator[None]:
+        """Shows ``description`` while the ``with`` body runs, then marks that stage finished.
+
+        A stage that raises is not counted as finished.
+        """
+        self.stage(description)
+        yield
+        self.advance()
 
     def _draw(self, description: str) -> None:
         if not self.enabled:
@@ -210,19 +222,15 @@ def _nnx_to_pz(args: argparse.Namespace, progress: Progress) -> None:
     from pz_flax.interop import from_nnx
 
     _check_destination(args.destination, args.force)
-    progress.stage("loading the model factory")
-    factory = _load_factory(args.model)
-    progress.advance()
-    progress.stage("reading NNX arrays")
-    module = checkpoint.load_nnx_module(args.source, factory)
-    progress.advance()
-    progress.stage("converting to pz_flax")
-    layer = from_nnx(module)
-    del module
-    progress.advance()
-    progress.stage("writing pz_flax checkpoint")
-    checkpoint.save(args.destination, layer, force=args.force)
-    progress.advance()
+    with progress.step("loading the model factory"):
+        factory = _load_factory(args.model)
+    with progress.step("reading NNX arrays"):
+        module = checkpoint.load_nnx_module(args.source, factory)
+    with progress.step("converting to pz_flax"):
+        layer = from_nnx(module)
+        del module
+    with progress.step("writing pz_flax checkpoint"):
+        checkpoint.save(args.destination, layer, force=args.force)
 
 
 def _pz_to_nnx(args: argparse.Namespace, progress: Progress) -> None:
@@ -230,16 +238,13 @@ def _pz_to_nnx(args: argparse.Namespace, progress: Progress) -> None:
     from pz_flax.interop import to_nnx
 
     _check_destination(args.destination, args.force)
-    progress.stage("reading pz_flax checkpoint")
-    layer = checkpoint.restore(args.source, allow_modules=args.allow_modules)
-    progress.advance()
-    progress.stage("converting to NNX")
-    module = to_nnx(layer)
-    del layer
-    progress.advance()
-    progress.stage("writing NNX checkpoint")
-    checkpoint.write_nnx_checkpoint(args.destination, module, force=args.force)
-    progress.advance()
+    with progress.step("reading pz_flax checkpoint"):
+        layer = checkpoint.restore(args.source, allow_modules=args.allow_modules)
+    with progress.step("converting to NNX"):
+        module = to_nnx(layer)
+        del layer
+    with progress.step("writing NNX checkpoint"):
+        checkpoint.write_nnx_checkpoint(args.destination, module, force=args.force)
 
 
 def _inspect(args: argparse.Namespace) -> None:

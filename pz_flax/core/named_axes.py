@@ -691,6 +691,29 @@ class _IndexUpdateHelper:
         return _IndexUpdateRef(self.array, index)
 
 
+def _scatter_method(name: str, doc: str, jax_method: str | None = None) -> Callable[..., Any]:
+    """Makes an ``_IndexUpdateRef`` update method that runs ``jax.Array.at[].<jax_method>``.
+
+    Args:
+        name: The method's name.
+        doc: The method's docstring.
+        jax_method: The ``jax.Array.at[]`` method that performs the update, when it differs
+            from ``name`` (for aliases that ``jax.Array.at`` lacks, such as ``div``).
+
+    Returns:
+        A method taking ``(self, values, /, **kwargs)``.
+    """
+    jax_method = jax_method or name
+
+    def method(self, values, /, **kwargs):
+        return self._update(jax_method, values, kwargs)
+
+    method.__name__ = name
+    method.__qualname__ = f"_IndexUpdateRef.{name}"
+    method.__doc__ = doc
+    return method
+
+
 @dataclasses.dataclass
 class _IndexUpdateRef:
     """``named_array.at[index]``: gathers or functional updates at ``index``.
@@ -805,50 +828,36 @@ class _IndexUpdateRef:
             .tag_prefix(*untag_order)
         )
 
-    def set(self, values, /, **kwargs):
-        """Returns a copy with ``values`` written at the index."""
-        return self._update("set", values, kwargs)
-
-    def apply(self, values, /, **kwargs):
+    set = _scatter_method("set", "Returns a copy with ``values`` written at the index.")
+    apply = _scatter_method(
+        "apply",
         """Returns a copy with the function ``values`` applied to the entries at the index.
 
         ``values`` is a function of the selected entries (as in ``jax.Array.at[].apply``); it is
         passed to the compiled scatter as static data, so use a function whose identity is
         stable (a named function, not a fresh lambda per call) to avoid recompiling.
-        """
-        return self._update("apply", values, kwargs)
-
-    def add(self, values, /, **kwargs):
-        """Returns a copy with ``values`` added at the index."""
-        return self._update("add", values, kwargs)
-
-    def multiply(self, values, /, **kwargs):
-        """Returns a copy with the entries at the index multiplied by ``values``."""
-        return self._update("multiply", values, kwargs)
-
-    def mul(self, values, /, **kwargs):
-        """Alias of ``multiply``."""
-        return self._update("mul", values, kwargs)
-
-    def divide(self, values, /, **kwargs):
-        """Returns a copy with the entries at the index divided by ``values``."""
-        return self._update("divide", values, kwargs)
-
-    def div(self, values, /, **kwargs):
-        """Alias of ``divide`` (``jax.Array.at`` itself has no ``div``)."""
-        return self._update("divide", values, kwargs)
-
-    def power(self, values, /, **kwargs):
-        """Returns a copy with the entries at the index raised to ``values``."""
-        return self._update("power", values, kwargs)
-
-    def min(self, values, /, **kwargs):
-        """Returns a copy with the entries at the index replaced by their min with ``values``."""
-        return self._update("min", values, kwargs)
-
-    def max(self, values, /, **kwargs):
-        """Returns a copy with the entries at the index replaced by their max with ``values``."""
-        return self._update("max", values, kwargs)
+        """,
+    )
+    add = _scatter_method("add", "Returns a copy with ``values`` added at the index.")
+    multiply = _scatter_method(
+        "multiply", "Returns a copy with the entries at the index multiplied by ``values``."
+    )
+    mul = _scatter_method("mul", "Alias of ``multiply``.")
+    divide = _scatter_method(
+        "divide", "Returns a copy with the entries at the index divided by ``values``."
+    )
+    div = _scatter_method(
+        "div", "Alias of ``divide`` (``jax.Array.at`` itself has no ``div``).", "divide"
+    )
+    power = _scatter_method(
+        "power", "Returns a copy with the entries at the index raised to ``values``."
+    )
+    min = _scatter_method(
+        "min", "Returns a copy with the entries at the index replaced by their min with ``values``."
+    )
+    max = _scatter_method(
+        "max", "Returns a copy with the entries at the index replaced by their max with ``values``."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1660,6 +1669,26 @@ def is_namedarray(value: Any) -> typing.TypeGuard[NamedArrayBase]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _constructed(
+    function_name: str,
+    named_shape: Mapping[AxisName, int],
+    make_data: Callable[[tuple[int, ...]], jax.Array],
+) -> NamedArray:
+    """A ``NamedArray`` with exactly ``named_shape``, its data made by ``make_data(shape)``.
+
+    Args:
+        function_name: The public constructor, named in the error for a bad axis name.
+        named_shape: The axis names and sizes, in storage order.
+        make_data: Builds the data array from the positional shape.
+
+    Returns:
+        A ``NamedArray`` without positional axes.
+    """
+    named_axes = collections.OrderedDict(named_shape)
+    _check_name_types(tuple(named_axes), function_name)
+    return _new_named_array(named_axes, make_data(tuple(named_axes.values())))
+
+
 def full(
     named_shape: Mapping[AxisName, int],
     fill_value: jax.typing.ArrayLike,
@@ -1675,11 +1704,7 @@ def full(
     Returns:
         A ``NamedArray`` without positional axes.
     """
-    named_axes = collections.OrderedDict(named_shape)
-    _check_name_types(tuple(named_axes), "full")
-    return _new_named_array(
-        named_axes, jnp.full(tuple(named_axes.values()), fill_value, dtype=dtype)
-    )
+    return _constructed("full", named_shape, lambda shape: jnp.full(shape, fill_value, dtype))
 
 
 def zeros(named_shape: Mapping[AxisName, int], dtype: np.DTypeLike | None = None) -> NamedArray:
@@ -1692,9 +1717,7 @@ def zeros(named_shape: Mapping[AxisName, int], dtype: np.DTypeLike | None = None
     Returns:
         A ``NamedArray`` without positional axes.
     """
-    named_axes = collections.OrderedDict(named_shape)
-    _check_name_types(tuple(named_axes), "zeros")
-    return _new_named_array(named_axes, jnp.zeros(tuple(named_axes.values()), dtype))
+    return _constructed("zeros", named_shape, lambda shape: jnp.zeros(shape, dtype))
 
 
 def ones(named_shape: Mapping[AxisName, int], dtype: np.DTypeLike | None = None) -> NamedArray:
@@ -1707,9 +1730,7 @@ def ones(named_shape: Mapping[AxisName, int], dtype: np.DTypeLike | None = None)
     Returns:
         A ``NamedArray`` without positional axes.
     """
-    named_axes = collections.OrderedDict(named_shape)
-    _check_name_types(tuple(named_axes), "ones")
-    return _new_named_array(named_axes, jnp.ones(tuple(named_axes.values()), dtype))
+    return _constructed("ones", named_shape, lambda shape: jnp.ones(shape, dtype))
 
 
 def arange(

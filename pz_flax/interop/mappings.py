@@ -43,6 +43,7 @@ from pz_flax.nn import combinators
 from pz_flax.nn import dropout
 from pz_flax.nn import embeddings
 from pz_flax.nn import grouping
+from pz_flax.nn import layer as layer_base
 from pz_flax.nn import linear_and_affine
 from pz_flax.nn import standardization
 
@@ -239,6 +240,28 @@ def _param_dtype(array: jax.Array) -> Any:
     return registry.jnp_dtype_type(array.dtype)
 
 
+def _bias_layer(
+    context: registry.FromNNXContext,
+    bias: nnx.Variable | None,
+    path: str,
+    names: tuple[str, ...],
+) -> linear_and_affine.AddBias | None:
+    """An ``AddBias`` sharing the NNX ``bias`` variable at ``path``, or None without a bias."""
+    if bias is None:
+        return None
+    return linear_and_affine.AddBias(bias=context.parameter(bias, path, names), new_axis_names=())
+
+
+def _affine_variables_by_path(
+    kernel_source: Any, kernel: jax.Array, bias_layer: Any, bias: jax.Array | None
+) -> dict[str, tuple[Any, jax.Array]]:
+    """The ``variables_by_path`` entries of an NNX affine layer, from ``_extract_linear``."""
+    by_path = {"kernel": (kernel_source, kernel)}
+    if bias is not None:
+        by_path["bias"] = (bias_layer.bias, bias)
+    return by_path
+
+
 class LinearMapping(_ReversibleMapping):
     """``nnx.Linear`` <-> ``Affine`` (or ``LinearInPlace`` without bias) over ``features``."""
 
@@ -248,12 +271,7 @@ class LinearMapping(_ReversibleMapping):
     def to_pz(self, module, context):
         features = context.naming.features
         core = _linear_core(context, module.kernel, (features,), (features,))
-        bias = None
-        if module.bias is not None:
-            bias = linear_and_affine.AddBias(
-                bias=context.parameter(module.bias, "bias", (features,)), new_axis_names=()
-            )
-        return _affine(core, bias)
+        return _affine(core, _bias_layer(context, module.bias, "bias", (features,)))
 
     def build(self, layer, context, naming, config):
         extracted = _extract_linear(layer, context)
@@ -262,9 +280,7 @@ class LinearMapping(_ReversibleMapping):
         kernel, bias, in_names, out_names, kernel_source, bias_layer = extracted
         if len(in_names) != 1 or len(out_names) != 1:
             return None
-        by_path = {"kernel": (kernel_source, kernel)}
-        if bias is not None:
-            by_path["bias"] = (bias_layer.bias, bias)
+        by_path = _affine_variables_by_path(kernel_source, kernel, bias_layer, bias)
         return context.construct(
             nnx.Linear,
             kernel.shape[0],
@@ -293,21 +309,14 @@ class LinearGeneralMapping(_ReversibleMapping):
         in_names = context.naming.feature_axes(count_in)
         out_names = context.naming.feature_axes(len(module.out_features))
         core = _linear_core(context, module.kernel, in_names, out_names)
-        bias = None
-        if module.bias is not None:
-            bias = linear_and_affine.AddBias(
-                bias=context.parameter(module.bias, "bias", out_names), new_axis_names=()
-            )
-        return _affine(core, bias)
+        return _affine(core, _bias_layer(context, module.bias, "bias", out_names))
 
     def build(self, layer, context, naming, config):
         extracted = _extract_linear(layer, context)
         if extracted is None:
             return None
         kernel, bias, in_names, _, kernel_source, bias_layer = extracted
-        by_path = {"kernel": (kernel_source, kernel)}
-        if bias is not None:
-            by_path["bias"] = (bias_layer.bias, bias)
+        by_path = _affine_variables_by_path(kernel_source, kernel, bias_layer, bias)
         count_in = len(in_names)
         return context.construct(
             nnx.LinearGeneral,
@@ -375,17 +384,13 @@ class EinsumMapping(_ReversibleMapping):
         if rhs != "".join(contracted) + "".join(new):
             raise NotApplicable("the kernel's letters must list contracted, then new axes.")
         core = _linear_core(context, module.kernel, in_tuple, out_tuple)
-        bias = None
         if module.bias is not None:
             sizes = tuple(module.kernel.shape[rhs.index(letter)] for letter in new)
             if tuple(module.bias.shape) != sizes:
                 raise NotApplicable(
                     f"bias shape {module.bias.shape} is not the new axes' shape {sizes}."
                 )
-            bias = linear_and_affine.AddBias(
-                bias=context.parameter(module.bias, "bias", out_tuple), new_axis_names=()
-            )
-        return _affine(core, bias)
+        return _affine(core, _bias_layer(context, module.bias, "bias", out_tuple))
 
     def config_for(self, module):
         return {"einsum_str": module.einsum_str}
@@ -398,9 +403,7 @@ class EinsumMapping(_ReversibleMapping):
         if extracted is None:
             return None
         kernel, bias, _, _, kernel_source, bias_layer = extracted
-        by_path = {"kernel": (kernel_source, kernel)}
-        if bias is not None:
-            by_path["bias"] = (bias_layer.bias, bias)
+        by_path = _affine_variables_by_path(kernel_source, kernel, bias_layer, bias)
         return context.construct(
             nnx.Einsum,
             einsum_str,
@@ -477,98 +480,80 @@ def _parse_norm(layer, norm_cls, standardize_cls):
     return standardize, scale, shift, across[0]
 
 
-class LayerNormMapping(_ReversibleMapping):
+class _NormMapping(_ReversibleMapping):
+    """An NNX norm over the last axis <-> a standardization, a scale and maybe a shift.
+
+    ``nnx.LayerNorm`` and ``nnx.RMSNorm`` differ only in their statistic (a pz_flax
+    ``standardize_cls`` layer) and in whether they can hold a bias, so one mapping serves both.
+
+    Attributes:
+        standardize_cls: The pz_flax layer computing the statistic.
+        supports_bias: Whether the NNX norm has a ``bias`` (a shift after the scale).
+    """
+
+    standardize_cls: type[layer_base.Layer]
+    supports_bias: bool
+
+    def to_pz(self, module, context):
+        if module.reduction_axes != -1 or module.feature_axes != -1:
+            raise NotApplicable("only reduction_axes=-1, feature_axes=-1 have a named form.")
+        features = context.naming.features
+        sublayers = [self.standardize_cls(across=(features,), epsilon=module.epsilon)]
+        if module.scale is not None:
+            sublayers.append(_scale_layer(context, module.scale, features))
+        if self.supports_bias and module.bias is not None:
+            sublayers.append(_bias_layer(context, module.bias, "bias", (features,)))
+        (pz_type,) = self.pz_types
+        return pz_type(sublayers)
+
+    def config_for(self, module):
+        return {"num_features": module.num_features, "epsilon": module.epsilon}
+
+    def build(self, layer, context, naming, config):
+        (pz_type,) = self.pz_types
+        parsed = _parse_norm(layer, pz_type, self.standardize_cls)
+        if parsed is None:
+            return None
+        standardize, scale, shift, features = parsed
+        if shift is not None and not self.supports_bias:
+            return None
+        by_path = {}
+        if scale is not None:
+            by_path["scale"] = (scale.weights, context.array(scale.weights, (features,)))
+        if shift is not None:
+            by_path["bias"] = (shift.bias, context.array(shift.bias, (features,)))
+        # The first parameter present (scale, else shift) gives the size and dtype.
+        first_array = next(iter(by_path.values()))[1] if by_path else None
+        num_features = config["num_features"] if first_array is None else first_array.shape[0]
+        dtype = np.float32 if first_array is None else first_array.dtype
+        bias_option = {"use_bias": shift is not None} if self.supports_bias else {}
+        return context.construct(
+            self.nnx_type,
+            num_features,
+            epsilon=_concrete_float(standardize.epsilon, config.get("epsilon")),
+            **bias_option,
+            use_scale=scale is not None,
+            param_dtype=registry.jnp_dtype_type(dtype),
+            variables_by_path=by_path,
+        )
+
+
+class LayerNormMapping(_NormMapping):
     """``nnx.LayerNorm`` over the last axis <-> ``LayerNorm`` over ``features``."""
 
     nnx_type = nnx.LayerNorm
     pz_types = (standardization.LayerNorm,)
-
-    def to_pz(self, module, context):
-        if module.reduction_axes != -1 or module.feature_axes != -1:
-            raise NotApplicable("only reduction_axes=-1, feature_axes=-1 have a named form.")
-        features = context.naming.features
-        sublayers = [standardization.Standardize(across=(features,), epsilon=module.epsilon)]
-        if module.scale is not None:
-            sublayers.append(_scale_layer(context, module.scale, features))
-        if module.bias is not None:
-            sublayers.append(
-                linear_and_affine.AddBias(
-                    bias=context.parameter(module.bias, "bias", (features,)), new_axis_names=()
-                )
-            )
-        return standardization.LayerNorm(sublayers)
-
-    def config_for(self, module):
-        return {"num_features": module.num_features, "epsilon": module.epsilon}
-
-    def build(self, layer, context, naming, config):
-        parsed = _parse_norm(layer, standardization.LayerNorm, standardization.Standardize)
-        if parsed is None:
-            return None
-        standardize, scale, shift, features = parsed
-        by_path = {}
-        sizes = []
-        if scale is not None:
-            array = context.array(scale.weights, (features,))
-            by_path["scale"] = (scale.weights, array)
-            sizes.append(array.shape[0])
-        if shift is not None:
-            array = context.array(shift.bias, (features,))
-            by_path["bias"] = (shift.bias, array)
-            sizes.append(array.shape[0])
-        num_features = sizes[0] if sizes else config["num_features"]
-        dtype = next(iter(by_path.values()))[1].dtype if by_path else np.float32
-        return context.construct(
-            nnx.LayerNorm,
-            num_features,
-            epsilon=_concrete_float(standardize.epsilon, config.get("epsilon")),
-            use_bias=shift is not None,
-            use_scale=scale is not None,
-            param_dtype=registry.jnp_dtype_type(dtype),
-            variables_by_path=by_path,
-        )
+    standardize_cls = standardization.Standardize
+    supports_bias = True
 
 
-class RMSNormMapping(_ReversibleMapping):
+class RMSNormMapping(_NormMapping):
     """``nnx.RMSNorm`` over the last axis <-> ``RMSLayerNorm`` over ``features``."""
 
     nnx_type = nnx.RMSNorm
     pz_types = (standardization.RMSLayerNorm,)
-
-    def to_pz(self, module, context):
-        if module.reduction_axes != -1 or module.feature_axes != -1:
-            raise NotApplicable("only reduction_axes=-1, feature_axes=-1 have a named form.")
-        features = context.naming.features
-        sublayers = [standardization.RMSStandardize(across=(features,), epsilon=module.epsilon)]
-        if module.scale is not None:
-            sublayers.append(_scale_layer(context, module.scale, features))
-        return standardization.RMSLayerNorm(sublayers)
-
-    def config_for(self, module):
-        return {"num_features": module.num_features, "epsilon": module.epsilon}
-
-    def build(self, layer, context, naming, config):
-        parsed = _parse_norm(layer, standardization.RMSLayerNorm, standardization.RMSStandardize)
-        if parsed is None:
-            return None
-        standardize, scale, shift, features = parsed
-        if shift is not None:
-            return None
-        by_path = {}
-        if scale is not None:
-            array = context.array(scale.weights, (features,))
-            by_path["scale"] = (scale.weights, array)
-            num_features, dtype = array.shape[0], array.dtype
-        else:
-            num_features, dtype = config["num_features"], np.float32
-        return context.construct(
-            nnx.RMSNorm,
-            num_features,
-            epsilon=_concrete_float(standardize.epsilon, config.get("epsilon")),
-            use_scale=scale is not None,
-            param_dtype=registry.jnp_dtype_type(dtype),
-            variables_by_path=by_path,
-        )
+    standardize_cls = standardization.RMSStandardize
+    supports_bias = False
 
 
 class DropoutMapping(_ReversibleMapping):
@@ -653,13 +638,9 @@ class MultiHeadAttentionMapping(_ReversibleMapping):
                 in_axis_names=(features,),
                 out_axis_names=(heads, projection),
             )
-            bias = None
-            if child.bias is not None:
-                bias = linear_and_affine.AddBias(
-                    bias=context.parameter(child.bias, f"{name}/bias", (heads, projection)),
-                    new_axis_names=(),
-                )
-            return _affine(linear, bias)
+            return _affine(
+                linear, _bias_layer(context, child.bias, f"{name}/bias", (heads, projection))
+            )
 
         out_linear = linear_and_affine.Linear(
             weights=context.parameter(
@@ -668,12 +649,7 @@ class MultiHeadAttentionMapping(_ReversibleMapping):
             in_axis_names=(heads, projection),
             out_axis_names=(features,),
         )
-        out_bias = None
-        if module.out.bias is not None:
-            out_bias = linear_and_affine.AddBias(
-                bias=context.parameter(module.out.bias, "out/bias", (features,)),
-                new_axis_names=(),
-            )
+        out_bias = _bias_layer(context, module.out.bias, "out/bias", (features,))
         to_kv_seq = linear_and_affine.RenameAxes(old=(seq,), new=(kv_seq,))
         return attention.Attention(
             input_to_query=grouping.Sequential(
@@ -916,9 +892,7 @@ class LoRALinearMapping(_ReversibleMapping):
         if extracted is None or lora is None:
             return None
         kernel, bias, _, _, kernel_source, bias_layer = extracted
-        by_path = {"kernel": (kernel_source, kernel), **lora}
-        if bias is not None:
-            by_path["bias"] = (bias_layer.bias, bias)
+        by_path = {**_affine_variables_by_path(kernel_source, kernel, bias_layer, bias), **lora}
         lora_a = lora["lora/lora_a"][1]
         return context.construct(
             nnx.LoRALinear,

@@ -163,18 +163,8 @@ class NNXWrapper(layer_base.Layer):
         with jax.named_scope(_type_name(self.module_type)):
             output = module(positional, **keyword_arguments)
         write_back_changed_variables(bindings)
-        if leading is None:
-            return output
-        positional_rank = len(argument.positional_shape)
-        trailing_in = tuple(name for name in self.input_axes if name in argument.named_shape)
         return _name_output(
-            output,
-            leading,
-            trailing_in,
-            self.output_axes,
-            self.feature_axis,
-            positional_rank,
-            f"NNX module {_type_name(self.module_type)}",
+            self, argument, leading, output, f"NNX module {_type_name(self.module_type)}"
         )
 
     def treescope_color(self) -> str:
@@ -206,23 +196,42 @@ class WrappedCallable(layer_base.Layer):
         """Calls ``fn`` on the positional form of ``argument`` and names the result."""
         positional, leading = naming_lib.to_positional(argument, self.input_axes)
         output = self.fn(positional)
-        if leading is None:
-            return output
-        trailing_in = tuple(name for name in self.input_axes if name in argument.named_shape)
         return _name_output(
-            output,
+            self,
+            argument,
             leading,
-            trailing_in,
-            self.output_axes,
-            self.feature_axis,
-            len(argument.positional_shape),
+            output,
             f"function {getattr(self.fn, '__name__', repr(self.fn))}",
         )
 
 
-def _name_output(output, leading, trailing_in, output_axes, feature_axis, positional_rank, who):
-    """Names a wrapped module's output; see ``NNXWrapper`` for the rule."""
-    features_default = feature_axis
+def _name_output(
+    wrapper: NNXWrapper | WrappedCallable,
+    argument: Any,
+    leading: tuple[str, ...] | None,
+    output: Any,
+    who: str,
+) -> Any:
+    """Names the output of a wrapped call; see ``NNXWrapper`` for the rule.
+
+    Args:
+        wrapper: The wrapper layer, giving ``input_axes``, ``output_axes`` and
+            ``feature_axis``.
+        argument: The wrapper's input.
+        leading: The batch axis names that ``naming.to_positional`` moved to the front, or
+            None when ``argument`` was not a named array (the output is then returned as is).
+        output: What the wrapped module or function returned.
+        who: Describes the wrapped callable in error messages.
+
+    Returns:
+        ``output`` with every array leaf named.
+    """
+    if leading is None:
+        return output
+    positional_rank = len(argument.positional_shape)
+    trailing_in = tuple(name for name in wrapper.input_axes if name in argument.named_shape)
+    output_axes = wrapper.output_axes
+    features_default = wrapper.feature_axis
 
     def name_leaf(leaf):
         if not isinstance(leaf, jax.Array):

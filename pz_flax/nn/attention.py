@@ -58,33 +58,38 @@ class ApplyExplicitAttentionMask(layer_base.Layer):
         return named_axes.nmap(jnp.where)(mask, x, self.masked_out_value)
 
 
-def _query_and_kv_positions(
+def _causal_mask_positions(
+    mask: ApplyCausalAttentionMask | ApplyCausalSlidingWindowAttentionMask,
     layer_name: str,
+    x: named_axes.NamedArray,
     side_inputs: dict[str, Any],
-    query_positions_input_name: str,
-    kv_positions_input_name: str,
-    seq_axis: str,
-    kv_seq_axis: str,
 ) -> tuple[named_axes.NamedArray, named_axes.NamedArray]:
-    """Reads both position side inputs; key positions get the ``kv_seq`` name.
+    """Reads both position side inputs of a causal mask; key positions get the ``kv_seq`` name.
 
     Renaming the key axis is what turns two 1-D position vectors into a 2-D
-    (query, key) comparison under named-axis broadcasting.
+    (query, key) comparison under named-axis broadcasting. The logits' key
+    axis is checked against the key positions so that a mismatch is reported
+    with the layer's name instead of as a broadcasting error.
+
+    Args:
+      mask: The mask layer, giving the side input and axis names.
+      layer_name: Its class name, for error messages.
+      x: The attention logits the mask will be applied to.
+      side_inputs: The side inputs of the call.
+
+    Returns:
+      The query positions and the key positions (along ``mask.kv_seq_axis``).
     """
-    query_positions = side_inputs[query_positions_input_name]
-    kv_positions = side_inputs[kv_positions_input_name]
+    seq_axis, kv_seq_axis = mask.seq_axis, mask.kv_seq_axis
+    query_positions = side_inputs[mask.query_positions_input_name]
+    kv_positions = side_inputs[mask.kv_positions_input_name]
     if seq_axis not in kv_positions.named_shape:
         raise ValueError(
             f"{layer_name}: the key/value positions side input"
-            f" {kv_positions_input_name!r} must have the sequence axis {seq_axis!r},"
+            f" {mask.kv_positions_input_name!r} must have the sequence axis {seq_axis!r},"
             f" but its named_shape is {dict(kv_positions.named_shape)}."
         )
     kv_positions = kv_positions.untag(seq_axis).tag(kv_seq_axis)
-    return query_positions, kv_positions
-
-
-def _check_kv_axis(layer_name: str, x: named_axes.NamedArray, kv_positions, kv_seq_axis):
-    """Checks that the logits' key axis matches the key positions."""
     expected = kv_positions.named_shape[kv_seq_axis]
     got = x.named_shape.get(kv_seq_axis)
     if got != expected:
@@ -94,6 +99,7 @@ def _check_kv_axis(layer_name: str, x: named_axes.NamedArray, kv_positions, kv_s
             f" {kv_seq_axis!r}, but in the attention logits that axis {problem};"
             f" logits named_shape is {dict(x.named_shape)}."
         )
+    return query_positions, kv_positions
 
 
 @struct.pytree_dataclass
@@ -134,15 +140,9 @@ class ApplyCausalAttentionMask(layer_base.Layer):
         Returns:
           The masked logits.
         """
-        query_positions, kv_positions = _query_and_kv_positions(
-            "ApplyCausalAttentionMask",
-            side_inputs,
-            self.query_positions_input_name,
-            self.kv_positions_input_name,
-            self.seq_axis,
-            self.kv_seq_axis,
+        query_positions, kv_positions = _causal_mask_positions(
+            self, "ApplyCausalAttentionMask", x, side_inputs
         )
-        _check_kv_axis("ApplyCausalAttentionMask", x, kv_positions, self.kv_seq_axis)
         allowed = (query_positions >= kv_positions) & (kv_positions >= 0)
         return named_axes.nmap(jnp.where)(allowed, x, self.masked_out_value)
 
@@ -185,15 +185,9 @@ class ApplyCausalSlidingWindowAttentionMask(layer_base.Layer):
         Returns:
           The masked logits.
         """
-        query_positions, kv_positions = _query_and_kv_positions(
-            "ApplyCausalSlidingWindowAttentionMask",
-            side_inputs,
-            self.query_positions_input_name,
-            self.kv_positions_input_name,
-            self.seq_axis,
-            self.kv_seq_axis,
+        query_positions, kv_positions = _causal_mask_positions(
+            self, "ApplyCausalSlidingWindowAttentionMask", x, side_inputs
         )
-        _check_kv_axis("ApplyCausalSlidingWindowAttentionMask", x, kv_positions, self.kv_seq_axis)
         allowed = (
             (query_positions >= kv_positions)
             & (query_positions - kv_positions < self.sliding_window_size)
@@ -394,9 +388,11 @@ class KVCachingAttention(layer_base.Layer):
         layerstack_axes = dict(layerstack_axes or {})
         cache_metadata = {}
         if layerstack_axes:
-            cache_metadata = layer_stack.with_stack_behaviors(
-                {}, dict.fromkeys(layerstack_axes, layer_stack.LayerStackVarBehavior.PER_LAYER)
-            )
+            cache_metadata = {
+                "layerstack_axes": dict.fromkeys(
+                    layerstack_axes, layer_stack.LayerStackVarBehavior.PER_LAYER
+                )
+            }
         empty_cache = named_axes.zeros(
             {**cached_axes, **layerstack_axes, sequence_axis: cache_len}, dtype=cache_dtype
         )

@@ -22,8 +22,6 @@ import dataclasses
 import enum
 from collections.abc import Callable
 from collections.abc import Hashable
-from collections.abc import Iterator
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -50,59 +48,6 @@ class LayerStackVarBehavior(enum.Enum):
 
     SHARED = enum.auto()
     PER_LAYER = enum.auto()
-
-
-class _StackAxisBehaviors(Mapping):
-    """A read-only, hashable ``{stack axis: LayerStackVarBehavior}`` mapping.
-
-    pz_flax variables are NNX variables, whose metadata entries must be
-    hashable (NNX hashes them into graph definitions), so the
-    ``"layerstack_axes"`` entry cannot be a plain dict. This mapping reads like
-    one and compares equal to a dict with the same items.
-    """
-
-    def __init__(self, behaviors: Mapping[named_axes.AxisName, LayerStackVarBehavior]):
-        self._behaviors = dict(behaviors)
-
-    def __getitem__(self, axis: named_axes.AxisName) -> LayerStackVarBehavior:
-        return self._behaviors[axis]
-
-    def __iter__(self) -> Iterator[named_axes.AxisName]:
-        return iter(self._behaviors)
-
-    def __len__(self) -> int:
-        return len(self._behaviors)
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._behaviors.items()))
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Mapping):
-            return NotImplemented
-        return dict(self._behaviors) == dict(other)
-
-    def __repr__(self) -> str:
-        return repr(self._behaviors)
-
-
-def with_stack_behaviors(
-    metadata: Mapping[str, Any], behaviors: Mapping[named_axes.AxisName, LayerStackVarBehavior]
-) -> dict[str, Any]:
-    """Returns ``metadata`` with ``behaviors`` merged into its ``"layerstack_axes"`` entry.
-
-    Use this to build the metadata of a state variable that will live inside a
-    `LayerStack`: the entry is stored as a hashable mapping, as NNX variable
-    metadata requires.
-
-    Args:
-      metadata: Existing metadata (not modified).
-      behaviors: Stack axis names and their `LayerStackVarBehavior`.
-
-    Returns:
-      A new metadata dict.
-    """
-    existing = dict(metadata.get(_METADATA_KEY, {}))
-    return {**metadata, _METADATA_KEY: _StackAxisBehaviors({**existing, **behaviors})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -443,13 +388,15 @@ class LayerStack(layer_base.Layer):
                         f"State variable {frozen.label!r} already has a LayerStack behavior"
                         f" for axis {stack_axis!r}; cannot stack it along it again."
                     )
+                behaviors = {
+                    **frozen.metadata.get(_METADATA_KEY, {}),
+                    stack_axis: LayerStackVarBehavior.PER_LAYER,
+                }
                 new_variables.append(
                     variables.StateVariable(
                         value=frozen.value,
                         label=frozen.label,
-                        metadata=with_stack_behaviors(
-                            frozen.metadata, {stack_axis: LayerStackVarBehavior.PER_LAYER}
-                        ),
+                        metadata={**frozen.metadata, _METADATA_KEY: behaviors},
                     )
                 )
             else:

@@ -17,6 +17,8 @@ import collections
 import dataclasses
 import functools
 import itertools
+from collections.abc import Callable
+from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 from typing import Literal
@@ -385,6 +387,15 @@ class LinearInPlace(grouping.Sequential):
         return "#eba875", "color-mix(in oklab, #eba875 25%, white)"
 
 
+def _batched_floating_spec(axes: Mapping[str, int]) -> shapecheck.ArraySpec:
+    """A floating array with exactly ``axes`` plus any batch axes, bound to the variable ``B``.
+
+    Using the same variable ``B`` in a layer's input and output structures makes a structure
+    check require that the layer passes the batch axes through unchanged.
+    """
+    return shapecheck.ArraySpec(named_shape={**shapecheck.var("B"), **axes}, dtype=jnp.floating)
+
+
 def _named_shape_summary(value: Any) -> str:
     if isinstance(value, named_axes.NamedArrayBase):
         return (
@@ -589,46 +600,34 @@ class Linear(layer_base.Layer):
             out_axis_names=(*output_axes, *parallel_broadcast_axes),
         )
 
+    def _weight_axes_where(self, keep: Callable[[str], bool]) -> dict[str, int]:
+        """Names and sizes of the weight axes whose name passes ``keep``, in weight order."""
+        return {name: size for name, size in self.weights.value.named_shape.items() if keep(name)}
+
     @property
     def input_axes(self) -> dict[str, int]:
         """Names and sizes of the axes that only the input has (contracted away)."""
-        return {
-            name: size
-            for name, size in self.weights.value.named_shape.items()
-            if name in self.in_axis_names
-        }
+        return self._weight_axes_where(lambda name: name in self.in_axis_names)
 
     @property
     def output_axes(self) -> dict[str, int]:
         """Names and sizes of the axes that only the output has."""
-        return {
-            name: size
-            for name, size in self.weights.value.named_shape.items()
-            if name in self.out_axis_names
-        }
+        return self._weight_axes_where(lambda name: name in self.out_axis_names)
 
     @property
     def parallel_axes(self) -> dict[str, int]:
         """Names and sizes of the axes that both the input and the output have."""
-        return {
-            name: size
-            for name, size in self.weights.value.named_shape.items()
-            if name not in self.in_axis_names and name not in self.out_axis_names
-        }
+        return self._weight_axes_where(
+            lambda name: name not in self.in_axis_names and name not in self.out_axis_names
+        )
 
     def input_structure(self) -> shapecheck.StructureAnnotation:
         """Any floating named array with the input and parallel axes (plus batch axes ``B``)."""
-        return shapecheck.ArraySpec(
-            named_shape={**shapecheck.var("B"), **self.input_axes, **self.parallel_axes},
-            dtype=jnp.floating,
-        )
+        return _batched_floating_spec({**self.input_axes, **self.parallel_axes})
 
     def output_structure(self) -> shapecheck.StructureAnnotation:
         """The same batch axes ``B`` as the input, plus the output and parallel axes."""
-        return shapecheck.ArraySpec(
-            named_shape={**shapecheck.var("B"), **self.output_axes, **self.parallel_axes},
-            dtype=jnp.floating,
-        )
+        return _batched_floating_spec({**self.output_axes, **self.parallel_axes})
 
     def treescope_color(self) -> str:
         return "#eba875"
@@ -711,24 +710,17 @@ class AddBias(layer_base.Layer):
 
     def input_structure(self) -> shapecheck.StructureAnnotation:
         """Batch axes ``B`` plus the biased axes of the bias."""
-        return shapecheck.ArraySpec(
-            named_shape={
-                **shapecheck.var("B"),
-                **{
-                    name: size
-                    for name, size in self.bias.value.named_shape.items()
-                    if name not in self.new_axis_names
-                },
-            },
-            dtype=jnp.floating,
+        return _batched_floating_spec(
+            {
+                name: size
+                for name, size in self.bias.value.named_shape.items()
+                if name not in self.new_axis_names
+            }
         )
 
     def output_structure(self) -> shapecheck.StructureAnnotation:
         """Batch axes ``B`` plus every axis of the bias."""
-        return shapecheck.ArraySpec(
-            named_shape={**shapecheck.var("B"), **self.bias.value.named_shape},
-            dtype=jnp.floating,
-        )
+        return _batched_floating_spec(self.bias.value.named_shape)
 
     def treescope_color(self) -> str:
         return "#65cfbc"

@@ -15,6 +15,7 @@ swap the statistic.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from collections.abc import Mapping
 
 import jax
@@ -34,12 +35,29 @@ def _as_axis_tuple(across: str | tuple[str, ...]) -> tuple[str, ...]:
     return (across,) if isinstance(across, str) else tuple(across)
 
 
-def _check_axes_present(layer_name: str, axis_names: tuple[str, ...], value: NamedArray) -> None:
-    """Fails early, naming the layer, if an axis to reduce over is absent.
+def _normalize_over_axes(
+    layer_name: str,
+    across: str | tuple[str, ...],
+    value: NamedArray,
+    normalize_block: Callable[[jax.Array], jax.Array],
+) -> NamedArray:
+    """Applies ``normalize_block`` to every block of ``value`` spanned by the ``across`` axes.
 
-    Without this check the failure would surface as a generic ``untag`` error
-    that does not say which layer was being applied.
+    The ``across`` axes become the positional axes of each block and every other axis is
+    vectorized over. The input is checked first so that a missing axis or a stray positional
+    axis is reported with the layer's name, rather than as a generic ``untag`` error that
+    does not say which layer was being applied.
+
+    Args:
+      layer_name: Name of the calling layer, for error messages.
+      across: The axis name, or tuple of axis names, spanning one block.
+      value: The input; it must have only named axes, including all of ``across``.
+      normalize_block: Maps one block to a normalized block of the same shape.
+
+    Returns:
+      The normalized array, with the same named shape as ``value``.
     """
+    axis_names = _as_axis_tuple(across)
     named_shape = dict(value.named_shape)
     missing = [name for name in axis_names if name not in named_shape]
     if missing:
@@ -54,6 +72,7 @@ def _check_axes_present(layer_name: str, axis_names: tuple[str, ...], value: Nam
             f" positional axes of shape {value.positional_shape} (named_shape"
             f" {named_shape}). Tag them before normalizing."
         )
+    return named_axes.nmap(normalize_block)(value.untag(*axis_names)).tag(*axis_names)
 
 
 @struct.pytree_dataclass
@@ -85,8 +104,6 @@ class Standardize(layer_base.Layer):
         Returns:
           An array with the same named shape as ``value``.
         """
-        axis_names = _as_axis_tuple(self.across)
-        _check_axes_present("Standardize", axis_names, value)
         epsilon = self.epsilon
 
         def standardize_block(block):
@@ -94,7 +111,7 @@ class Standardize(layer_base.Layer):
             variance = jnp.mean(jnp.square(centered))
             return centered * jax.lax.rsqrt(variance + epsilon)
 
-        return named_axes.nmap(standardize_block)(value.untag(*axis_names)).tag(*axis_names)
+        return _normalize_over_axes("Standardize", self.across, value, standardize_block)
 
 
 @struct.pytree_dataclass
@@ -125,15 +142,13 @@ class RMSStandardize(layer_base.Layer):
         Returns:
           An array with the same named shape as ``value``.
         """
-        axis_names = _as_axis_tuple(self.across)
-        _check_axes_present("RMSStandardize", axis_names, value)
         epsilon = self.epsilon
 
         def rms_standardize_block(block):
             mean_square = jnp.mean(jnp.square(block))
             return block * jax.lax.rsqrt(mean_square + epsilon)
 
-        return named_axes.nmap(rms_standardize_block)(value.untag(*axis_names)).tag(*axis_names)
+        return _normalize_over_axes("RMSStandardize", self.across, value, rms_standardize_block)
 
 
 def _learned_scale(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -271,11 +272,22 @@ def test_missing_path_and_non_checkpoints(tmp_path):
 
 
 def _copy_of(saved: pathlib.Path, tmp_path: pathlib.Path) -> pathlib.Path:
-    import shutil
-
     copy = tmp_path / "copy"
     shutil.copytree(saved, copy)
     return copy
+
+
+def _edit_manifest(checkpoint: pathlib.Path, edit) -> None:
+    """Rewrites the checkpoint's JSON manifest after ``edit`` has changed it in place."""
+    manifest_file = checkpoint / "manifest" / "metadata"
+    manifest = json.loads(manifest_file.read_text())
+    edit(manifest)
+    manifest_file.write_text(json.dumps(manifest))
+
+
+def _mlp_node(manifest: dict) -> dict:
+    """The manifest node of the ``mlp`` entry of the saved dict."""
+    return next(value for key, value in manifest["root"]["dict"] if key == "mlp")
 
 
 def test_corrupt_manifest_is_reported(saved, tmp_path):
@@ -300,11 +312,7 @@ def test_corrupt_manifest_is_reported(saved, tmp_path):
 
 def test_manifest_naming_unknown_fields_is_reported(saved, tmp_path):
     copy = _copy_of(saved, tmp_path)
-    manifest_file = copy / "manifest" / "metadata"
-    manifest = json.loads(manifest_file.read_text())
-    mlp_node = next(value for key, value in manifest["root"]["dict"] if key == "mlp")
-    mlp_node["static"]["surprise"] = 1
-    manifest_file.write_text(json.dumps(manifest))
+    _edit_manifest(copy, lambda manifest: _mlp_node(manifest)["static"].update(surprise=1))
     with pytest.raises(errors.CorruptCheckpointError, match=r"mlp: .*'surprise'"):
         storage.restore(copy)
 
@@ -324,8 +332,6 @@ def test_missing_and_damaged_array_files_are_reported(saved, tmp_path):
         file.unlink()
     with pytest.raises(errors.CorruptCheckpointError):
         storage.restore(copy)
-    import shutil
-
     shutil.rmtree(copy / "arrays")
     with pytest.raises(errors.CorruptCheckpointError, match="lists 8 arrays"):
         storage.restore(copy)
@@ -333,11 +339,12 @@ def test_missing_and_damaged_array_files_are_reported(saved, tmp_path):
 
 def test_manifest_listing_an_array_the_store_lacks(saved, tmp_path):
     copy = _copy_of(saved, tmp_path)
-    manifest_file = copy / "manifest" / "metadata"
-    manifest = json.loads(manifest_file.read_text())
-    manifest["arrays"][0]["key"] = ["nowhere"]
-    manifest["arrays"][1]["shape"] = [3, 3]
-    manifest_file.write_text(json.dumps(manifest))
+
+    def lose_and_reshape_arrays(manifest):
+        manifest["arrays"][0]["key"] = ["nowhere"]
+        manifest["arrays"][1]["shape"] = [3, 3]
+
+    _edit_manifest(copy, lose_and_reshape_arrays)
     with pytest.raises(errors.CorruptCheckpointError, match=r"missing from the arrays.*says"):
         storage.restore(copy)
 
@@ -413,13 +420,9 @@ def test_killed_saves_never_leave_a_wrong_checkpoint(tmp_path, existing):
 
 def test_restore_of_an_untrusted_type_fails_before_reading_arrays(saved, tmp_path):
     copy = _copy_of(saved, tmp_path)
-    manifest_file = copy / "manifest" / "metadata"
-    manifest = json.loads(manifest_file.read_text())
-    mlp_node = next(value for key, value in manifest["root"]["dict"] if key == "mlp")
-    mlp_node["struct"] = "my_project.layers:Sequential"
-    manifest_file.write_text(json.dumps(manifest))
-    import shutil
-
+    _edit_manifest(
+        copy, lambda manifest: _mlp_node(manifest).update(struct="my_project.layers:Sequential")
+    )
     shutil.rmtree(copy / "arrays")  # would be a corrupt-checkpoint error if reached
     with pytest.raises(errors.UntrustedTypeError, match=r"my_project\.layers\.Sequential at mlp"):
         storage.restore(copy)

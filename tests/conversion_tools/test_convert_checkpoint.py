@@ -37,6 +37,16 @@ def _run(capsys, *argv):
     return status, captured.out, captured.err
 
 
+def _nnx_to_pz(capsys, source, destination, *options, model=FACTORY):
+    """Runs ``nnx-to-pz`` from ``source`` to ``destination``, with extra command-line options."""
+    argv = ["nnx-to-pz", "--model", model, "--in", str(source), "--out", str(destination)]
+    return _run(capsys, *argv, *options)
+
+
+def _pz_to_nnx(capsys, source, destination):
+    return _run(capsys, "pz-to-nnx", "--in", str(source), "--out", str(destination))
+
+
 def _assert_short_error(err: str, *fragments: str):
     lines = err.strip().splitlines()
     assert 1 <= len(lines) <= 3, err
@@ -47,21 +57,9 @@ def _assert_short_error(err: str, *fragments: str):
 
 
 def test_nnx_to_pz_to_nnx_round_trip(nnx_checkpoint, tmp_path, capsys):
-    status, _, err = _run(
-        capsys,
-        "nnx-to-pz",
-        "--model",
-        FACTORY,
-        "--in",
-        str(nnx_checkpoint),
-        "--out",
-        str(tmp_path / "pz"),
-        "--no-progress",
-    )
+    status, _, err = _nnx_to_pz(capsys, nnx_checkpoint, tmp_path / "pz", "--no-progress")
     assert (status, err) == (0, "")
-    status, _, err = _run(
-        capsys, "pz-to-nnx", "--in", str(tmp_path / "pz"), "--out", str(tmp_path / "nnx2")
-    )
+    status, _, err = _pz_to_nnx(capsys, tmp_path / "pz", tmp_path / "nnx2")
     assert (status, err) == (0, "")
     abstract = nnx.state(nnx.eval_shape(sample_models.make_nnx_model))
     original = ocp.StandardCheckpointer().restore(nnx_checkpoint, abstract)
@@ -74,16 +72,8 @@ def test_nnx_to_pz_to_nnx_round_trip(nnx_checkpoint, tmp_path, capsys):
 def test_factory_from_a_python_file_and_progress_bar(nnx_checkpoint, tmp_path, capsys):
     factory_file = tmp_path / "factories.py"
     factory_file.write_text("from tests.checkpoint.sample_models import make_nnx_model as build\n")
-    status, _, err = _run(
-        capsys,
-        "nnx-to-pz",
-        "--model",
-        f"{factory_file}:build",
-        "--in",
-        str(nnx_checkpoint),
-        "--out",
-        str(tmp_path / "pz"),
-        "--progress",
+    status, _, err = _nnx_to_pz(
+        capsys, nnx_checkpoint, tmp_path / "pz", "--progress", model=f"{factory_file}:build"
     )
     assert status == 0
     assert "\r[" in err and "4/4 done" in err and err.endswith("\n")
@@ -111,30 +101,11 @@ def test_help_has_examples(capsys):
 def test_destination_exists_needs_force(nnx_checkpoint, tmp_path, capsys):
     destination = tmp_path / "pz"
     storage.save(destination, {"w": jnp.ones(2)})
-    status, _, err = _run(
-        capsys,
-        "nnx-to-pz",
-        "--model",
-        FACTORY,
-        "--in",
-        str(nnx_checkpoint),
-        "--out",
-        str(destination),
-    )
+    status, _, err = _nnx_to_pz(capsys, nnx_checkpoint, destination)
     assert status == 1
     _assert_short_error(err, "already exists", "--force")
     np.testing.assert_array_equal(storage.restore(destination)["w"], jnp.ones(2))
-    status, _, err = _run(
-        capsys,
-        "nnx-to-pz",
-        "--model",
-        FACTORY,
-        "--in",
-        str(nnx_checkpoint),
-        "--out",
-        str(destination),
-        "--force",
-    )
+    status, _, err = _nnx_to_pz(capsys, nnx_checkpoint, destination, "--force")
     assert (status, err) == (0, "")
     assert storage.restore(destination).nnx_type is nnx.Sequential
 
@@ -202,15 +173,11 @@ def test_corrupt_and_untrusted_sources(tmp_path, capsys):
     manifest_file = tmp_path / "pz" / "manifest" / "metadata"
     text = manifest_file.read_text()
     manifest_file.write_text(text.replace("pz_flax.nn.grouping:Sequential", "evil_mod:Sequential"))
-    status, _, err = _run(
-        capsys, "pz-to-nnx", "--in", str(tmp_path / "pz"), "--out", str(tmp_path / "out")
-    )
+    status, _, err = _pz_to_nnx(capsys, tmp_path / "pz", tmp_path / "out")
     assert status == 1
     _assert_short_error(err, "evil_mod.Sequential", "--allow-module evil_mod")
     manifest_file.write_text(text[:100])
-    status, _, err = _run(
-        capsys, "pz-to-nnx", "--in", str(tmp_path / "pz"), "--out", str(tmp_path / "out")
-    )
+    status, _, err = _pz_to_nnx(capsys, tmp_path / "pz", tmp_path / "out")
     assert status == 1
     _assert_short_error(err, "damaged")
     status, _, err = _run(capsys, "inspect", str(tmp_path / "pz"))
@@ -245,6 +212,20 @@ def test_progress_bar_draws_stages():
     assert silent.getvalue() == ""
 
 
+def test_progress_step_counts_only_stages_that_finish():
+    stream = io.StringIO()
+    progress = convert_checkpoint.Progress(2, enabled=True, stream=stream, width=4)
+    with progress.step("first"):
+        pass
+    with pytest.raises(RuntimeError, match="boom"), progress.step("second"):
+        raise RuntimeError("boom")
+    assert progress.done == 1
+    assert stream.getvalue().split("\r")[1:] == [
+        "[....] 0/2 first                       ",
+        "[##..] 1/2 second                      ",
+    ]
+
+
 def test_runs_as_a_script_without_traceback(tmp_path):
     script = REPO_ROOT / "conversion_tools" / "convert_checkpoint.py"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -277,9 +258,7 @@ def test_truncated_array_files(tmp_path, capsys):
     for file in (tmp_path / "pz" / "arrays").rglob("*"):
         if file.is_file() and file.parent.name == "d":
             file.write_bytes(file.read_bytes()[:5])
-    status, _, err = _run(
-        capsys, "pz-to-nnx", "--in", str(tmp_path / "pz"), "--out", str(tmp_path / "out")
-    )
+    status, _, err = _pz_to_nnx(capsys, tmp_path / "pz", tmp_path / "out")
     assert status == 1
     _assert_short_error(err, "Cannot read the arrays", "missing or damaged")
     assert not (tmp_path / "out").exists()

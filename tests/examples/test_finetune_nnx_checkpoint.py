@@ -1,16 +1,13 @@
 """Smoke test of examples/finetune_nnx_checkpoint.py: NNX checkpoint -> LoRA -> NNX checkpoint."""
 
-import importlib.util
-import pathlib
-import sys
-
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.examples import helpers
+
 BASE_LABELS = {"up/kernel", "up/bias", "norm/scale", "norm/bias", "down/kernel", "down/bias"}
 
 
@@ -20,19 +17,9 @@ def adapter_label(layer: str, factor: str) -> str:
     return f"LoRA:{location}/LoRA_{factor}.weights"
 
 
-def load_example():
-    path = ROOT / "examples" / "finetune_nnx_checkpoint.py"
-    spec = importlib.util.spec_from_file_location("finetune_nnx_checkpoint", path)
-    module = importlib.util.module_from_spec(spec)
-    # Dataclasses look their module up in sys.modules while the module is being executed.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def example():
-    return load_example()
+    return helpers.load_example("finetune_nnx_checkpoint.py", "finetune_nnx_checkpoint")
 
 
 def restore_plain_nnx(path, factory) -> nnx.Module:

@@ -1,18 +1,10 @@
 """Smoke test of examples/nnx_interop.py with small settings."""
 
-import importlib.util
-import pathlib
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.examples import helpers
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location(
-        "nnx_interop_example", ROOT / "examples" / "nnx_interop.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return helpers.load_example("nnx_interop.py", "nnx_interop_example")
 
 
 def test_example_converts_patches_converts_back_and_trains(tmp_path, capsys):

@@ -1,16 +1,10 @@
 """Smoke test of the main job, examples/quickstart.py, in a short run."""
 
-import importlib.util
-import pathlib
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+from tests.examples import helpers
 
 
 def load_quickstart():
-    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "examples" / "quickstart.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return helpers.load_example("quickstart.py", "quickstart")
 
 
 def test_quickstart_trains_checkpoints_restores_and_converts(tmp_path, capsys):

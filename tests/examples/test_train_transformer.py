@@ -1,9 +1,6 @@
 """Smoke test of examples/train_transformer.py: a short data-parallel run on 8 CPU devices."""
 
-import importlib.util
 import json
-import pathlib
-import sys
 
 import jax
 import numpy as np
@@ -11,23 +8,12 @@ import pytest
 
 from pz_flax import checkpoint
 from pz_flax import pz
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def load_example():
-    path = ROOT / "examples" / "train_transformer.py"
-    spec = importlib.util.spec_from_file_location("train_transformer", path)
-    module = importlib.util.module_from_spec(spec)
-    # Dataclasses look their module up in sys.modules while the module is being executed.
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.examples import helpers
 
 
 @pytest.fixture(scope="module")
 def example():
-    return load_example()
+    return helpers.load_example("train_transformer.py", "train_transformer")
 
 
 def parameters_by_label(model) -> dict[str, np.ndarray]:

@@ -19,7 +19,8 @@ PER_LAYER = layer_stack.LayerStackVarBehavior.PER_LAYER
 
 
 def _stack_metadata(behavior, axis="stack"):
-    return layer_stack.with_stack_behaviors({}, {axis: behavior})
+    """Penzai-style metadata of a state variable living in a stack over ``axis``."""
+    return {"layerstack_axes": {axis: behavior}}
 
 
 @pz.pytree_dataclass
@@ -172,6 +173,23 @@ def test_from_sublayer_builder_rejects_already_stacked_state():
 
     with pytest.raises(ValueError, match=r"'s' already has a LayerStack behavior for axis 'stack'"):
         pz.nn.LayerStack.from_sublayer_builder(builder, "stack", 2, jax.random.key(0), {})
+
+
+def test_from_sublayer_builder_keeps_behaviors_for_other_axes():
+    # A state already inside an inner stack keeps its behavior there and becomes per-layer for
+    # the new, outer stack axis; its other metadata survives.
+    def builder(init_base_rng):
+        metadata = {**_stack_metadata(SHARED, axis="inner"), "note": "kept"}
+        state = pz.StateVariable(value=named_axes.zeros({}), label="s", metadata=metadata)
+        return CountingLayer((), None, (state,), None)
+
+    stack = pz.nn.LayerStack.from_sublayer_builder(builder, "outer", 2, jax.random.key(0), {})
+    state = stack.stacked_sublayers.states[0]
+    assert state.metadata == {
+        "layerstack_axes": {"inner": SHARED, "outer": PER_LAYER},
+        "note": "kept",
+    }
+    assert dict(state.value.named_shape) == {"outer": 2}
 
 
 def _mlp_block(lib, init_base_rng):

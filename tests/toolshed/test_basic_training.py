@@ -9,11 +9,11 @@ import pytest
 from pz_flax.core import named_axes as nx
 from pz_flax.core import struct
 from pz_flax.core import variables
-from pz_flax.nn import basic_ops
 from pz_flax.nn import grouping
 from pz_flax.nn import layer
 from pz_flax.nn import linear_and_affine
 from pz_flax.toolshed import basic_training
+from tests.toolshed import helpers
 
 
 @struct.pytree_dataclass
@@ -27,32 +27,9 @@ class CountCalls(layer.Layer):
         return x
 
 
-def make_model(seed=0, width=8):
-    key = jax.random.key(seed)
-    return grouping.Sequential(
-        [
-            linear_and_affine.Linear.from_config(
-                "hidden", jax.random.fold_in(key, 0), {"features": 4}, {"features": width}
-            ),
-            basic_ops.Elementwise(jax.nn.tanh),
-            linear_and_affine.Linear.from_config(
-                "out", jax.random.fold_in(key, 1), {"features": width}, {"features": 2}
-            ),
-        ]
-    )
-
-
-def make_batch(seed=1):
-    key = jax.random.key(seed)
-    x = jax.random.normal(key, (16, 4))
-    y = jnp.stack([x[:, 0] - x[:, 1], x[:, 2] * 0.5], axis=-1)
-    return nx.wrap(x).tag("batch", "features"), nx.wrap(y).tag("batch", "features")
-
-
-def mse_loss(*, model, state, rng, x, y):
-    del rng
-    error = nx.nmap(jnp.mean)(((model(x) - y) ** 2).untag("batch", "features")).unwrap()
-    return error, state, {"loss": error}
+def make_model():
+    # Both layers keep the axis name "features", so the first one is an in-place Linear.
+    return helpers.make_mlp(hidden_axis="features")
 
 
 def raw_weights(model):
@@ -63,9 +40,9 @@ def test_loss_goes_down_and_model_is_updated_in_place():
     model = make_model()
     before = raw_weights(model)
     trainer = basic_training.StatefulTrainer.build(
-        jax.random.key(0), model, optax.adam(0.05), mse_loss
+        jax.random.key(0), model, optax.adam(0.05), helpers.mse_loss
     )
-    x, y = make_batch()
+    x, y = helpers.make_regression_batch()
     losses = [float(trainer.step(x=x, y=y)["loss"]) for _ in range(30)]
     assert losses[-1] < 0.5 * losses[0]
     after = raw_weights(model)
@@ -75,10 +52,10 @@ def test_loss_goes_down_and_model_is_updated_in_place():
 
 
 def test_step_matches_hand_written_optax_loop():
-    x, y = make_batch()
+    x, y = helpers.make_regression_batch()
     model = make_model()
     trainer = basic_training.StatefulTrainer.build(
-        jax.random.key(0), model, optax.sgd(0.1), mse_loss
+        jax.random.key(0), model, optax.sgd(0.1), helpers.mse_loss
     )
     reference = make_model()
     skeleton, params = variables.unbind_params(reference, freeze=True)
@@ -88,7 +65,7 @@ def test_step_matches_hand_written_optax_loop():
     @jax.jit
     def reference_step(params, opt_state):
         def loss(params):
-            return mse_loss(
+            return helpers.mse_loss(
                 model=variables.bind_variables(skeleton, params), state=None, rng=None, x=x, y=y
             )[0]
 
@@ -110,9 +87,9 @@ def test_non_trainable_parameters_are_left_alone():
     frozen.metadata = {"trainable": False}
     before = raw_weights(model)
     trainer = basic_training.StatefulTrainer.build(
-        jax.random.key(0), model, optax.adam(0.05), mse_loss
+        jax.random.key(0), model, optax.adam(0.05), helpers.mse_loss
     )
-    x, y = make_batch()
+    x, y = helpers.make_regression_batch()
     for _ in range(3):
         trainer.step(x=x, y=y)
     after = raw_weights(model)
@@ -125,13 +102,13 @@ def test_state_variables_and_loss_state_are_carried():
     model = grouping.Sequential([CountCalls(counter), make_model()])
 
     def loss_with_state(*, model, state, rng, x, y):
-        loss, _, aux = mse_loss(model=model, state=None, rng=rng, x=x, y=y)
+        loss, _, aux = helpers.mse_loss(model=model, state=None, rng=rng, x=x, y=y)
         return loss, state + 1, {**aux, "rng": jax.random.key_data(rng)}
 
     trainer = basic_training.StatefulTrainer.build(
         jax.random.key(0), model, optax.adam(0.01), loss_with_state, initial_loss_fn_state=10
     )
-    x, y = make_batch()
+    x, y = helpers.make_regression_batch()
     rngs = [np.asarray(trainer.step(x=x, y=y)["rng"]) for _ in range(3)]
     assert int(counter.value) == 3
     assert int(trainer.state.value.loss_fn_state) == 13
@@ -139,13 +116,13 @@ def test_state_variables_and_loss_state_are_carried():
 
 
 def test_donated_states_give_same_result_and_release_old_buffers():
-    x, y = make_batch()
+    x, y = helpers.make_regression_batch()
     plain_model, donated_model = make_model(), make_model()
     plain = basic_training.StatefulTrainer.build(
-        jax.random.key(0), plain_model, optax.adam(0.05), mse_loss
+        jax.random.key(0), plain_model, optax.adam(0.05), helpers.mse_loss
     )
     donated = basic_training.StatefulTrainer.build(
-        jax.random.key(0), donated_model, optax.adam(0.05), mse_loss, donate_states=True
+        jax.random.key(0), donated_model, optax.adam(0.05), helpers.mse_loss, donate_states=True
     )
     first_param = variables.unbind_params(donated_model)[1][0]
     old_buffer = first_param.get_raw_value()
@@ -159,13 +136,13 @@ def test_donated_states_give_same_result_and_release_old_buffers():
 
 
 def test_unjitted_trainer_matches_jitted():
-    x, y = make_batch()
+    x, y = helpers.make_regression_batch()
     jitted_model, eager_model = make_model(), make_model()
     jitted = basic_training.StatefulTrainer.build(
-        jax.random.key(0), jitted_model, optax.adam(0.05), mse_loss
+        jax.random.key(0), jitted_model, optax.adam(0.05), helpers.mse_loss
     )
     eager = basic_training.StatefulTrainer.build(
-        jax.random.key(0), eager_model, optax.adam(0.05), mse_loss, jit=False
+        jax.random.key(0), eager_model, optax.adam(0.05), helpers.mse_loss, jit=False
     )
     for _ in range(2):
         np.testing.assert_allclose(
@@ -175,13 +152,15 @@ def test_unjitted_trainer_matches_jitted():
 
 def test_optimizer_sees_parameters_by_label():
     model = make_model()
-    x, y = make_batch()
+    x, y = helpers.make_regression_batch()
     only_output = optax.multi_transform(
         {"train": optax.sgd(0.1), "freeze": optax.set_to_zero()},
         lambda params: {label: "train" if label == "out.weights" else "freeze" for label in params},
     )
     before = raw_weights(model)
-    trainer = basic_training.StatefulTrainer.build(jax.random.key(0), model, only_output, mse_loss)
+    trainer = basic_training.StatefulTrainer.build(
+        jax.random.key(0), model, only_output, helpers.mse_loss
+    )
     trainer.step(x=x, y=y)
     after = raw_weights(model)
     assert set(before) == {"hidden.weights", "out.weights"}
@@ -201,4 +180,6 @@ def test_labels_that_print_alike_are_refused():
         ]
     )
     with pytest.raises(variables.VariableConflictError, match="print as '1'"):
-        basic_training.StatefulTrainer.build(jax.random.key(0), model, optax.sgd(0.1), mse_loss)
+        basic_training.StatefulTrainer.build(
+            jax.random.key(0), model, optax.sgd(0.1), helpers.mse_loss
+        )

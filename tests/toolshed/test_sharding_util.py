@@ -8,12 +8,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from pz_flax.core import named_axes as nx
-from pz_flax.core import variables
-from pz_flax.nn import basic_ops
-from pz_flax.nn import grouping
-from pz_flax.nn import linear_and_affine
 from pz_flax.toolshed import basic_training
 from pz_flax.toolshed import sharding_util
+from tests.toolshed import helpers
 
 STRATEGY = {"batch": "data", "hidden": "model"}
 
@@ -26,31 +23,21 @@ def mesh():
     return jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
 
-def make_model(seed=0):
-    key = jax.random.key(seed)
-    return grouping.Sequential(
-        [
-            linear_and_affine.Linear.from_config(
-                "hidden", jax.random.fold_in(key, 0), {"features": 4}, {"hidden": 8}
-            ),
-            basic_ops.Elementwise(jax.nn.tanh),
-            linear_and_affine.Linear.from_config(
-                "out", jax.random.fold_in(key, 1), {"hidden": 8}, {"features": 2}
-            ),
-        ]
+def sharded_training_setup(mesh, loss_fn=helpers.mse_loss):
+    """The MLP and the batch placed on ``mesh`` by ``STRATEGY``, and a trainer for the model.
+
+    Returns:
+        ``(model, trainer, x, y)`` with the sharded model, inputs and targets.
+    """
+    model = sharding_util.name_to_name_device_put(helpers.make_mlp(), mesh, STRATEGY)
+    trainer = basic_training.StatefulTrainer.build(
+        jax.random.key(0), model, optax.adam(0.05), loss_fn
     )
-
-
-def make_batch():
-    x = jax.random.normal(jax.random.key(1), (16, 4))
-    y = jnp.stack([x[:, 0] - x[:, 1], x[:, 2] * 0.5], axis=-1)
-    return nx.wrap(x).tag("batch", "features"), nx.wrap(y).tag("batch", "features")
-
-
-def mse_loss(*, model, state, rng, x, y):
-    del rng
-    error = nx.nmap(jnp.mean)(((model(x) - y) ** 2).untag("batch", "features")).unwrap()
-    return error, state, {"loss": error}
+    x, y = (
+        sharding_util.name_to_name_device_put(array, mesh, STRATEGY)
+        for array in helpers.make_regression_batch()
+    )
+    return model, trainer, x, y
 
 
 def test_named_and_positional_axes_in_views_and_arrays(mesh):
@@ -98,8 +85,8 @@ def test_unknown_mesh_axis_is_refused(mesh):
 
 
 def test_device_put_splits_model_parameters(mesh):
-    model = sharding_util.name_to_name_device_put(make_model(), mesh, STRATEGY)
-    params = {p.label: p for p in variables.unbind_params(model)[1]}
+    model = sharding_util.name_to_name_device_put(helpers.make_mlp(), mesh, STRATEGY)
+    params = helpers.params_by_label(model)
     hidden = params["hidden.weights"].get_raw_value()
     assert hidden.shape == (4, 8)
     assert {shard.data.shape for shard in hidden.addressable_shards} == {(4, 4)}
@@ -107,20 +94,18 @@ def test_device_put_splits_model_parameters(mesh):
 
 
 def test_sharded_init_creates_sharded_parameters(mesh):
-    model = sharding_util.sharded_init(make_model, 0, mesh=mesh, axis_name_to_mesh_name=STRATEGY)
-    params = {p.label: p for p in variables.unbind_params(model)[1]}
+    model = sharding_util.sharded_init(
+        helpers.make_mlp, 0, mesh=mesh, axis_name_to_mesh_name=STRATEGY
+    )
+    params = helpers.params_by_label(model)
     out_weights = params["out.weights"].get_raw_value()
     assert {shard.data.shape for shard in out_weights.addressable_shards} == {(4, 2)}
-    np.testing.assert_array_equal(
-        out_weights,
-        {p.label: p for p in variables.unbind_params(make_model(0))[1]}[
-            "out.weights"
-        ].get_raw_value(),
-    )
+    unsharded = helpers.params_by_label(helpers.make_mlp(0))["out.weights"]
+    np.testing.assert_array_equal(out_weights, unsharded.get_raw_value())
 
 
 def test_constrain_layers_apply_under_jit(mesh):
-    x, _ = make_batch()
+    x, _ = helpers.make_regression_batch()
     by_name = sharding_util.ConstrainShardingByName(mesh, STRATEGY)
     out = jax.jit(lambda v: by_name(v))(x)
     assert out.data_array.sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, P("data")), 2)
@@ -130,34 +115,23 @@ def test_constrain_layers_apply_under_jit(mesh):
 
 
 def test_sharded_training_matches_single_device(mesh):
-    x, y = make_batch()
-    single_model = make_model()
+    x, y = helpers.make_regression_batch()
+    single_model = helpers.make_mlp()
     single = basic_training.StatefulTrainer.build(
-        jax.random.key(0), single_model, optax.adam(0.05), mse_loss
+        jax.random.key(0), single_model, optax.adam(0.05), helpers.mse_loss
     )
-    sharded_model = sharding_util.name_to_name_device_put(make_model(), mesh, STRATEGY)
-    sharded = basic_training.StatefulTrainer.build(
-        jax.random.key(0), sharded_model, optax.adam(0.05), mse_loss
-    )
-    sx = sharding_util.name_to_name_device_put(x, mesh, STRATEGY)
-    sy = sharding_util.name_to_name_device_put(y, mesh, STRATEGY)
+    sharded_model, sharded, sx, sy = sharded_training_setup(mesh)
     for _ in range(5):
         np.testing.assert_allclose(
             single.step(x=x, y=y)["loss"], sharded.step(x=sx, y=sy)["loss"], rtol=1e-5
         )
-    hidden = {p.label: p for p in variables.unbind_params(sharded_model)[1]}["hidden.weights"]
+    hidden = helpers.params_by_label(sharded_model)["hidden.weights"]
     assert {s.data.shape for s in hidden.get_raw_value().addressable_shards} == {(4, 4)}
 
 
 def test_queued_sharded_steps_on_cpu_devices_do_not_deadlock(mesh):
     """Many multi-device CPU steps in a row, never read back until the end."""
-    x, y = make_batch()
-    model = sharding_util.name_to_name_device_put(make_model(), mesh, STRATEGY)
-    trainer = basic_training.StatefulTrainer.build(
-        jax.random.key(0), model, optax.adam(0.05), mse_loss
-    )
-    sx = sharding_util.name_to_name_device_put(x, mesh, STRATEGY)
-    sy = sharding_util.name_to_name_device_put(y, mesh, STRATEGY)
+    _, trainer, sx, sy = sharded_training_setup(mesh)
     for _ in range(50):
         aux = trainer.step(x=sx, y=sy)
     assert float(aux["loss"]) < 1.0
@@ -168,15 +142,9 @@ def test_sharded_trainer_traces_its_step_once(mesh):
 
     def counting_loss(**kwargs):
         traces.append(1)  # runs only while JAX traces the step
-        return mse_loss(**kwargs)
+        return helpers.mse_loss(**kwargs)
 
-    x, y = make_batch()
-    model = sharding_util.name_to_name_device_put(make_model(), mesh, STRATEGY)
-    trainer = basic_training.StatefulTrainer.build(
-        jax.random.key(0), model, optax.adam(0.05), counting_loss
-    )
-    sx = sharding_util.name_to_name_device_put(x, mesh, STRATEGY)
-    sy = sharding_util.name_to_name_device_put(y, mesh, STRATEGY)
+    _, trainer, sx, sy = sharded_training_setup(mesh, counting_loss)
     for _ in range(3):
         trainer.step(x=sx, y=sy)
     assert len(traces) == 1

@@ -245,23 +245,18 @@ def build_block(
     Returns:
       The block.
     """
+
+    def pre_norm_residual(norm_name: str, sublayer: layer_base.Layer) -> combinators.Residual:
+        norm = _rms_norm(f"{name}/{norm_name}", init_base_rng, config)
+        return combinators.Residual(grouping.Sequential([norm, sublayer]))
+
     return model_parts.TransformerBlock(
         [
-            combinators.Residual(
-                grouping.Sequential(
-                    [
-                        _rms_norm(f"{name}/pre_attention_norm", init_base_rng, config),
-                        build_attention(f"{name}/attention", init_base_rng, config),
-                    ]
-                )
+            pre_norm_residual(
+                "pre_attention_norm", build_attention(f"{name}/attention", init_base_rng, config)
             ),
-            combinators.Residual(
-                grouping.Sequential(
-                    [
-                        _rms_norm(f"{name}/pre_ffw_norm", init_base_rng, config),
-                        build_feedforward(f"{name}/mlp", init_base_rng, config),
-                    ]
-                )
+            pre_norm_residual(
+                "pre_ffw_norm", build_feedforward(f"{name}/mlp", init_base_rng, config)
             ),
         ]
     )
@@ -284,23 +279,18 @@ def build_simple_decoder(
       A `TransformerLM` mapping ``{..., "seq"}`` token ids to
       ``{..., "seq", "vocabulary"}`` logits.
     """
-    input_table = embeddings.EmbeddingTable.from_config(
-        name=f"{name}/embedder",
-        init_base_rng=init_base_rng,
-        vocab_size=config.vocab_size,
-        embedding_axes={"embedding": config.embedding_dim},
-        dtype=config.parameter_dtype,
-    )
-    if config.tie_embeddings:
-        output_table = input_table
-    else:
-        output_table = embeddings.EmbeddingTable.from_config(
-            name=f"{name}/unembedder",
+
+    def embedding_table(table_name: str) -> embeddings.EmbeddingTable:
+        return embeddings.EmbeddingTable.from_config(
+            name=f"{name}/{table_name}",
             init_base_rng=init_base_rng,
             vocab_size=config.vocab_size,
             embedding_axes={"embedding": config.embedding_dim},
             dtype=config.parameter_dtype,
         )
+
+    input_table = embedding_table("embedder")
+    output_table = input_table if config.tie_embeddings else embedding_table("unembedder")
 
     layers: list[layer_base.Layer] = [embeddings.EmbeddingLookup(input_table)]
     if config.activation_dtype != config.parameter_dtype:

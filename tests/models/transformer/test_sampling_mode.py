@@ -11,26 +11,13 @@ from pz_flax import pz
 from pz_flax.core import named_axes
 from pz_flax.models.transformer import sampling_mode
 from pz_flax.models.transformer import simple_decoder
-
-CONFIG = simple_decoder.SimpleDecoderConfig(
-    vocab_size=13,
-    embedding_dim=16,
-    num_heads=2,
-    projection_dim=8,
-    mlp_hidden_dim=24,
-    num_blocks=2,
-)
+from tests.models.transformer import helpers
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["layer_stack", "unrolled"])
 def model(request):
-    config = dataclasses.replace(CONFIG, use_layer_stack=request.param)
+    config = helpers.tiny_config(use_layer_stack=request.param)
     return simple_decoder.build_simple_decoder(config, jax.random.key(0))
-
-
-@jax.jit
-def _forward(model, tokens):
-    return model(tokens)
 
 
 @pz.variable_jit
@@ -38,18 +25,8 @@ def _cached_call(model, tokens):
     return model(tokens)
 
 
-def _full_logits(model, tokens):
-    out = _forward(pz.freeze_params(model), tokens)
-    return np.asarray(out.unwrap("batch", "seq", "vocabulary"))
-
-
-def _tokens(seq=6):
-    data = jax.random.randint(jax.random.key(1), (2, seq), 1, CONFIG.vocab_size)
-    return named_axes.wrap(data, "batch", "seq")
-
-
 def test_cached_decoding_matches_full_forward(model):
-    tokens = _tokens()
+    tokens = helpers.random_tokens()
     cached = sampling_mode.KVCachingTransformerLM.from_uncached(model, 8, {"batch": 2})
     pieces = [_cached_call(cached, tokens[{"seq": pz.slice[:3]}])]
     for index in range(3, 6):
@@ -58,7 +35,7 @@ def test_cached_decoding_matches_full_forward(model):
     assert dict(logits.named_shape) == {"batch": 2, "seq": 6, "vocabulary": 13}
     np.testing.assert_allclose(
         np.asarray(logits.unwrap("batch", "seq", "vocabulary")),
-        _full_logits(model, tokens),
+        helpers.full_logits(model, tokens),
         atol=2e-5,
     )
     assert int(cached.cache_end_index.value) == 6
@@ -68,7 +45,7 @@ def test_cached_decoding_matches_full_forward(model):
 
 
 def test_left_padding_gives_the_unpadded_logits(model):
-    tokens = _tokens(seq=4)
+    tokens = helpers.random_tokens(seq=4)
     unpadded = np.asarray(tokens.unwrap("batch", "seq"))
     padded = np.concatenate([np.zeros((2, 2), unpadded.dtype), unpadded], axis=1)
     padded[1, :2] = [7, 8]  # the second row is not padded: it has two extra real tokens
@@ -78,9 +55,9 @@ def test_left_padding_gives_the_unpadded_logits(model):
             "batch", "seq", "vocabulary"
         )
     )
-    full = _full_logits(model, tokens)
+    full = helpers.full_logits(model, tokens)
     np.testing.assert_allclose(logits[0, 2:], full[0], atol=2e-5)
-    full_second = _full_logits(model, named_axes.wrap(padded, "batch", "seq"))
+    full_second = helpers.full_logits(model, named_axes.wrap(padded, "batch", "seq"))
     np.testing.assert_allclose(logits[1], full_second[1], atol=2e-5)
 
 
@@ -92,11 +69,11 @@ def test_from_uncached_structure(model):
     caching = pz.select(cached).at_instances_of(pz.nn.KVCachingAttention).get_sequence()
     is_stacked = isinstance(model.body.sublayers[1], pz.nn.LayerStack)
     # A layer stack holds one attention layer (with per-layer caches), else one per block.
-    assert len(caching) == (1 if is_stacked else CONFIG.num_blocks)
+    assert len(caching) == (1 if is_stacked else helpers.TINY_CONFIG.num_blocks)
     key_cache, _ = caching[0].kv_cache.value
     expected_axes = {"batch": 2, "heads": 2, "projection": 8, "seq": 8}
     if is_stacked:
-        expected_axes["blocks"] = CONFIG.num_blocks
+        expected_axes["blocks"] = helpers.TINY_CONFIG.num_blocks
         assert caching[0].kv_cache.metadata == {
             "layerstack_axes": {"blocks": pz.nn.LayerStackVarBehavior.PER_LAYER}
         }

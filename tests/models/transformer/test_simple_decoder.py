@@ -12,38 +12,11 @@ from pz_flax import pz
 from pz_flax.core import named_axes
 from pz_flax.models.transformer import model_parts
 from pz_flax.models.transformer import simple_decoder
-
-SIZES = {
-    "vocab_size": 13,
-    "embedding_dim": 16,
-    "num_heads": 2,
-    "projection_dim": 8,
-    "mlp_hidden_dim": 24,
-    "num_blocks": 2,
-}
-
-
-def _config(**overrides):
-    return simple_decoder.SimpleDecoderConfig(**{**SIZES, **overrides})
-
-
-def _tokens(batch=2, seq=6, seed=1):
-    data = jax.random.randint(jax.random.key(seed), (batch, seq), 1, SIZES["vocab_size"])
-    return named_axes.wrap(data, "batch", "seq")
-
-
-@jax.jit
-def _forward(model, tokens):
-    return model(tokens)
-
-
-def _logits(model, tokens):
-    out = _forward(pz.freeze_params(model), tokens)
-    return np.asarray(out.unwrap("batch", "seq", "vocabulary"))
+from tests.models.transformer import helpers
 
 
 def test_structure_shapes_and_labels():
-    model = simple_decoder.build_simple_decoder(_config(), jax.random.key(0))
+    model = simple_decoder.build_simple_decoder(helpers.tiny_config(), jax.random.key(0))
     assert isinstance(model, model_parts.TransformerLM)
     assert model.metadata.common_head_axes == {"heads": 2}
     assert model.metadata.projection_dim == 8
@@ -71,11 +44,13 @@ def test_structure_shapes_and_labels():
         "heads": 2,
         "projection": 8,
     }
-    assert _logits(model, _tokens()).shape == (2, 6, 13)
+    assert helpers.full_logits(model, helpers.random_tokens()).shape == (2, 6, 13)
 
 
 def test_unstacked_untied_bf16_variant():
-    config = _config(use_layer_stack=False, tie_embeddings=False, activation_dtype=jnp.bfloat16)
+    config = helpers.tiny_config(
+        use_layer_stack=False, tie_embeddings=False, activation_dtype=jnp.bfloat16
+    )
     model = simple_decoder.build_simple_decoder(config, jax.random.key(0), name="lm")
     names = [type(layer).__name__ for layer in model.body.sublayers]
     assert names == [
@@ -91,20 +66,20 @@ def test_unstacked_untied_bf16_variant():
     cast = model.body.sublayers[1]
     assert cast.dtype == jnp.bfloat16
     # Parameters stay float32, so the float32 final norm promotes the logits back.
-    assert np.isfinite(_logits(model, _tokens())).all()
+    assert np.isfinite(helpers.full_logits(model, helpers.random_tokens())).all()
 
 
 def test_slots_when_built_without_rng():
-    model = simple_decoder.build_simple_decoder(_config(), None)
+    model = simple_decoder.build_simple_decoder(helpers.tiny_config(), None)
     assert not pz.unbind_params(model)[1]
     slots = pz.select(model).at_instances_of(pz.ParameterSlot).get_sequence()
     assert "transformer/blocks/mlp/in/Linear.weights" in {slot.label for slot in slots}
 
 
 def test_layer_stack_equals_unrolled_blocks():
-    stacked = simple_decoder.build_simple_decoder(_config(), jax.random.key(0))
+    stacked = simple_decoder.build_simple_decoder(helpers.tiny_config(), jax.random.key(0))
     unrolled = simple_decoder.build_simple_decoder(
-        _config(use_layer_stack=False), jax.random.key(5)
+        helpers.tiny_config(use_layer_stack=False), jax.random.key(5)
     )
     _, stacked_params = pz.unbind_params(stacked)
     by_label = {param.label: param for param in stacked_params}
@@ -116,22 +91,24 @@ def test_layer_stack_equals_unrolled_blocks():
             param.value = source[{"blocks": int(match.group(1))}]
         else:
             param.value = by_label[param.label].value
-    tokens = _tokens()
-    np.testing.assert_allclose(_logits(stacked, tokens), _logits(unrolled, tokens), atol=2e-5)
+    tokens = helpers.random_tokens()
+    np.testing.assert_allclose(
+        helpers.full_logits(stacked, tokens), helpers.full_logits(unrolled, tokens), atol=2e-5
+    )
 
 
 def test_causal_and_sliding_window():
-    tokens = _tokens(seq=6)
+    tokens = helpers.random_tokens(seq=6)
     data = np.asarray(tokens.unwrap("batch", "seq")).copy()
     data[:, 5] = (data[:, 5] % 12) + 1
     changed = named_axes.wrap(data, "batch", "seq")
-    model = simple_decoder.build_simple_decoder(_config(), jax.random.key(0))
-    before, after = _logits(model, tokens), _logits(model, changed)
+    model = simple_decoder.build_simple_decoder(helpers.tiny_config(), jax.random.key(0))
+    before, after = helpers.full_logits(model, tokens), helpers.full_logits(model, changed)
     np.testing.assert_allclose(before[:, :5], after[:, :5], atol=1e-5)
     assert not np.allclose(before[:, 5], after[:, 5])
 
     windowed = simple_decoder.build_simple_decoder(
-        _config(sliding_window_size=2, num_blocks=1), jax.random.key(0)
+        helpers.tiny_config(sliding_window_size=2, num_blocks=1), jax.random.key(0)
     )
     masks = pz.select(windowed).at_instances_of(pz.nn.ApplyCausalSlidingWindowAttentionMask)
     assert masks.count() == 1
@@ -140,7 +117,9 @@ def test_causal_and_sliding_window():
     data[:, :4] = 1
     far_changed = named_axes.wrap(data, "batch", "seq")
     np.testing.assert_allclose(
-        _logits(windowed, tokens)[:, 5], _logits(windowed, far_changed)[:, 5], atol=1e-5
+        helpers.full_logits(windowed, tokens)[:, 5],
+        helpers.full_logits(windowed, far_changed)[:, 5],
+        atol=1e-5,
     )
 
 
@@ -154,17 +133,19 @@ def test_causal_and_sliding_window():
 )
 def test_config_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
-        _config(**overrides)
+        helpers.tiny_config(**overrides)
 
 
 def test_wrong_token_axes_name_the_problem():
-    model = simple_decoder.build_simple_decoder(_config(num_blocks=1), jax.random.key(0))
+    model = simple_decoder.build_simple_decoder(
+        helpers.tiny_config(num_blocks=1), jax.random.key(0)
+    )
     with pytest.raises(ValueError, match=r"EmbeddingLookup.*'embedding'"):
         model(named_axes.zeros({"seq": 3, "embedding": 2}, jnp.int32))
 
 
 def test_training_reduces_loss():
-    model = simple_decoder.build_simple_decoder(_config(), jax.random.key(0))
+    model = simple_decoder.build_simple_decoder(helpers.tiny_config(), jax.random.key(0))
     unbound, params = pz.unbind_params(model, freeze=True)
     # A short periodic sequence the model can learn in a few steps.
     tokens = named_axes.wrap(jnp.tile(jnp.array([1, 5, 9, 3]), (2, 3)), "batch", "seq")

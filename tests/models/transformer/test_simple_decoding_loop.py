@@ -4,34 +4,20 @@ import jax
 import numpy as np
 import pytest
 
-from pz_flax import pz
 from pz_flax.core import named_axes
 from pz_flax.models.transformer import sampling_mode
 from pz_flax.models.transformer import simple_decoder
 from pz_flax.models.transformer import simple_decoding_loop
-
-CONFIG = simple_decoder.SimpleDecoderConfig(
-    vocab_size=13,
-    embedding_dim=16,
-    num_heads=2,
-    projection_dim=8,
-    mlp_hidden_dim=24,
-    num_blocks=2,
-)
+from tests.models.transformer import helpers
 
 
 @pytest.fixture(scope="module")
 def model():
-    return simple_decoder.build_simple_decoder(CONFIG, jax.random.key(0))
+    return simple_decoder.build_simple_decoder(helpers.TINY_CONFIG, jax.random.key(0))
 
 
 def _prompt():
     return named_axes.wrap(np.array([[3, 4, 5], [0, 6, 7]], np.int32), "batch", "seq")
-
-
-@jax.jit
-def _forward(model, tokens):
-    return model(tokens)
 
 
 def test_greedy_decoding_follows_full_forward_argmax(model):
@@ -45,11 +31,7 @@ def test_greedy_decoding_follows_full_forward_argmax(model):
     tokens = np.asarray(sampled.unwrap("batch", "seq"))
     # Row 0 has no padding, so its full forward pass needs no position adjustment.
     sequence = np.concatenate([prompt[0], tokens[0]])[None]
-    logits = np.asarray(
-        _forward(pz.freeze_params(model), named_axes.wrap(sequence, "batch", "seq")).unwrap(
-            "batch", "seq", "vocabulary"
-        )
-    )
+    logits = helpers.full_logits(model, named_axes.wrap(sequence, "batch", "seq"))
     np.testing.assert_array_equal(tokens[0], logits[0, 2:6].argmax(-1))
 
 
@@ -68,7 +50,7 @@ def test_sampling_is_reproducible_and_stops_when_cache_is_full(model):
     # is returned but never written.
     assert first.shape == (2, 6)
     assert int(cached.cache_end_index.value) == 8
-    assert ((first >= 0) & (first < CONFIG.vocab_size)).all()
+    assert ((first >= 0) & (first < helpers.TINY_CONFIG.vocab_size)).all()
 
 
 @pytest.mark.parametrize(
