@@ -7,6 +7,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from pz_flax import checkpoint
 from pz_flax.core import named_axes as nx
 from pz_flax.toolshed import basic_training
 from pz_flax.toolshed import sharding_util
@@ -149,3 +150,18 @@ def test_sharded_trainer_traces_its_step_once(mesh):
         trainer.step(x=sx, y=sy)
     assert len(traces) == 1
     assert trainer.state.value.step.sharding.mesh.shape == mesh.shape
+
+
+def test_trained_sharded_model_checkpoints_and_restores_into_the_same_sharding(mesh, tmp_path):
+    model, trainer, x, y = sharded_training_setup(mesh)
+    for _ in range(3):
+        trainer.step(x=x, y=y)
+    checkpoint.save(tmp_path / "ckpt", model)
+    target = sharding_util.name_to_name_sharding(model, mesh, STRATEGY, as_shape_dtype_struct=True)
+    restored = checkpoint.restore(tmp_path / "ckpt", target=target)
+    trained = helpers.params_by_label(model)
+    for label, param in helpers.params_by_label(restored).items():
+        np.testing.assert_array_equal(param.get_raw_value(), trained[label].get_raw_value())
+        restored_array, trained_array = param.get_raw_value(), trained[label].get_raw_value()
+        assert restored_array.sharding.is_equivalent_to(trained_array.sharding, trained_array.ndim)
+        assert param.value.named_shape == trained[label].value.named_shape
