@@ -8,7 +8,7 @@ from the built-in exception a Python programmer would expect (``FileNotFoundErro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 
 class CheckpointError(Exception):
@@ -48,7 +48,7 @@ class CheckpointMismatchError(CheckpointError, ValueError):
             ``"sublayers/0/weights: shape (3, 4) in the checkpoint, (3, 5) in the target"``.
     """
 
-    def __init__(self, message: str, mismatches: Sequence[str]):
-        listing = "\n".join(f"  {line}" for line in mismatches)
-        super().__init__(f"{message}\n{listing}" if mismatches else message)
+    def __init__(self, message: str, mismatches: Iterable[str]):
         self.mismatches = tuple(mismatches)
+        listing = "\n".join(f"  {line}" for line in self.mismatches)
+        super().__init__(f"{message}\n{listing}" if self.mismatches else message)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import textwrap
 from typing import Any
 
 import jax
@@ -20,15 +19,11 @@ import numpy as np
 import penzai.core.partitioning
 import penzai.core.selectors
 import pytest
-import treescope
 from flax import nnx
-from treescope import lowering
-from treescope import rendering_parts
 
 from pz_flax.core import partitioning
 from pz_flax.core import selectors
 from pz_flax.core import struct
-from pz_flax.core._treescope_handlers import selection_rendering
 
 DictKey = jax.tree_util.DictKey
 SequenceKey = jax.tree_util.SequenceKey
@@ -639,111 +634,6 @@ def test_at_equal_to_looks_inside_variables_without_comparing_them():
     assert selectors.select(tree).at_equal_to(1).get_keypaths() == ((DictKey("n"),),)
 
 
-# ---- Rendering -----------------------------------------------------------------------------
-
-
-def rendering_example():
-    return selectors.select({"a": 1, "b": [2, {"c": 3}], "d": None}).at(
-        lambda t: (t["b"][1]["c"], t["d"]), multiple=True
-    )
-
-
-def strip_lines(text: str) -> str:
-    return "\n".join(line.rstrip() for line in text.splitlines())
-
-
-def test_render_selection_boxes_selected_nodes():
-    rendering = rendering_example().__treescope_root_repr__()
-    box_top = "#╭" + "┄" * 40 + "╮"
-    box_bottom = "#╰" + "┄" * 40 + "╯"
-    assert strip_lines(lowering.render_to_text_as_root(rendering)) == textwrap.dedent(
-        f"""\
-        pz.select(
-          {{
-            'a': 1,
-            'b': [
-              2,
-              {{
-                'c':
-                {box_top}
-                # Selected:
-                3
-                {box_bottom}
-                ,
-              }},
-            ],
-            'd':
-            {box_top}
-            # Selected:
-            None
-            {box_bottom}
-            ,
-          }}
-        ).at_keypaths(<2 subtrees, highlighted above>)"""
-    )
-    for foldable in rendering.foldables_in_this_part():
-        foldable.set_expand_state(rendering_parts.ExpandState.EXPANDED)
-    expanded = lowering.render_to_text_as_root(rendering)
-    assert "# 2 subtrees, highlighted above" in expanded
-    assert "DictKey(key='c')" in expanded
-
-
-def test_render_value_expands_to_selected_nodes_without_boxes():
-    rendering = selection_rendering.render_selection_to_foldable_representation(
-        rendering_example(), visible_selection=False
-    )
-    text = lowering.render_to_text_as_root(rendering)
-    assert "Selected" not in text
-    assert "pz.select" not in text
-    assert "'c': 3" in text
-
-
-def test_render_reports_nodes_missing_from_rendering():
-    selection = selectors.Selection(
-        selected_by_path=collections.OrderedDict({(DictKey("zz"),): 5}),
-        remainder={"a": 1},
-    )
-    text = lowering.render_to_text_as_root(selection.__treescope_root_repr__())
-    assert "not drawn" in text
-    assert "['zz']" in text
-
-
-def test_rendering_variables_selects_their_value():
-    tree = {"p": nnx.Param(jnp.ones(2))}
-    rendering = selectors.select(tree).at_pytree_leaves().__treescope_root_repr__()
-    text = lowering.render_to_text_as_root(rendering)
-    assert "not drawn" not in text
-    assert "# Selected:" in text
-
-
-def test_is_rendering_a_selection():
-    seen = []
-
-    class Probe:
-        def __treescope_repr__(self, path, subtree_renderer):
-            seen.append(selection_rendering.is_rendering_a_selection())
-            return rendering_parts.text("Probe()")
-
-    treescope.render_to_text({"p": Probe()})
-    selectors.select({"p": Probe()}).at(lambda t: t["p"]).__treescope_root_repr__()
-    assert seen == [False, True]
-    assert not selection_rendering.is_rendering_a_selection()
-
-
-@pytest.mark.parametrize("method, boxed", [("show_selection", True), ("show_value", False)])
-def test_show_methods_display_the_rendering(monkeypatch, method, boxed):
-    displayed = []
-
-    def fake_display(rendering, deferreds, roundtrip, ignore_exceptions):
-        displayed.append((lowering.render_to_text_as_root(rendering), ignore_exceptions))
-
-    monkeypatch.setattr(lowering, "display_streaming_as_root", fake_display)
-    getattr(rendering_example(), method)(ignore_exceptions=True)
-    ((text, ignore_exceptions),) = displayed
-    assert ignore_exceptions
-    assert ("# Selected:" in text) == boxed
-
-
 def test_pz_flax_parameters():
     from pz_flax.core import named_axes
     from pz_flax.core import variables
@@ -760,10 +650,3 @@ def test_pz_flax_parameters():
     np.testing.assert_array_equal(doubled.value.unwrap("a", "b"), 2 * np.ones((2, 3)))
     rebuilt = selectors.select(tree).at_instances_of(int).set(4)
     assert rebuilt["layer"].left is param
-
-
-def test_rendering_finds_selected_struct_fields():
-    selection = selectors.select([Pair(1, {"x": 2})]).at_pytree_leaves()
-    text = lowering.render_to_text_as_root(selection.__treescope_root_repr__())
-    assert "not drawn" not in text
-    assert text.count("# Selected:") == 2

@@ -1,8 +1,7 @@
-"""Tests for pz_flax.nn.layer: the Layer base class and its rendering."""
+"""Tests for pz_flax.nn.layer: the Layer base class."""
 
 import jax
 import pytest
-import treescope
 
 from pz_flax.core import shapecheck
 from pz_flax.core import struct
@@ -134,51 +133,6 @@ def test_default_structures_accept_anything():
     assert layer.input_structure() is shapecheck.ANY
     assert layer.output_structure() is shapecheck.ANY
     shapecheck.check_structure({"anything": 1}, layer.input_structure())
-
-
-def test_treescope_rendering_names_layers_sublayers_and_parameters():
-    @struct.pytree_dataclass(has_implicitly_inherited_fields=True)
-    class FeedForward(grouping.Sequential):
-        pass
-
-    model = FeedForward(
-        [
-            grouping.NamedGroup(
-                "projection",
-                [
-                    linear_and_affine.Linear.from_config(
-                        "proj", jax.random.key(0), {"i": 2}, {"o": 3}
-                    )
-                ],
-            )
-        ]
-    )
-    text = treescope.render_to_text(model)
-    assert text.startswith("FeedForward( # Sequential\n")
-    assert "NamedGroup(" in text
-    assert "name='projection'" in text
-    assert "Linear(" in text
-    assert "proj.weights" in text
-    assert "in_axis_names=('i',)" in text
-    html = treescope.render_to_html(model, compressed=False)
-    assert "FeedForward" in html and "proj.weights" in html
-    roundtrip = treescope.render_to_text(model, roundtrip_mode=True)
-    assert "pz_flax.nn.grouping.NamedGroup(" in roundtrip
-    assert "pz_flax.nn.linear_and_affine.Linear(" in roundtrip
-    plain = treescope.render_to_text(grouping.Sequential([grouping.Identity()]))
-    assert plain.startswith("Sequential(")
-    assert "# Sequential" not in plain
-
-
-def test_checked_sequential_subclass_rendering_note():
-    @struct.pytree_dataclass(has_implicitly_inherited_fields=True)
-    class Block(grouping.CheckedSequential):
-        pass
-
-    # Enough sublayers that the block cannot be rendered on a single line.
-    sublayers = [linear_and_affine.RenameAxes(old=f"axis_{i}", new=f"new_{i}") for i in range(8)]
-    text = treescope.render_to_text(Block(shapecheck.ANY, shapecheck.ANY, sublayers))
-    assert text.startswith("Block( # CheckedSequential\n")
 
 
 def test_repr_of_a_layer_shows_its_type():

@@ -1,186 +1,27 @@
-"""Tests for pz_flax.core._treescope_handlers (structs, named arrays, shape-check patterns).
+"""Tests for pz_flax.core._treescope_handlers.named_axes_handlers.
 
-Renderings are compared as text with penzai's renderings of the equivalent penzai
-objects (module paths swapped), and HTML renderings are searched for colours and
-axis names.
+Renderings are compared as text with penzai's renderings of the equivalent penzai named
+arrays (module paths swapped), and HTML renderings are searched for axis names.
 """
 
 import collections
-import dataclasses
-import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import penzai.core.named_axes as penzai_nx
-import penzai.core.shapecheck as penzai_chk
-import penzai.core.struct as penzai_struct
 import pytest
 import treescope
-from treescope import layout_algorithms
 from treescope import lowering
 from treescope import ndarray_adapters
-from treescope import rendering_parts
 from treescope import type_registries
 
 from pz_flax.core import named_axes as nx
-from pz_flax.core import shapecheck as chk
-from pz_flax.core import struct
 from pz_flax.core._treescope_handlers import named_axes_handlers
-from pz_flax.core._treescope_handlers import shapecheck_handlers
-from pz_flax.core._treescope_handlers import struct_handler
-
-
-def render_text(value: Any, depth: int, roundtrip: bool = False) -> str:
-    """Renders ``value`` to text with foldables expanded to ``depth``."""
-    rendering = rendering_parts.build_full_line_with_annotations(
-        treescope.active_renderer.get().to_foldable_representation(value)
-    )
-    layout_algorithms.expand_to_depth(rendering, depth)
-    return lowering.render_to_text_as_root(rendering, roundtrip=roundtrip)
-
-
-def render_html(value: Any) -> str:
-    return treescope.render_to_html(value, compressed=False)
-
-
-def assert_renders_like_penzai(ours: Any, theirs: Any, depths=(0, 1, 2)):
-    for depth in depths:
-        for roundtrip in (False, True):
-            expected = render_text(theirs, depth, roundtrip).replace("penzai.", "pz_flax.")
-            assert render_text(ours, depth, roundtrip) == expected, (depth, roundtrip)
-
-
-# ---------------------------------------------------------------------------
-# Structs.
-# ---------------------------------------------------------------------------
-
-
-@struct.pytree_dataclass
-class Scale(struct.Struct):
-    """A callable struct: rendered in its type's colour."""
-
-    weight: Any
-    name: str = dataclasses.field(default="scale", metadata={"pytree_node": False})
-
-    def __call__(self, x):
-        return x * self.weight
-
-
-@struct.pytree_dataclass
-class Config(struct.Struct):
-    """A non-callable struct: rendered without colour."""
-
-    sizes: Any
-
-
-@struct.pytree_dataclass
-class Tinted(struct.Struct):
-    """A struct choosing a (border, fill) colour pair."""
-
-    value: Any
-
-    def treescope_color(self):
-        return ("#ff0000", "#00ff00")
-
-
-@struct.pytree_dataclass
-class BuiltFromWidth(struct.Struct):
-    """A struct whose __init__ does not take its fields."""
-
-    table: Any
-
-    def __init__(self, width: int):
-        self.table = list(range(width))
-
-
-@penzai_struct.pytree_dataclass
-class PenzaiScale(penzai_struct.Struct):
-    weight: Any
-    name: str = dataclasses.field(default="scale", metadata={"pytree_node": False})
-
-    def __call__(self, x):
-        return x * self.weight
-
-
-def test_struct_renders_as_constructor_call():
-    value = Scale(weight=[1, 2], name="s")
-    assert render_text(value, 0) == "Scale(weight=[1, 2], name='s')"
-    assert render_text(value, 1) == "Scale(\n  weight=[1, 2],\n  name='s',\n)"
-    assert render_text(value, 1, roundtrip=True).startswith(
-        "tests.core.test_treescope_handlers.Scale(\n"
-    )
-    assert repr(value) == "Scale(weight=[1, 2], name='s')"
-
-
-def test_struct_rendering_matches_penzai():
-    ours = Scale(weight=[1, 2], name="s")
-    theirs = PenzaiScale(weight=[1, 2], name="s")
-    for depth in (0, 1):
-        assert render_text(ours, depth) == render_text(theirs, depth).replace(
-            "PenzaiScale", "Scale"
-        )
-
-
-def test_callable_struct_html_uses_its_type_colour():
-    value = Scale(weight=1.0)
-    color = value.treescope_color()
-    assert color.startswith("oklch(")
-    assert f"--block-color: {color}" in render_html(value)
-    # The colour is a function of the type, so another instance gets the same one.
-    assert Scale(weight=2.0).treescope_color() == color
-
-
-def test_non_callable_struct_is_transparent():
-    value = Config(sizes=(1, 2))
-    assert value.treescope_color() == "transparent"
-    assert "oklch(" not in render_html(value)
-
-
-def test_border_and_fill_colour_pair():
-    html = render_html(Tinted(value=3))
-    assert "--block-color: #ff0000" in html
-    assert "linear-gradient(#00ff00,#00ff00)" in html
-
-
-def test_child_fields_are_styled_differently_from_static_fields():
-    html = render_html(Scale(weight=1.0, name="n"))
-    italic = re.escape("font-style: italic; color: #00225f;")
-    assert re.search(italic + r"[^>]*>weight<", html)
-    assert not re.search(italic + r"[^>]*>name<", html)
-
-
-def test_custom_init_struct_roundtrips_through_from_attributes():
-    value = BuiltFromWidth(3)
-    assert render_text(value, 0) == "BuiltFromWidth(table=[0, 1, 2])"
-    assert render_text(value, 0, roundtrip=True) == (
-        "tests.core.test_treescope_handlers.BuiltFromWidth.from_attributes(table=[0, 1, 2])"
-    )
-
-
-def test_struct_helpers():
-    constructor = struct_handler.render_struct_constructor(Scale(weight=1))
-    assert lowering.render_to_text_as_root(constructor) == "Scale("
-    summary = struct_handler.render_short_struct_summary(Scale(weight=1))
-    assert lowering.render_to_text_as_root(summary) == "Scale(...)"
-    assert struct_handler.struct_colors(Config(sizes=1)) == ("transparent", None)
-    style = struct_handler.struct_attr_style_fn_for_fields(dataclasses.fields(Scale))
-    assert lowering.render_to_text_as_root(style("weight")) == "weight"
-    assert lowering.render_to_text_as_root(style("name")) == "name"
-    with pytest.raises(KeyError):
-        style("not_a_field")
-
-
-def test_nested_structs_and_paths():
-    model = Scale(weight=Config(sizes=[Scale(weight=2)]))
-    assert render_text(model, 0) == (
-        "Scale(weight=Config(sizes=[Scale(weight=2, name='scale')]), name='scale')"
-    )
-    html = render_html(model)
-    # Copy-path buttons carry each node's key path.
-    assert ".weight.sizes[0]" in html
-
+from tests.core._treescope_handlers.helpers import assert_renders_like_penzai
+from tests.core._treescope_handlers.helpers import render_html
+from tests.core._treescope_handlers.helpers import render_text
+from tests.core._treescope_handlers.test_struct_handler import Scale
 
 # ---------------------------------------------------------------------------
 # Named arrays.
@@ -286,6 +127,32 @@ def test_summary_without_device_data():
 
 def _numpy_backed():
     return nx.NamedArray(named_axes=collections.OrderedDict({"a": 2}), data_array=np.ones(2))
+
+
+def test_summary_with_device_data():
+    summary, contained = named_axes_handlers.named_array_and_contained_type_summary(
+        nx.wrap(jnp.array([[0.0, 2.0, 4.0]])).tag("row", "col")
+    )
+    assert contained == "jax.Array"
+    assert summary == "float32(| row:1, col:3) ≈2.0 ±1.6 [≥0.0, ≤4.0] zero:1 nonzero:2"
+    # An unnamed array is its data: shown as the array itself.
+    summary, _ = named_axes_handlers.named_array_and_contained_type_summary(nx.wrap(jnp.arange(3)))
+    assert summary == repr(jnp.arange(3))
+
+
+def test_html_rendering_names_type_and_axes():
+    html = render_html(nx.wrap(jnp.ones((2, 3))).tag("batch", "features"))
+    assert "NamedArray" in html
+    assert "batch:2, features:3" in html
+    assert "wrapping jax.Array" in html
+
+
+def test_expanded_rendering_lists_the_fields_under_the_summary():
+    text = render_text(nx.wrap(jnp.ones((2, 3))).tag("batch", "features"), 1)
+    first_line, *field_lines = text.splitlines()
+    assert first_line.startswith("NamedArray(  # float32(| batch:2, features:3) ≈1.0")
+    assert field_lines[0] == "  named_axes=OrderedDict({'batch': 2, 'features': 3}),"
+    assert field_lines[1].startswith("  data_array=<jax.Array float32(2, 3)")
 
 
 # ---------------------------------------------------------------------------
@@ -409,61 +276,16 @@ def test_sharded_named_array_sharding_info():
     assert "rows" in _array_html(treescope.render_array_sharding(nx.wrap(data).tag("rows", "cols")))
 
 
-# ---------------------------------------------------------------------------
-# Shape-check patterns.
-# ---------------------------------------------------------------------------
+def test_adapter_rejects_data_treescope_cannot_visualise():
+    # An abstract array has a shape and dtype but no data to draw.
+    abstract = jax.ShapeDtypeStruct((2,), jnp.float32)
+    array = nx.NamedArray(named_axes=collections.OrderedDict({"a": 2}), data_array=abstract)
+    with pytest.raises(TypeError, match="wrapping ShapeDtypeStruct"):
+        named_axes_handlers.NamedArrayAdapter().get_array_data_with_truncation(array, None, (None,))
 
 
-def _spec(module):
-    return module.ArraySpec(
-        shape=(1, module.var("one"), 2, *module.var("many")),
-        named_shape={
-            "foo": module.var("foo"),
-            **module.var("bar"),
-            **module.vars_for_axes("baz", {"x": 2, "y": None}),
-        },
-        dtype=np.floating,
-    )
-
-
-def test_array_spec_summary_line():
-    assert render_text(_spec(chk), 0) == (
-        "<ArraySpec floating(1, {one}, 2, *{many…} | foo:{foo}, **{bar:…}, x:2, y:{baz/y})>"
-    )
-    assert render_text(chk.ArraySpec(shape=(3,)), 0) == "<ArraySpec any(3)>"
-    assert render_text(chk.ArraySpec(named_shape={"a": 1}, dtype=jnp.int8), 0) == (
-        "<ArraySpec int8(| a:1)>"
-    )
-
-
-@pytest.mark.parametrize(
-    "build",
-    [
-        _spec,
-        lambda m: m.ArraySpec(),
-        lambda m: m.ArraySpec(shape=(2, 3), dtype=jnp.float32),
-        lambda m: {"input": m.ArraySpec(named_shape={"seq": m.var("n")}), "extra": m.ANY},
-        lambda m: m.Wildcard("input to body"),
-    ],
-    ids=["full", "empty", "concrete", "in_dict", "wildcard"],
-)
-def test_pattern_rendering_matches_penzai(build):
-    assert_renders_like_penzai(build(chk), build(penzai_chk))
-
-
-def test_wildcards():
-    assert render_text(chk.ANY, 0) == "*"
-    assert render_text(chk.Wildcard("anything"), 0) == "<anything>"
-    assert render_text(chk.Wildcard("anything"), 0, roundtrip=True) == (
-        "pz_flax.core.shapecheck.Wildcard('anything')"
-    )
-
-
-def test_dimension_variables_are_coloured_in_html():
-    html = render_html(_spec(chk))
-    assert "color: #1bb2c3; font-style: italic;" in html
-    assert "{one}" in html
-
-
-def test_shapecheck_handler_ignores_other_objects():
-    assert shapecheck_handlers.handle_arraystructures(3, None, None) is NotImplemented
+def test_adapter_does_not_autovisualise_deleted_arrays():
+    data = jnp.ones((2,))
+    array = nx.wrap(data).tag("a")
+    data.delete()
+    assert not named_axes_handlers.NamedArrayAdapter().should_autovisualize(array)
