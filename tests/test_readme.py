@@ -56,6 +56,7 @@ def test_python_examples_run_as_printed(tmp_path):
     assert "{'batch': 2, 'neurons': 4}" in completed.stdout
     assert "{'batch': 64, 'target': 1}" in completed.stdout
     assert "Sequential gelu" in completed.stdout
+    assert "{'batch': 1, 'seq': 4, 'vocabulary': 32}" in completed.stdout
     for trained_with in (
         "StatefulTrainer",
         "jax.jit",
