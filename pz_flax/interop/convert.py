@@ -7,6 +7,12 @@ child modules converted recursively; ``nnx.List``/``nnx.Dict`` become lists/dict
 become ``Elementwise`` layers (activations) or ``WrappedCallable`` layers. No array is copied:
 pz_flax variables hold the NNX variables' own arrays.
 
+Sharing survives both directions. A module or variable reachable under several attributes
+(weight tying) is converted once per call, and every occurrence gets that one pz_flax layer or
+``Parameter`` (pz_flax variables are shared by identity, as in penzai); ``to_nnx`` likewise
+builds one NNX module or variable per pz_flax layer or variable object. So
+``to_nnx(from_nnx(m))`` lists a tied weight once in ``nnx.state``, exactly as ``m`` does.
+
 ``to_nnx`` goes back: ``FromNNX`` layers through their mapping, wrappers by rebuilding the
 module, and natively built pz_flax layers either into a ``PzModule`` adapter or, with
 ``native=True``, into NNX's own layer classes.
@@ -50,7 +56,13 @@ def from_nnx(
 
     Weights are not copied: the result's ``Parameter``/``StateVariable`` objects hold the
     module's own arrays, labelled with their NNX state paths and given axis names by the
-    naming convention (see ``pz_flax.interop.naming``). Under the default naming,
+    naming convention (see ``pz_flax.interop.naming``). A module or variable that ``module``
+    reaches under several paths (tied weights) is converted once, at the path ``nnx.state``
+    lists it under (which is also where path overrides apply), and the result shares that one
+    layer or ``Parameter`` wherever the NNX model shares it. A shared variable whose users
+    would name its axes differently keeps the names of its first user, and the later users
+    are wrapped (see ``NNXWrapper``), since one variable has one set of axis names. Under the
+    default naming,
     ``from_nnx(m)(pz.nx.wrap(x).tag("batch", "features")).unwrap("batch", "features")``
     equals ``m(x)``.
 
@@ -85,8 +97,26 @@ def from_nnx(
             f" {_describe(module)}."
         )
 
+    memo = (
+        registry.IdentityMemo.for_nnx_root(module)
+        if isinstance(module, nnx.Module)
+        else registry.IdentityMemo()
+    )
+
     def convert(obj: Any, path: tuple[Hashable, ...]) -> Any:
-        return _convert_from_nnx(obj, path, base_naming, checked_overrides, strict, convert)
+        # Modules are converted once; a shared one at the path nnx.state lists it under.
+        # Functions hold no state, so each occurrence is converted with its own naming.
+        is_module = isinstance(obj, nnx.Module)
+        if is_module and obj in memo:
+            return memo.get(obj)
+        if is_module:
+            path = memo.first_paths.get(id(obj), path)
+        converted = _convert_from_nnx(
+            obj, path, base_naming, checked_overrides, strict, convert, memo
+        )
+        if is_module:
+            memo.put(obj, converted)
+        return converted
 
     return convert(module, ())
 
@@ -99,18 +129,23 @@ def _is_plain_callable(value: Any) -> bool:
     )
 
 
-def _convert_from_nnx(obj, path, base_naming, overrides, strict, convert):
+def _convert_from_nnx(obj, path, base_naming, overrides, strict, convert, memo):
     """Converts one object found in an NNX tree; ``convert`` recurses into children."""
     if isinstance(obj, nnx.Module):
         mapping = registry.get_mapping(type(obj))
         naming = naming_lib.resolve_naming(
             base_naming, overrides, type(obj), path, mapping.naming if mapping else None
         )
-        context = registry.FromNNXContext(naming=naming, path=path, convert_child=convert)
+        context = registry.FromNNXContext(
+            naming=naming, path=path, convert_child=convert, memo=memo
+        )
         if mapping is not None:
+            mark = memo.mark()
             try:
                 return _apply_mapping(mapping, obj, context)
             except registry.MappingNotApplicable as exc:
+                # The module is wrapped instead: what the attempt converted must not be reused.
+                memo.rollback(mark)
                 if strict:
                     where = "/".join(map(str, path)) or "<root>"
                     raise ValueError(
@@ -195,6 +230,13 @@ def wrap_module(module: nnx.Module, context: registry.FromNNXContext) -> wrapper
     for path, nnx_variable in nnx.to_flat_state(shell_state):
         key = "/".join(str(part) for part in path)
         original = wrappers.variable_at(module, path)
+        variable_paths[key] = tuple(path)
+        shared = context.memo.get(original)
+        if shared is not None:
+            # A tied variable converted elsewhere: the wrapper runs on its raw array, whatever
+            # names it was given there.
+            wrapped_variables[key] = shared
+            continue
         names = (
             wrappers.wrapped_axis_names(module, path[0], original, context.naming)
             if len(path) == 1
@@ -203,7 +245,7 @@ def wrap_module(module: nnx.Module, context: registry.FromNNXContext) -> wrapper
         value = original.get_value()
         if names is not None:
             value = named_axes.wrap(value).tag(*names)
-        label = context.label(*path)
+        label = context.variable_label(original, *path)
         metadata = registry.user_metadata(nnx_variable)
         if isinstance(nnx_variable, nnx.Param):
             wrapped_variables[key] = variables.Parameter(
@@ -211,7 +253,7 @@ def wrap_module(module: nnx.Module, context: registry.FromNNXContext) -> wrapper
             )
         else:
             wrapped_variables[key] = variables.StateVariable(value, label=label, metadata=metadata)
-        variable_paths[key] = tuple(path)
+        context.memo.put(original, wrapped_variables[key])
     naming = context.naming
     return wrappers.NNXWrapper(
         variables=wrapped_variables,
@@ -250,11 +292,26 @@ def rebuild_wrapped_module(
 
 
 def _rebuild(wrapper: wrappers.NNXWrapper, context: registry.ToNNXContext) -> nnx.Module:
-    flat = [
-        (wrapper.variable_paths[key], variable.get_value())
+    entries = [
+        (wrapper.variable_paths[key], variable, wrappers.raw_value_of(variable))
         for key, variable in wrapper.variables.items()
     ]
-    module = nnx.merge(wrapper.shell.graphdef, nnx.from_flat_state(flat))
+    graphdef = wrapper.shell.graphdef
+    module = nnx.merge(graphdef, nnx.from_flat_state([(path, raw) for path, _, raw in entries]))
+    tied = [
+        context.shared_variable(variable, raw, type(wrappers.variable_at(module, path)))
+        for path, variable, raw in entries
+    ]
+    if any(shared is not None for shared in tied):
+        # Some variables were already built in this conversion (tied weights). merge keeps the
+        # NNX variable objects it is given, so passing those makes the module share them.
+        flat = [
+            (path, raw if shared is None else shared)
+            for (path, _, raw), shared in zip(entries, tied)
+        ]
+        module = nnx.merge(graphdef, nnx.from_flat_state(flat))
+    for path, variable, raw in entries:
+        context.remember_variable(variable, raw, wrappers.variable_at(module, path))
     if context.bindings is not None:
         for key, variable in wrapper.variables.items():
             context.bindings.append((variable, module, wrapper.variable_paths[key]))
@@ -334,11 +391,34 @@ def _is_pz_layer(value: Any) -> bool:
 
 
 def _to_nnx(layer: Any, context: registry.ToNNXContext) -> Any:
+    """Converts one pz_flax object to its NNX form, once per object (shared stays shared)."""
+    if layer in context.memo:
+        return context.memo.get(layer)
+    converted = _convert_to_nnx(layer, context)
+    context.memo.put(layer, converted)
+    return converted
+
+
+def _try_mapping(
+    mapping: registry.LayerMapping,
+    layer: Any,
+    context: registry.ToNNXContext,
+    config: Mapping[str, Any],
+) -> Any:
+    """``mapping.to_nnx``, forgetting what it built if it declines the layer."""
+    mark = context.memo.mark()
+    module = mapping.to_nnx(layer, context, config)
+    if module is None:
+        context.memo.rollback(mark)
+    return module
+
+
+def _convert_to_nnx(layer: Any, context: registry.ToNNXContext) -> Any:
     """Converts one pz_flax object to its NNX form (module, function or container)."""
     if isinstance(layer, wrappers.FromNNX):
         mapping = registry.get_mapping(layer.nnx_type)
         if mapping is not None:
-            module = mapping.to_nnx(layer.layer, context, layer.nnx_config)
+            module = _try_mapping(mapping, layer.layer, context, layer.nnx_config)
             if module is not None:
                 return module
         if context.native:
@@ -375,7 +455,7 @@ def _as_function(layer: Any, naming: naming_lib.NNXNaming) -> Any:
 
 def _to_native(layer: Any, context: registry.ToNNXContext) -> Any:
     for mapping in registry.mappings_for_pz_type(type(layer)):
-        module = mapping.to_nnx(layer, context, {})
+        module = _try_mapping(mapping, layer, context, {})
         if module is not None:
             return module
     raise ValueError(

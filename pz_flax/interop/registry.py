@@ -48,6 +48,76 @@ class MappingNotApplicable(Exception):
     """
 
 
+class IdentityMemo:
+    """The converted form of each object met during one conversion, by the object's identity.
+
+    Weight tying in NNX is sharing: one module or variable object reachable under several
+    attributes, listed once by ``nnx.state``. pz_flax variables are shared the same way (by
+    identity), so one conversion converts each shared object once and hands out that single
+    result wherever the object occurs again; this memo is where the results are kept. It holds
+    a reference to every key object, so that ``id()`` values stay unique while it lives.
+
+    A conversion attempt that is abandoned (a mapping that does not apply) must not leave
+    results behind, since the object will be converted differently: ``mark``/``rollback``
+    undo everything recorded since a mark.
+
+    Attributes:
+        first_paths: For objects reachable under several paths of the converted NNX root, the
+            path ``nnx.state`` lists them under (the first in NNX's traversal order), by
+            ``id()``; shared objects are converted (and their variables labelled) at this path.
+    """
+
+    def __init__(self, first_paths: Mapping[int, tuple[Hashable, ...]] | None = None):
+        """Creates an empty memo.
+
+        Args:
+            first_paths: See the class attribute; empty if None.
+        """
+        self.first_paths = dict(first_paths or {})
+        self._entries: dict[int, tuple[Any, Any]] = {}
+        self._order: list[int] = []
+
+    @classmethod
+    def for_nnx_root(cls, root: Any) -> IdentityMemo:
+        """A memo whose ``first_paths`` cover the shared modules and variables below ``root``."""
+        duplicate_groups = nnx.find_duplicates(root)
+        if not duplicate_groups:
+            return cls()
+        wanted = {paths[0] for paths in duplicate_groups}
+        # iter_graph visits each node once, at the first path in the order find_duplicates
+        # and nnx.state use.
+        first_paths = {
+            id(node): path
+            for path, node in nnx.iter_graph(root)
+            if path in wanted and isinstance(node, nnx.Module | nnx.Variable)
+        }
+        return cls(first_paths)
+
+    def get(self, obj: Any, default: Any = None) -> Any:
+        """The converted form recorded for ``obj``, or ``default``."""
+        entry = self._entries.get(id(obj))
+        return default if entry is None else entry[1]
+
+    def __contains__(self, obj: Any) -> bool:
+        return id(obj) in self._entries
+
+    def put(self, obj: Any, converted: Any) -> None:
+        """Records the converted form of ``obj``."""
+        if id(obj) not in self._entries:
+            self._order.append(id(obj))
+        self._entries[id(obj)] = (obj, converted)
+
+    def mark(self) -> int:
+        """A point to ``rollback`` to."""
+        return len(self._order)
+
+    def rollback(self, mark: int) -> None:
+        """Forgets everything recorded since ``mark``."""
+        for key in self._order[mark:]:
+            del self._entries[key]
+        del self._order[mark:]
+
+
 class LayerMapping(abc.ABC):
     """How one NNX class converts to pz_flax layers and back.
 
@@ -55,8 +125,8 @@ class LayerMapping(abc.ABC):
     layers), implement ``to_pz`` and ``to_nnx``, and call ``register_mapping(MyMapping())``.
 
     ``to_pz`` must build a layer that computes exactly what the module computes under the
-    naming convention, using ``context.parameter(...)``/``context.state_variable(...)`` so that
-    the module's arrays are reused and labelled by their NNX paths. ``to_nnx`` must rebuild
+    naming convention, using ``context.parameter(...)`` for its variables so that the module's
+    arrays are reused and labelled by their NNX paths. ``to_nnx`` must rebuild
     the module from such a layer, usually with ``context.construct(...)`` and
     ``context.array(...)``. After conversion, ``from_nnx`` checks that ``to_nnx`` of the new
     layer reproduces the module's graph definition (class, static attributes, variable types
@@ -137,11 +207,15 @@ class FromNNXContext:
         naming: The naming convention for this module (after overrides).
         path: The module's NNX path from the converted root.
         convert_child: The ``from_nnx`` engine, for children: ``(obj, path) -> converted``.
+        memo: The pz_flax variables (and layers) already made in this conversion, by the NNX
+            object they come from, so that a shared (tied) NNX variable becomes one shared
+            pz_flax variable.
     """
 
     naming: naming_lib.NNXNaming
     path: tuple[Hashable, ...]
     convert_child: Callable[[Any, tuple[Hashable, ...]], Any]
+    memo: IdentityMemo = dataclasses.field(default_factory=IdentityMemo)
 
     def convert(self, child: Any, *keys: Hashable) -> Any:
         """Converts a child module (or function) found at ``keys`` below this module."""
@@ -151,10 +225,24 @@ class FromNNXContext:
         """The label of the variable at ``keys`` below this module."""
         return self.naming.label((*self.path, *keys))
 
+    def variable_label(self, variable: nnx.Variable, *keys: Hashable) -> str:
+        """The label of a variable found at ``keys`` below this module.
+
+        A variable shared with other modules is labelled with the one path ``nnx.state`` lists
+        it under, wherever it is met first.
+        """
+        first_path = self.memo.first_paths.get(id(variable))
+        if first_path is not None:
+            return self.naming.label(first_path)
+        return self.label(*keys)
+
     def parameter(
         self, variable: nnx.Variable, key: str, axis_names: Sequence[str] | None
     ) -> variables.Parameter:
         """A pz_flax ``Parameter`` holding the same array as an NNX variable.
+
+        An NNX variable met again in the same conversion (a tied weight) gives the
+        ``Parameter`` made the first time, so the pz_flax model shares it too.
 
         Args:
             variable: The NNX variable (usually an ``nnx.Param``) of this module.
@@ -163,12 +251,29 @@ class FromNNXContext:
 
         Returns:
             A ``Parameter`` labelled with the variable's NNX path, carrying its user metadata.
+
+        Raises:
+            ValueError: If ``axis_names`` does not have one name per axis of the value.
+            MappingNotApplicable: If the variable is shared with a place that converted it
+                with other axis names (or not as a ``Parameter``): one pz_flax variable has
+                one set of names, so this module is wrapped instead.
         """
-        return variables.Parameter(
-            value=_named_value(variable, axis_names, self.label(key)),
-            label=self.label(key),
-            metadata=user_metadata(variable),
-        )
+        label = self.variable_label(variable, key)
+        value = _named_value(variable, axis_names, label)
+        existing = self.memo.get(variable)
+        if existing is not None:
+            stored_names = tuple(existing.get_metadata().get("axis_names") or ())
+            wanted_names = tuple(axis_names or ())
+            if not isinstance(existing, variables.Parameter) or stored_names != wanted_names:
+                raise MappingNotApplicable(
+                    f"its variable {self.label(key)!r} is shared with {existing.label!r}, which"
+                    f" was converted as a {type(existing).__name__} with axis names"
+                    f" {stored_names}, not a Parameter with axis names {wanted_names}."
+                )
+            return existing
+        parameter = variables.Parameter(value=value, label=label, metadata=user_metadata(variable))
+        self.memo.put(variable, parameter)
+        return parameter
 
 
 @dataclasses.dataclass
@@ -182,12 +287,16 @@ class ToNNXContext:
         bindings: If not None, receives ``(pz variable, module, path)`` triples for every
             pz_flax variable put into a rebuilt module, so a caller can copy state changes
             back after running it.
+        memo: The NNX modules and variables already built in this conversion, by the pz_flax
+            layer or variable they come from, so that a shared pz_flax object becomes one
+            shared NNX object.
     """
 
     naming: naming_lib.NNXNaming
     native: bool
     convert_child: Callable[[Any], Any]
     bindings: list[tuple[Any, Any, tuple[Hashable, ...]]] | None = None
+    memo: IdentityMemo = dataclasses.field(default_factory=IdentityMemo)
 
     def convert(self, layer: Any) -> Any:
         """Converts a child pz_flax layer to its NNX form."""
@@ -236,6 +345,42 @@ class ToNNXContext:
                 return raw
         return value.unwrap(*axis_names)
 
+    def shared_variable(
+        self, source: Any, array: jax.Array, variable_type: type[Any]
+    ) -> nnx.Variable | None:
+        """The NNX variable already built in this conversion for a pz_flax variable, if any.
+
+        Tied weights are one pz_flax variable used in several layers; giving every NNX module
+        built from them the same NNX variable keeps them tied. Only a variable built from the
+        very same stored array (not a transposed copy) and of the requested NNX type is
+        reused: an NNX variable has a single layout.
+
+        Args:
+            source: The pz_flax variable (or None).
+            array: The array the new NNX variable would hold.
+            variable_type: The NNX variable class the module needs at this place.
+
+        Returns:
+            The NNX variable to reuse, or None to build a new one.
+        """
+        if not isinstance(source, variables.LabeledVariable):
+            return None
+        shared = self.memo.get(source)
+        if shared is None or type(shared) is not variable_type:
+            return None
+        if array is not source.get_value() or shared.get_value() is not array:
+            return None
+        return shared
+
+    def remember_variable(self, source: Any, array: jax.Array, built: nnx.Variable) -> None:
+        """Records ``built`` as the NNX form of ``source`` if it holds its stored array."""
+        if (
+            isinstance(source, variables.LabeledVariable)
+            and array is source.get_value()
+            and source not in self.memo
+        ):
+            self.memo.put(source, built)
+
     def construct(
         self,
         nnx_class: type[Any],
@@ -282,11 +427,17 @@ class ToNNXContext:
                     f" {tuple(abstract_var.shape)} and dtype {abstract_var.dtype}, got shape"
                     f" {tuple(array.shape)} and dtype {array.dtype}."
                 )
+            shared = self.shared_variable(source, array, type(abstract_var))
+            if shared is not None:
+                flat.append((path, shared))
+                continue
             new_var = abstract_var.replace(value=array)
             if source is not None and isinstance(source, variables.LabeledVariable):
                 for name, entry in source.metadata.items():
                     new_var.set_metadata(name, entry)
+                self.remember_variable(source, array, new_var)
             flat.append((path, new_var))
+        # merge puts these very variable objects into the module, so shared ones stay shared.
         module = nnx.merge(graphdef, nnx.from_flat_state(flat))
         if self.bindings is not None:
             for key, (path, _) in expected.items():

@@ -257,17 +257,42 @@ def _name_output(
     return jax.tree_util.tree_map(name_leaf, output)
 
 
+def raw_value_of(variable: Any) -> Any:
+    """The positional (NNX-layout) value of a live variable or of a frozen snapshot.
+
+    Penzai code often binds frozen ``ParameterValue``s into a model (``jax.grad`` over frozen
+    parameters); a wrapped NNX module must run on those as well as on live variables.
+    """
+    if isinstance(variable, variables.AbstractVariableValue):
+        value = variable.value
+        if named_axes.is_namedarray(value):
+            return value.with_positional_prefix().data_array
+        return value
+    return variable.get_value()
+
+
 def write_back_changed_variables(bindings) -> None:
     """Copies values that a rebuilt NNX module changed back into pz_flax variables.
 
     Args:
         bindings: ``(pz variable, module, path)`` triples recorded while rebuilding.
+
+    Raises:
+        ValueError: If the module changed a variable that is bound as a frozen snapshot, which
+            cannot hold the new value.
     """
     for pz_variable, module, path in bindings:
         nnx_variable = variable_at(module, path)
         new_raw = nnx_variable.get_value()
-        if new_raw is not pz_variable.get_value():
-            pz_variable.set_value(new_raw)
+        if new_raw is raw_value_of(pz_variable):
+            continue
+        if isinstance(pz_variable, variables.AbstractVariableValue):
+            raise ValueError(
+                f"The wrapped NNX module changed the variable labelled {pz_variable.label!r},"
+                " which is bound as a frozen snapshot; bind a mutable variable"
+                " (bind_variables(..., unfreeze_as_copy=True)) to keep the change."
+            )
+        pz_variable.set_value(new_raw)
 
 
 def variable_at(module: Any, path: tuple[Hashable, ...]) -> Any:

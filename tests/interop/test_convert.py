@@ -10,11 +10,13 @@ from flax import nnx
 from pz_flax.core import named_axes
 from pz_flax.core import variables
 from pz_flax.interop import convert
+from pz_flax.interop import model_summary
 from pz_flax.interop import wrappers
 from pz_flax.nn import basic_ops
 from pz_flax.nn import grouping
 from pz_flax.nn import linear_and_affine
 from pz_flax.nn import standardization
+from pz_flax.toolshed import basic_training
 from tests.interop import helpers
 
 
@@ -360,3 +362,198 @@ def test_to_nnx_native_covers_embeddings_norms_and_dropout():
     ids = jnp.array([[0, 5, 2]])
     expected = model(helpers.named(ids, "batch", "seq")).unwrap("batch", "seq", "features")
     np.testing.assert_allclose(module(ids), expected, rtol=1e-5, atol=1e-6)
+
+
+#### Shared (tied) modules and variables ####
+
+
+class SharedLinearEverywhere(nnx.Module):
+    """One Linear reached under two attributes, inside a Sequential and inside a List."""
+
+    def __init__(self, rngs):
+        shared = nnx.Linear(4, 4, rngs=rngs)
+        # Assigned before ``first`` so conversion meets it at ``second``, while nnx.state lists
+        # it under ``first`` (NNX sorts attribute names).
+        self.second = shared
+        self.first = shared
+        self.mlp = nnx.Sequential(shared, nnx.relu, shared)
+        self.heads = nnx.List([shared, nnx.Linear(4, 4, rngs=rngs)])
+
+    def __call__(self, x):
+        hidden = self.mlp(self.first(x)) + self.second(x)
+        return self.heads[0](hidden) + self.heads[1](hidden)
+
+
+class TiedProjection(nnx.Module):
+    """Shared ``nnx.Param`` objects: a tied kernel between two Linears, and a tied vector."""
+
+    def __init__(self, rngs):
+        self.encoder = nnx.Linear(4, 4, rngs=rngs)
+        self.decoder = nnx.Linear(4, 4, use_bias=False, rngs=rngs)
+        self.decoder.kernel = self.encoder.kernel
+        # The encoder's bias, also used directly by this (wrapped) module.
+        self.shift = self.encoder.bias
+
+    def __call__(self, x):
+        return self.decoder(nnx.relu(self.encoder(x))) + self.shift
+
+
+def _run_named(layer, x):
+    return layer(helpers.named(x, "batch", "features")).unwrap("batch", "features")
+
+
+def test_shared_module_becomes_one_layer_and_one_module_again():
+    module = SharedLinearEverywhere(nnx.Rngs(0))
+    layer = convert.from_nnx(module)
+    shared = layer.children["first"]
+    assert isinstance(shared, wrappers.FromNNX)
+    assert layer.children["second"] is shared
+    mlp = layer.children["mlp"].layer
+    assert mlp.sublayers[0] is shared and mlp.sublayers[2] is shared
+    assert layer.children["heads"][0] is shared
+    assert layer.children["heads"][1] is not shared
+    # Labelled by the path nnx.state lists the shared module under.
+    assert shared.layer.sublayers[0].weights.label == "first/kernel"
+    x = helpers.random_input((3, 4))
+    np.testing.assert_allclose(_run_named(layer, x), module(x), rtol=1e-6, atol=1e-6)
+
+    rebuilt = convert.to_nnx(layer)
+    helpers.assert_same_state(module, rebuilt)
+    assert list(helpers.flat_state(rebuilt)) == list(helpers.flat_state(module))
+    assert rebuilt.first is rebuilt.second is rebuilt.mlp.layers[0] is rebuilt.mlp.layers[2]
+    assert rebuilt.heads[0] is rebuilt.first and rebuilt.heads[1] is not rebuilt.first
+    np.testing.assert_array_equal(rebuilt(x), module(x))
+
+
+def test_shared_module_in_a_list_root_and_path_overrides_at_its_nnx_path():
+    shared = nnx.Linear(3, 3, rngs=nnx.Rngs(0))
+    model = nnx.List([shared, nnx.Linear(3, 3, rngs=nnx.Rngs(1)), shared])
+    layers = convert.from_nnx(model, overrides={"0": {"label_prefix": "tied"}})
+    assert layers[0] is layers[2] and layers[1] is not layers[0]
+    assert layers[0].layer.sublayers[0].weights.label == "tied/0/kernel"
+    rebuilt = convert.to_nnx(layers)
+    helpers.assert_same_state(model, rebuilt)
+    assert rebuilt[0] is rebuilt[2]
+
+
+def test_shared_param_becomes_one_parameter_and_one_nnx_variable_again():
+    module = TiedProjection(nnx.Rngs(0))
+    layer = convert.from_nnx(module)
+    encoder = layer.children["encoder"].layer
+    decoder = layer.children["decoder"].layer
+    kernel = encoder.sublayers[0].weights
+    assert decoder.sublayers[0].weights is kernel
+    # NNX lists the kernel under "decoder" (sorted first), so that is its label.
+    assert kernel.label == "decoder/kernel"
+    assert layer.variables["shift"] is encoder.sublayers[-1].bias
+    assert layer.variables["shift"].label == "encoder/bias"
+    assert kernel.get_value() is module.encoder.kernel.get_value()
+    x = helpers.random_input((3, 4))
+    np.testing.assert_allclose(_run_named(layer, x), module(x), rtol=1e-6, atol=1e-6)
+
+    rebuilt = convert.to_nnx(layer)
+    helpers.assert_same_state(module, rebuilt)
+    assert rebuilt.decoder.kernel is rebuilt.encoder.kernel
+    assert rebuilt.shift is rebuilt.encoder.bias
+    np.testing.assert_array_equal(rebuilt(x), module(x))
+    # One row per distinct variable, as nnx.state has one entry per distinct variable.
+    rows = model_summary.summary_rows(layer)
+    assert sorted(row.label for row in rows) == sorted(helpers.flat_state(module))
+
+
+def test_tied_weight_gradient_and_training_step_match_nnx():
+    module = TiedProjection(nnx.Rngs(0))
+    reference = nnx.clone(module)
+    layer = convert.from_nnx(module)
+    x = helpers.random_input((5, 4))
+    target = helpers.random_input((5, 4), seed=2)
+
+    # Gradients with respect to each distinct parameter (unbinding extracts a shared one once).
+    unbound, values = variables.unbind_params(layer, freeze=True)
+    assert sorted(value.label for value in values) == ["decoder/kernel", "encoder/bias"]
+
+    def pz_loss(values):
+        bound = variables.bind_variables(unbound, values, unfreeze_as_copy=True)
+        return jnp.mean((_run_named(bound, x) - target) ** 2)
+
+    pz_grads = {value.label: value.value for value in jax.jit(jax.grad(pz_loss))(list(values))}
+    nnx_grads = helpers.nnx_parameter_grads(
+        reference, lambda module: jnp.mean((module(x) - target) ** 2)
+    )
+    assert pz_grads.keys() == nnx_grads.keys()
+    for key, grad in nnx_grads.items():
+        pz_grad = pz_grads[key]
+        if isinstance(pz_grad, named_axes.NamedArrayBase):
+            pz_grad = pz_grad.unwrap(*_stored_axis_names(layer, key))
+        np.testing.assert_allclose(pz_grad, grad, rtol=1e-5, atol=1e-6)
+
+    # One SGD step through the pz form updates the tied kernel once, exactly as NNX does.
+    def loss_fn(*, model, state, rng, x, target):
+        del rng
+        return jnp.mean((_run_named(model, x) - target) ** 2), state, None
+
+    trainer = basic_training.StatefulTrainer.build(
+        jax.random.key(0), layer, optax.sgd(0.1), loss_fn
+    )
+    trainer.step(x=x, target=target)
+    optimizer = nnx.Optimizer(reference, optax.sgd(0.1), wrt=nnx.Param)
+    grads = nnx.grad(lambda module: jnp.mean((module(x) - target) ** 2))(reference)
+    optimizer.update(reference, grads)
+    rebuilt = convert.to_nnx(layer)
+    assert rebuilt.decoder.kernel is rebuilt.encoder.kernel
+    for key, variable in helpers.flat_state(reference).items():
+        np.testing.assert_allclose(
+            helpers.flat_state(rebuilt)[key].get_value(), variable.get_value(), rtol=1e-5, atol=1e-6
+        )
+
+
+def _stored_axis_names(layer, label):
+    """The stored axis-name order of the parameter labelled ``label`` in ``layer``."""
+    _, values = variables.unbind_params(layer)
+    (parameter,) = [value for value in values if value.label == label]
+    return parameter.get_metadata()["axis_names"]
+
+
+def test_variable_shared_under_different_axis_names_wraps_the_later_user():
+    class TiedEmbedding(nnx.Module):
+        def __init__(self, rngs):
+            self.embed = nnx.Embed(4, 4, rngs=rngs)
+            self.unembed = nnx.Linear(4, 4, use_bias=False, rngs=rngs)
+            self.unembed.kernel = self.embed.embedding
+
+        def __call__(self, ids):
+            return self.unembed(self.embed(ids))
+
+    module = TiedEmbedding(nnx.Rngs(0))
+    layer = convert.from_nnx(module)
+    table = layer.children["embed"].layer.table.embeddings
+    assert dict(table.value.named_shape) == {"vocabulary": 4, "features": 4}
+    # A Linear cannot name the Embed's table (vocabulary, features): it is wrapped, and runs
+    # on the very same Parameter.
+    unembed = layer.children["unembed"]
+    assert isinstance(unembed, wrappers.NNXWrapper)
+    assert unembed.variables["kernel"] is table
+    with pytest.raises(ValueError, match="shared with 'embed/embedding'"):
+        convert.from_nnx(module, strict=True)
+    ids = jnp.array([[0, 3, 1]])
+    result = layer(helpers.named(ids, "batch", "seq")).unwrap("batch", "seq", "features")
+    np.testing.assert_allclose(result, module(ids), rtol=1e-6, atol=1e-6)
+    rebuilt = convert.to_nnx(layer)
+    helpers.assert_same_state(module, rebuilt)
+    assert rebuilt.unembed.kernel is rebuilt.embed.embedding
+
+
+def test_to_nnx_native_keeps_shared_layers_and_parameters_shared():
+    key = jax.random.key(0)
+    shared = linear_and_affine.Affine.from_config("shared", key, {"features": 3}, {"features": 3})
+    other = linear_and_affine.Affine.from_config("other", key, {"features": 3}, {"features": 3})
+    # The shared layer's weights with another layer's bias: a tied kernel.
+    tied = linear_and_affine.Affine([*shared.sublayers[:-1], other.sublayers[-1]])
+    model = grouping.Sequential([shared, basic_ops.Elementwise(jax.nn.relu), shared, tied])
+    module = convert.to_nnx(model, native=True)
+    first, _, third, fourth = module.layers
+    assert first is third
+    assert fourth.kernel is first.kernel and fourth.bias is not first.bias
+    assert len(helpers.flat_state(module)) == 3
+    x = helpers.random_input((2, 3))
+    np.testing.assert_allclose(module(x), _run_named(model, x), rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ import treescope
 from flax import nnx
 
 from pz_flax.core import named_axes
+from pz_flax.core import variables
 from pz_flax.interop import convert
 from pz_flax.interop import wrappers
 from pz_flax.nn import linear_and_affine
@@ -173,3 +174,37 @@ def test_module_shell_compares_by_graph_definition_and_prints_briefly():
     assert first != other
     assert repr(first) == "ModuleShell(<nnx.GraphDef of BatchNorm>)"
     assert treescope.render_to_text(first) == repr(first)
+
+
+def test_wrapper_runs_and_differentiates_on_frozen_parameter_values():
+    """Penzai's pattern: bind frozen ParameterValues and take gradients with respect to them."""
+    conv = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+    layer = convert.from_nnx(conv)
+    images = helpers.random_input((2, 5, 5, 3))
+    names = ("batch", "height", "width", "features")
+    skeleton, frozen = variables.unbind_params(layer, freeze=True)
+
+    def loss(frozen_params):
+        bound = variables.bind_variables(skeleton, frozen_params)
+        return jnp.sum(bound(helpers.named(images, *names)).unwrap(*names) ** 2)
+
+    np.testing.assert_allclose(loss(frozen), jnp.sum(conv(images) ** 2), rtol=1e-6)
+    grads = {g.label: g.value for g in jax.grad(loss)(frozen)}
+    nnx_grads = helpers.nnx_parameter_grads(conv, lambda conv: jnp.sum(conv(images) ** 2))
+    kernel_label = layer.variables["kernel"].label
+    np.testing.assert_allclose(
+        grads[kernel_label].with_positional_prefix().data_array,
+        nnx_grads["kernel"],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_wrapper_refuses_to_drop_a_change_to_a_frozen_state():
+    batch_norm = nnx.BatchNorm(3, use_running_average=False, rngs=nnx.Rngs(0))
+    layer = convert.from_nnx(batch_norm)
+    skeleton, frozen = variables.unbind_variables(layer, freeze=True)
+    bound = variables.bind_variables(skeleton, frozen)
+    x = helpers.named(helpers.random_input((4, 3)), "batch", "features")
+    with pytest.raises(ValueError, match="frozen snapshot"):
+        bound(x)
