@@ -45,6 +45,8 @@ T = TypeVar("T")
 # that a subclass of a pytree dataclass is not mistaken for one: JAX registration is per exact
 # type and is not inherited.
 _PYTREE_DATACLASS_INFO = "__pz_flax_pytree_dataclass_info__"
+# Instance ``__dict__`` key under which a struct keeps its flatten metadata (not a field).
+_STATIC_METADATA_CACHE = "__pz_flax_static_metadata__"
 
 
 class PyTreeDataclassSafetyError(Exception):
@@ -108,6 +110,8 @@ class StructStaticMetadata:
     static_fields: dict[str, Any]
 
     def __eq__(self, other: object) -> bool:
+        if self is other:
+            return True
         if not isinstance(other, StructStaticMetadata):
             return NotImplemented
         return (
@@ -403,6 +407,23 @@ class Struct(metaclass=AbstractStructMetaclass):
         """
         return jax.tree_util.GetAttrKey(field_name)
 
+    def _static_metadata(self) -> StructStaticMetadata:
+        """This instance's flatten metadata, built once and kept with the (frozen) instance.
+
+        Keeping it means a struct rebuilt by ``tree_unflatten`` hands JAX back the very object
+        its treedef holds, so comparing treedefs on every jitted call (the dispatch cache key)
+        succeeds by identity instead of comparing every static field.
+        """
+        values = self.__dict__
+        metadata = values.get(_STATIC_METADATA_CACHE)
+        if metadata is None:
+            layout: _ClassLayout = type(self).__dict__[_PYTREE_DATACLASS_INFO]
+            metadata = StructStaticMetadata(
+                layout.child_field_names, {n: values[n] for n in layout.static_field_names}
+            )
+            values[_STATIC_METADATA_CACHE] = metadata
+        return metadata
+
     @typing.final
     def tree_flatten_with_keys(self) -> tuple[list[tuple[Any, Any]], StructStaticMetadata]:
         """Flattens to ``(key, child)`` pairs plus static metadata (JAX's keyed protocol)."""
@@ -412,18 +433,14 @@ class Struct(metaclass=AbstractStructMetaclass):
             keyed = [(jax.tree_util.GetAttrKey(n), values[n]) for n in layout.child_field_names]
         else:
             keyed = [(self.key_for_field(n), values[n]) for n in layout.child_field_names]
-        return keyed, StructStaticMetadata(
-            layout.child_field_names, {n: values[n] for n in layout.static_field_names}
-        )
+        return keyed, self._static_metadata()
 
     @typing.final
     def tree_flatten(self) -> tuple[list[Any], StructStaticMetadata]:
         """Flattens to children plus static metadata (JAX's unkeyed fast path)."""
-        layout: _ClassLayout = type(self).__dict__[_PYTREE_DATACLASS_INFO]
         values = self.__dict__
-        return [values[n] for n in layout.child_field_names], StructStaticMetadata(
-            layout.child_field_names, {n: values[n] for n in layout.static_field_names}
-        )
+        metadata = values.get(_STATIC_METADATA_CACHE) or self._static_metadata()
+        return [values[n] for n in metadata.child_field_names], metadata
 
     @typing.final
     @classmethod
@@ -433,6 +450,7 @@ class Struct(metaclass=AbstractStructMetaclass):
         fields = instance.__dict__
         fields.update(aux_data.static_fields)
         fields.update(zip(aux_data.child_field_names, children))
+        fields[_STATIC_METADATA_CACHE] = aux_data
         return instance
 
     def treescope_color(self) -> str | tuple[str, str]:

@@ -232,3 +232,17 @@ def test_matches_penzai_flattening():
     ours = jax.tree_util.tree_flatten_with_path(Pair(1, 2, "z"))[0]
     theirs = jax.tree_util.tree_flatten_with_path(OraclePair(1, 2, "z"))[0]
     assert ours == theirs
+
+
+def test_flatten_metadata_is_kept_so_rebuilt_structs_match_their_treedef_by_identity():
+    pair = Pair(jnp.ones(2), jnp.zeros(2), tag="t")
+    _, first = pair.tree_flatten()
+    _, again = pair.tree_flatten_with_keys()
+    assert first is again
+    rebuilt = jax.tree_util.tree_map(lambda leaf: leaf + 1, pair)
+    assert rebuilt.tree_flatten()[1] is first
+    assert jax.tree_util.tree_structure(rebuilt) == jax.tree_util.tree_structure(pair)
+    # The kept metadata is bookkeeping, not a field: it never shows up as one.
+    assert rebuilt.attributes_dict().keys() == {"left", "right", "tag"}
+    assert Pair.from_attributes(**rebuilt.attributes_dict()) == rebuilt
+    assert dataclasses.replace(rebuilt, tag="u").tree_flatten()[1].static_fields == {"tag": "u"}
