@@ -1,1 +1,1 @@
-"""Command-line tools over ``pz_flax.checkpoint``: the ``pz-flax-convert`` entry point."""
+"""A runnable script over :mod:`pz_flax.cli`; not installed (the wheel ships only pz_flax)."""

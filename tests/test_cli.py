@@ -1,4 +1,4 @@
-"""Tests for conversion_tools.convert_checkpoint: the pz-flax-convert command line."""
+"""Tests for pz_flax.cli: the pz-flax-convert command line."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from conversion_tools import convert_checkpoint
+from pz_flax import cli
 from pz_flax.checkpoint import storage
 from tests.checkpoint import sample_models
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FACTORY = "tests.checkpoint.sample_models:make_nnx_model"
 
 
@@ -32,7 +32,7 @@ def nnx_checkpoint(tmp_path_factory):
 
 
 def _run(capsys, *argv):
-    status = convert_checkpoint.main(list(argv))
+    status = cli.main(list(argv))
     captured = capsys.readouterr()
     return status, captured.out, captured.err
 
@@ -195,7 +195,7 @@ def test_usage_errors_exit_2(capsys):
 
 def test_progress_bar_draws_stages():
     stream = io.StringIO()
-    progress = convert_checkpoint.Progress(2, enabled=True, stream=stream, width=4)
+    progress = cli.Progress(2, enabled=True, stream=stream, width=4)
     progress.stage("first")
     progress.advance()
     progress.stage("second")
@@ -206,7 +206,7 @@ def test_progress_bar_draws_stages():
         "[####] 2/2 done                        \n",
     ]
     silent = io.StringIO()
-    quiet = convert_checkpoint.Progress(1, enabled=False, stream=silent)
+    quiet = cli.Progress(1, enabled=False, stream=silent)
     quiet.stage("x")
     quiet.advance()
     assert silent.getvalue() == ""
@@ -214,7 +214,7 @@ def test_progress_bar_draws_stages():
 
 def test_progress_step_counts_only_stages_that_finish():
     stream = io.StringIO()
-    progress = convert_checkpoint.Progress(2, enabled=True, stream=stream, width=4)
+    progress = cli.Progress(2, enabled=True, stream=stream, width=4)
     with progress.step("first"):
         pass
     with pytest.raises(RuntimeError, match="boom"), progress.step("second"):
@@ -262,3 +262,11 @@ def test_truncated_array_files(tmp_path, capsys):
     assert status == 1
     _assert_short_error(err, "Cannot read the arrays", "missing or damaged")
     assert not (tmp_path / "out").exists()
+
+
+def test_version_prints_the_package_version(capsys):
+    import pz_flax
+
+    status, out, _ = _run(capsys, "--version")
+    assert status == 0
+    assert out == f"pz-flax-convert {pz_flax.__version__}\n"
