@@ -9,6 +9,12 @@ layer over JAX's own SPMD machinery (``jax.sharding.Mesh``/``NamedSharding``,
 the same on one host, on many hosts after ``jax.distributed.initialize()``, and on CPU devices
 faked with ``XLA_FLAGS=--xla_force_host_platform_device_count=N``.
 
+In a multi-process job every process runs this same code on the global mesh. A model is placed
+once (`sharded_init`, or `name_to_name_device_put` of a value every process has in full), but
+input batches come from each process's own loader: `process_local_slice` tells a process which
+rows of a named axis its devices hold, and `name_to_name_make_array_from_process_local_data`
+assembles the global NamedArrays from those rows without moving data between processes.
+
 pz_flax parameters are NNX variables whose raw value is the positional array and whose axis
 names are metadata; the functions below read those names directly, so a whole model (not just
 its NamedArrays) can be sharded in one call.
@@ -17,6 +23,8 @@ its NamedArrays) can be sharded in one call.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -170,6 +178,174 @@ def name_to_name_device_put(
     """
     shardings = name_to_name_sharding(tree, mesh, axis_name_to_mesh_name)
     return jax.device_put(tree, shardings)
+
+
+def _axis_slices(
+    sharding: jax.sharding.Sharding, global_shape: tuple[int, ...]
+) -> list[list[tuple[int, int]]]:
+    """For each dimension, the sorted distinct index ranges this process's devices hold."""
+    ranges: list[set[tuple[int, int]]] = [set() for _ in global_shape]
+    for index in sharding.addressable_devices_indices_map(global_shape).values():
+        for dim, (dim_slice, size) in enumerate(zip(index, global_shape)):
+            start, stop, _ = dim_slice.indices(size)
+            ranges[dim].add((start, stop))
+    return [sorted(dim_ranges) for dim_ranges in ranges]
+
+
+def _contiguous_range(ranges: list[tuple[int, int]], describe: str) -> slice:
+    for (_, stop), (next_start, _) in itertools.pairwise(ranges):
+        if stop != next_start:
+            raise ValueError(
+                f"{describe}: this process (index {jax.process_index()}) holds the"
+                f" non-contiguous ranges {ranges}, so its rows cannot be given as one block. Order the"
+                " mesh's devices so that each process's devices are adjacent along that mesh"
+                " axis (as jax.make_mesh does)."
+            )
+    return slice(ranges[0][0], ranges[-1][1])
+
+
+def _axis_label(name: str | None, data_axis: int) -> str:
+    return f"Axis {name!r}" if name is not None else f"Positional axis {data_axis}"
+
+
+def _mesh_axes_size(mesh: jax.sharding.Mesh, mesh_names: str | tuple[str, ...] | None) -> int:
+    if mesh_names is None:
+        return 1
+    names = (mesh_names,) if isinstance(mesh_names, str) else mesh_names
+    return math.prod(mesh.shape[name] for name in names)
+
+
+def process_local_slice(
+    axis_name: str,
+    global_size: int,
+    mesh: jax.sharding.Mesh,
+    axis_name_to_mesh_name: AxisNameToMeshName | None = None,
+) -> slice:
+    """Which rows of a named axis this process must supply when every process feeds its own data.
+
+    In a multi-process job each process loads only the part of a batch that its own devices
+    hold. For an axis named ``axis_name`` of ``global_size`` rows, split over mesh axes by the
+    strategy dict, this returns the block ``[start, stop)`` of rows held by this process's
+    devices: the rows to load here and to pass to
+    `name_to_name_make_array_from_process_local_data`. Where the axis's mesh axes lie inside
+    each process (or the axis is not split at all), every process holds all rows.
+
+    Args:
+        axis_name: The array axis name, e.g. ``"batch"``.
+        global_size: The axis's size over all processes.
+        mesh: The (global) device mesh.
+        axis_name_to_mesh_name: As in `name_to_name_sharding`.
+
+    Returns:
+        A ``slice`` with explicit ``start`` and ``stop``.
+
+    Raises:
+        ValueError: If ``global_size`` does not split evenly over the axis's mesh axes, a name
+            maps to an axis the mesh does not have, or this process's rows are not one block.
+    """
+    if axis_name_to_mesh_name is None:
+        axis_name_to_mesh_name = {name: name for name in mesh.axis_names}
+    spec = _partition_spec((axis_name,), mesh, axis_name_to_mesh_name)
+    num_shards = _mesh_axes_size(mesh, spec[0])
+    if global_size % num_shards:
+        raise ValueError(
+            f"Axis {axis_name!r} has {global_size} rows, which do not split evenly over its"
+            f" {num_shards} shards (mesh axes {spec[0]!r})."
+        )
+    (ranges,) = _axis_slices(jax.sharding.NamedSharding(mesh, spec), (global_size,))
+    return _contiguous_range(ranges, _axis_label(axis_name, 0))
+
+
+def name_to_name_make_array_from_process_local_data(
+    local_tree: Any,
+    mesh: jax.sharding.Mesh,
+    axis_name_to_mesh_name: AxisNameToMeshName | None = None,
+    global_axis_sizes: Mapping[str, int] | None = None,
+) -> Any:
+    """Builds global NamedArrays on ``mesh`` from the rows this process holds.
+
+    The multi-process counterpart of `name_to_name_device_put` for input data: each process
+    passes only its own part of every NamedArray (the rows `process_local_slice` names), and
+    gets back NamedArrays over the whole mesh, with the same axis names, placed by the same
+    strategy dict. Underneath it is ``jax.make_array_from_process_local_data``, so no data
+    crosses processes. In a single process the local data is the whole array.
+
+    ``name_to_name_device_put`` also works across processes, but only when every process passes
+    the *same full* value, and JAX then checks that by gathering the whole value from every
+    process on every call (a blocking collective per array that moves process count times its
+    size); it is meant for one-off values such as a model, not for a training loop's batches.
+
+    Args:
+        local_tree: A pytree of NamedArrays (and NamedArrayViews) holding this process's data.
+            The data may be NumPy or JAX arrays.
+        mesh: The global device mesh.
+        axis_name_to_mesh_name: As in `name_to_name_sharding`.
+        global_axis_sizes: Global sizes of named axes, for axes where this process passes more
+            than its own rows: give an axis's full size when every process passes the whole axis
+            (each device then takes its rows from it). Axes not listed are taken to hold exactly
+            this process's rows, and their global size is inferred from the mesh.
+
+    Returns:
+        The same structure with each NamedArray's data a global ``jax.Array``.
+
+    Raises:
+        ValueError: If a leaf is not a NamedArray (the error names its path), a named axis maps
+            to an axis the mesh does not have, or this process's rows do not match what its
+            devices hold (the error names the axis, the rows expected and the rows given).
+    """
+    if axis_name_to_mesh_name is None:
+        axis_name_to_mesh_name = {name: name for name in mesh.axis_names}
+    global_axis_sizes = dict(global_axis_sizes or {})
+
+    def assemble(path, value):
+        where = jax.tree_util.keystr(path) or "<root>"
+        if not named_axes.is_namedarray(value):
+            raise ValueError(
+                f"The value at {where} has type {type(value).__name__}, not NamedArray; only"
+                " NamedArrays say which of their axes are split over processes."
+            )
+        names = _data_axis_names(value)
+        spec = _partition_spec(names, mesh, axis_name_to_mesh_name)
+        sharding = jax.sharding.NamedSharding(mesh, spec)
+        local_shape = value.data_array.shape
+        # With one row per shard, the number of distinct blocks a process holds along a
+        # dimension is its share of that dimension's shards.
+        shard_counts = tuple(_mesh_axes_size(mesh, mesh_names) for mesh_names in spec)
+        held_shards = [len(ranges) for ranges in _axis_slices(sharding, shard_counts)]
+        global_shape = []
+        for dim, (name, local_size, total, held) in enumerate(
+            zip(names, local_shape, shard_counts, held_shards)
+        ):
+            if name in global_axis_sizes:
+                global_shape.append(global_axis_sizes[name])
+            elif local_size % held:
+                raise ValueError(
+                    f"{_axis_label(name, dim)} of the value at {where} has"
+                    f" {local_size} local rows, which do not split evenly over this process's"
+                    f" {held} shards of it."
+                )
+            else:
+                global_shape.append(local_size // held * total)
+        held_ranges = _axis_slices(sharding, tuple(global_shape))
+        for dim, (name, local_size, global_size, ranges) in enumerate(
+            zip(names, local_shape, global_shape, held_ranges)
+        ):
+            if global_size == local_size:
+                continue  # the whole axis is here; each device takes its own rows from it
+            rows = _contiguous_range(ranges, _axis_label(name, dim))
+            if rows.stop - rows.start != local_size:
+                raise ValueError(
+                    f"{_axis_label(name, dim)} of the value at {where}:"
+                    f" this process (index {jax.process_index()}) holds rows"
+                    f" [{rows.start}, {rows.stop}) of {global_size}, i.e."
+                    f" {rows.stop - rows.start} rows, but was given {local_size}."
+                )
+        global_array = jax.make_array_from_process_local_data(
+            sharding, value.data_array, tuple(global_shape)
+        )
+        return dataclasses.replace(value, data_array=global_array)
+
+    return jax.tree_util.tree_map_with_path(assemble, local_tree, is_leaf=named_axes.is_namedarray)
 
 
 def sharded_init(

@@ -165,3 +165,63 @@ def test_trained_sharded_model_checkpoints_and_restores_into_the_same_sharding(m
         restored_array, trained_array = param.get_raw_value(), trained[label].get_raw_value()
         assert restored_array.sharding.is_equivalent_to(trained_array.sharding, trained_array.ndim)
         assert param.value.named_shape == trained[label].value.named_shape
+
+
+def test_process_local_slice_in_one_process_is_every_row(mesh):
+    assert sharding_util.process_local_slice("batch", 16, mesh, STRATEGY) == slice(0, 16)
+    assert sharding_util.process_local_slice("unsplit", 5, mesh, STRATEGY) == slice(0, 5)
+    # The identity strategy by default: "data" names a mesh axis.
+    assert sharding_util.process_local_slice("data", 8, mesh) == slice(0, 8)
+
+
+def test_process_local_slice_refuses_uneven_sizes_and_unknown_mesh_axes(mesh):
+    with pytest.raises(ValueError, match=r"'batch' has 6 rows, which do not split evenly over"):
+        sharding_util.process_local_slice("batch", 6, mesh, STRATEGY)
+    with pytest.raises(ValueError, match="'batch' is mapped to mesh axis 'rows'"):
+        sharding_util.process_local_slice("batch", 8, mesh, {"batch": "rows"})
+
+
+def test_process_local_data_builds_what_device_put_builds(mesh):
+    x, y = helpers.make_regression_batch()
+    view = nx.wrap(np.arange(16.0 * 8).reshape(16, 8)).tag("batch", "hidden").untag("hidden")
+    local = {"x": x, "y": y, "view": view}
+    built = sharding_util.name_to_name_make_array_from_process_local_data(local, mesh, STRATEGY)
+    expected = sharding_util.name_to_name_device_put(local, mesh, STRATEGY)
+    for key in local:
+        assert type(built[key]) is type(local[key])
+        assert built[key].named_shape == local[key].named_shape
+        assert built[key].positional_shape == local[key].positional_shape
+        got, want = built[key].data_array, expected[key].data_array
+        np.testing.assert_array_equal(got, want)
+        assert got.sharding.is_equivalent_to(want.sharding, want.ndim), key
+    assert built["x"].data_array.sharding.spec == P("data", None)
+
+
+def test_process_local_data_with_the_whole_axis_given(mesh):
+    x, _ = helpers.make_regression_batch()
+    built = sharding_util.name_to_name_make_array_from_process_local_data(
+        x, mesh, STRATEGY, global_axis_sizes={"batch": 16}
+    )
+    np.testing.assert_array_equal(built.data_array, x.data_array)
+    assert {shard.data.shape for shard in built.data_array.addressable_shards} == {(4, 4)}
+
+
+def test_process_local_data_errors_name_the_path_and_axis(mesh):
+    x, _ = helpers.make_regression_batch()
+    with pytest.raises(ValueError, match=r"\['plain'\] has type ndarray, not NamedArray"):
+        sharding_util.name_to_name_make_array_from_process_local_data(
+            {"named": x, "plain": np.zeros(4)}, mesh, STRATEGY
+        )
+    with pytest.raises(ValueError, match=r"Axis 'batch' of the value at \['x'\] has 6 local rows"):
+        sharding_util.name_to_name_make_array_from_process_local_data(
+            {"x": nx.wrap(np.zeros((6, 4))).tag("batch", "features")}, mesh, STRATEGY
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"Axis 'batch' .* holds rows \[0, 32\) of 32, i\.e\. 32 rows, but was given 16",
+    ):
+        sharding_util.name_to_name_make_array_from_process_local_data(
+            x, mesh, STRATEGY, global_axis_sizes={"batch": 32}
+        )
+    with pytest.raises(ValueError, match="'batch' is mapped to mesh axis 'rows'"):
+        sharding_util.name_to_name_make_array_from_process_local_data(x, mesh, {"batch": "rows"})
