@@ -22,9 +22,11 @@ its NamedArrays) can be sharded in one call.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import math
+import os
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
@@ -343,9 +345,20 @@ def name_to_name_make_array_from_process_local_data(
         global_array = jax.make_array_from_process_local_data(
             sharding, value.data_array, tuple(global_shape)
         )
-        return dataclasses.replace(value, data_array=global_array)
+        return _with_data_array(value, global_array)
 
     return jax.tree_util.tree_map_with_path(assemble, local_tree, is_leaf=named_axes.is_namedarray)
+
+
+def _with_data_array(value: named_axes.NamedArrayBase, data_array: jax.Array):
+    """``value`` around a data array of another shape (the axis sizes follow it)."""
+    if isinstance(value, named_axes.NamedArrayView):
+        return dataclasses.replace(value, data_shape=data_array.shape, data_array=data_array)
+    offset = data_array.ndim - len(value.named_axes)
+    sizes = collections.OrderedDict(
+        (name, data_array.shape[offset + index]) for index, name in enumerate(value.named_axes)
+    )
+    return dataclasses.replace(value, named_axes=sizes, data_array=data_array)
 
 
 def sharded_init(
@@ -382,6 +395,42 @@ def sharded_init(
     )
     skeleton, frozen_values = jax.jit(build_frozen, out_shardings=out_shardings)()
     return variables.bind_variables(skeleton, frozen_values, unfreeze_as_copy=True)
+
+
+def initialize_distributed_from_environment() -> bool:
+    """Joins a multi-process JAX job if this process was launched as part of one.
+
+    A process is part of a job when ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0,
+    which JAX itself reads) is set; ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` then give the
+    job's size and this process's index, and where they are unset JAX detects them from the
+    cluster (SLURM, Open MPI, Kubernetes, Cloud TPU). Without ``JAX_COORDINATOR_ADDRESS`` the
+    process stays a single-process job, so the same script runs both ways unchanged. It must be
+    called before anything else touches JAX's devices; a second call does nothing.
+
+    Returns:
+        True if this process is (now) part of a job of more than one process.
+
+    Raises:
+        ValueError: If ``JAX_NUM_PROCESSES`` or ``JAX_PROCESS_ID`` is not an integer.
+    """
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    if not os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return False
+    counts = {}
+    for variable, argument in (
+        ("JAX_NUM_PROCESSES", "num_processes"),
+        ("JAX_PROCESS_ID", "process_id"),
+    ):
+        text = os.environ.get(variable)
+        if text is None:
+            continue
+        try:
+            counts[argument] = int(text)
+        except ValueError:
+            raise ValueError(f"{variable} must be an integer, got {text!r}.") from None
+    jax.distributed.initialize(**counts)
+    return jax.process_count() > 1
 
 
 @struct.pytree_dataclass

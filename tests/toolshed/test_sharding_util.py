@@ -225,3 +225,19 @@ def test_process_local_data_errors_name_the_path_and_axis(mesh):
         )
     with pytest.raises(ValueError, match="'batch' is mapped to mesh axis 'rows'"):
         sharding_util.name_to_name_make_array_from_process_local_data(x, mesh, {"batch": "rows"})
+
+
+def test_without_a_coordinator_the_process_stays_single(monkeypatch):
+    monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
+    assert sharding_util.initialize_distributed_from_environment() is False
+    assert jax.process_count() == 1
+
+
+@pytest.mark.parametrize("variable", ["JAX_NUM_PROCESSES", "JAX_PROCESS_ID"])
+def test_a_malformed_job_environment_is_named(monkeypatch, variable):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "0")
+    monkeypatch.setenv(variable, "two")
+    with pytest.raises(ValueError, match=f"{variable} must be an integer, got 'two'"):
+        sharding_util.initialize_distributed_from_environment()
