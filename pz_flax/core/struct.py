@@ -201,6 +201,8 @@ def _wrap_custom_init(cls: type[Any], custom_init: Callable[..., None]):
     cls.__init__ = init_through_proxy
 
 
+# Tells type checkers that decorated classes are frozen dataclasses (generated __init__).
+@typing.dataclass_transform(frozen_default=True, field_specifiers=(dataclasses.field,))
 def pytree_dataclass(
     cls: type[Any] | None = None,
     /,
@@ -456,18 +458,18 @@ class Struct(metaclass=AbstractStructMetaclass):
     def treescope_color(self) -> str | tuple[str, str]:
         """The colour treescope draws this struct with.
 
-        Callable structs (layers) get a colour derived from their type's qualified name, so
-        every layer type is recognisable at a glance; other structs are transparent. Override
-        to choose a colour without writing a treescope handler.
+        Callable structs (layers) get a colour derived from their type's qualified name (for
+        pz_flax's own types, their penzai counterpart's, so colours match penzai's), so every
+        layer type is recognisable at a glance; other structs are transparent. Override to
+        choose a colour without writing a treescope handler.
 
         Returns:
             A CSS colour, or a ``(border, fill)`` pair of CSS colours.
         """
         if callable(self):
-            from treescope import formatting_util
+            from pz_flax.core._treescope_handlers import struct_handler
 
-            cls = type(self)
-            return formatting_util.color_from_string(f"{cls.__module__}.{cls.__qualname__}")
+            return struct_handler.type_color(type(self))
         return "transparent"
 
     def __repr__(self) -> str:

@@ -30,9 +30,9 @@ def _tinted(accent: str) -> tuple[str, str]:
 
 
 def _color_for_subclass(cls: type[Any]) -> str:
-    from treescope import formatting_util
+    from pz_flax.core._treescope_handlers import struct_handler
 
-    return formatting_util.color_from_string(f"{cls.__module__}.{cls.__qualname__}")
+    return struct_handler.type_color(cls)
 
 
 def _run_in_order(sublayers: Sequence[Any], value: Any, side_inputs: dict[str, Any]) -> Any:

@@ -20,6 +20,7 @@ this module only when treescope first renders a named array.
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any
 
 import jax
@@ -97,7 +98,7 @@ def handle_named_arrays(
 ) -> (
     rendering_parts.RenderableTreePart
     | rendering_parts.RenderableAndLineAnnotations
-    | type(NotImplemented)
+    | types.NotImplementedType
 ):
     """Renders a `NamedArray` or `NamedArrayView`; NotImplemented otherwise.
 
@@ -251,13 +252,16 @@ class NamedArrayAdapter(ndarray_adapters.NDArrayAdapter[named_axes.NamedArrayBas
     def get_sharding_info_for_array_data(
         self, array: named_axes.NamedArrayBase
     ) -> ndarray_adapters.ShardingInfo | None:
-        data = array.as_namedarrayview().data_array
+        # Both named array types keep their data in ``data_array``; reading it directly (not
+        # through ``as_namedarrayview``, which validates) keeps non-array contents, such as the
+        # ``Sharding`` objects ``sharding_util.name_to_name_sharding`` returns, renderable.
+        data = array.data_array
         if not isinstance(data, jax.Array):
             return None
         return jax_support.JAXArrayAdapter().get_sharding_info_for_array_data(data)
 
     def should_autovisualize(self, array: named_axes.NamedArrayBase) -> bool:
-        data = array.as_namedarrayview().data_array
+        data = array.data_array
         return (
             isinstance(data, jax.Array)
             and not isinstance(data, jax.core.Tracer)

@@ -33,6 +33,26 @@ from pz_flax.core import struct
 _CHILD_FIELD_CSS = "font-style: italic; color: #00225f;"
 
 
+def type_color(cls: type) -> str:
+    """The colour penzai gives a callable type, for that type or its pz_flax counterpart.
+
+    Penzai hashes a layer type's qualified name into a colour. A pz_flax type hashes the
+    name of its penzai counterpart (``pz_flax.nn.basic_ops.Elementwise`` as
+    ``penzai.nn.basic_ops.Elementwise``), so that a model looks the same in both libraries;
+    user types keep their own names.
+
+    Args:
+      cls: The type.
+
+    Returns:
+      A CSS colour.
+    """
+    module = cls.__module__
+    if module == "pz_flax" or module.startswith("pz_flax."):
+        module = "penzai" + module.removeprefix("pz_flax")
+    return formatting_util.color_from_string(f"{module}.{cls.__qualname__}")
+
+
 def struct_colors(node: struct.Struct) -> tuple[str | None, str | None]:
     """Returns the ``(background_color, background_pattern)`` for a struct.
 

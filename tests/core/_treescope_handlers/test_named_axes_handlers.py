@@ -5,6 +5,7 @@ arrays (module paths swapped), and HTML renderings are searched for axis names.
 """
 
 import collections
+import re
 
 import jax
 import jax.numpy as jnp
@@ -289,3 +290,47 @@ def test_adapter_does_not_autovisualise_deleted_arrays():
     array = nx.wrap(data).tag("a")
     data.delete()
     assert not named_axes_handlers.NamedArrayAdapter().should_autovisualize(array)
+
+
+def _sharding_named_arrays():
+    """The output of ``name_to_name_sharding`` (a NamedArray of Sharding objects), both libraries."""
+    from penzai import pz as penzai_pz
+    from penzai.toolshed import sharding_util as penzai_sharding_util
+
+    from pz_flax.toolshed import sharding_util
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("x", "y"))
+    ours = sharding_util.name_to_name_sharding(
+        nx.ones({"a": 4, "b": 8}), mesh, {"a": "x", "b": "y"}
+    )
+    theirs = penzai_sharding_util.name_to_name_sharding(
+        penzai_pz.nx.ones({"a": 4, "b": 8}), mesh, {"a": "x", "b": "y"}
+    )
+    return ours, theirs
+
+
+@pytest.mark.parametrize("autovisualize", [False, True])
+def test_named_array_of_shardings_renders_like_penzai(autovisualize):
+    ours, theirs = _sharding_named_arrays()
+    assert isinstance(ours.data_array, jax.sharding.Sharding)
+    autovisualizer = treescope.ArrayAutovisualizer() if autovisualize else None
+    with treescope.active_autovisualizer.set_scoped(autovisualizer):
+        for depth in (0, 1, 2):
+            expected = render_text(theirs, depth).replace("penzai.", "pz_flax.")
+            assert _without_addresses(render_text(ours, depth)) == _without_addresses(expected)
+        # Rendering must not fall back to an error display (the autovisualizer used to raise
+        # "NamedArray.data_array must contain a jax or numpy array").
+        html = render_html(ours)
+    assert "must contain a jax or numpy array" not in html
+    assert "NamedSharding" in html
+
+
+def test_adapter_does_not_autovisualise_or_shard_non_arrays():
+    ours, _ = _sharding_named_arrays()
+    adapter = named_axes_handlers.NamedArrayAdapter()
+    assert adapter.should_autovisualize(ours) is False
+    assert adapter.get_sharding_info_for_array_data(ours) is None
+
+
+def _without_addresses(text: str) -> str:
+    return re.sub(r" at 0x[0-9a-f]+", " at 0x…", text)
