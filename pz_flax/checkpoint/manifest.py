@@ -5,34 +5,39 @@ manifest records everything else, so that a checkpoint restores to the exact mod
 process that never imported the code that built it:
 
 * every struct (layer, ``NamedArray``, ...) by class name, with its child fields (recursively)
-  and its static fields (encoded as JSON values, see below);
+  and its static fields (``static_codec``);
 * every variable (``Parameter``, ``StateVariable`` or any ``nnx.Variable``) by class name, with
-  its NNX metadata (label, axis names, user metadata) and its raw value; a variable that occurs
-  twice in the model (tied weights) is stored once and referenced by id;
+  its NNX metadata (label, axis names, user metadata; never hooks) and its raw value; a
+  variable that occurs twice in the model (tied weights) is stored once and referenced by id;
 * every array as an entry of the ``arrays`` table: its path in the model, its key in the Orbax
   array tree, shape, dtype, and per-axis names when it belongs to a named array or variable;
-* the format name and version, so that future versions can read or refuse old checkpoints.
+* the format name and version, and the versions of the libraries that wrote it.
 
-Static values are encoded as plain JSON where JSON has the type (``null``, booleans, ints,
-strings, finite floats) and otherwise as one-key objects: ``{"tuple": [...]}``,
-``{"dict": [[key, value], ...]}``, ``{"dtype": "bfloat16"}``, ``{"function": "jax.nn:relu"}``,
-``{"partial": {...}}``, ``{"dataclass": ..., "fields": ...}``, and so on. Classes and functions
-are named, never pickled; ``type_registry`` decides which names restoring may resolve.
+Nodes of the model tree are one-key objects: ``{"struct": name, "fields": ..., "static":
+...}``, ``{"variable": name, "id": ..., "value": ..., "metadata": ...}``, ``{"variable_ref":
+id}``, ``{"array": index}``, ``{"list": [...]}``, ``{"tuple": [...]}``, ``{"dict": [[key, node],
+...]}``, ``{"ordered_dict": ...}``, ``{"literal": value}`` and ``null``. Each kind is one class
+below (``_NodeKind``) that encodes, decodes (validating as it goes), compares against a
+restore target and rebuilds around new arrays, so the four can never disagree.
 
-Nodes of the model tree use the same one-key style: ``{"struct": name, "fields": ...,
-"static": ...}``, ``{"variable": name, "id": ..., "value": ..., "metadata": ...}``,
-``{"variable_ref": id}``, ``{"array": index}``, ``{"list": [...]}``, ``{"tuple": [...]}``,
-``{"dict": [[key, node], ...]}``, ``{"literal": value}`` and ``null``.
+A checkpoint is untrusted input. Decoding validates every node against this schema before it
+builds anything from it, resolves names only through the allow-lists of ``type_registry`` and
+``functions``, checks that each array reference sits where the array table says, and checks
+static fields against the class's annotations; every malformed manifest is a
+``CorruptCheckpointError`` naming the checkpoint and the manifest path, with a bounded message.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
-import functools
+import importlib.metadata
+import json
 import math
 import re
+import types
+import typing
+from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
 from typing import Any
@@ -40,25 +45,44 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from flax.typing import HashableMapping
 
 from pz_flax.checkpoint import errors
+from pz_flax.checkpoint import messages
+from pz_flax.checkpoint import migrations
+from pz_flax.checkpoint import static_codec
 from pz_flax.checkpoint import type_registry
+from pz_flax.checkpoint.static_codec import Corrupt
+from pz_flax.checkpoint.static_codec import DecodeContext
+from pz_flax.checkpoint.static_codec import expect
+from pz_flax.checkpoint.static_codec import expect_list
+from pz_flax.checkpoint.static_codec import expect_pairs
+from pz_flax.core import named_axes
 from pz_flax.core import struct
 
 FORMAT_NAME = "pz_flax.checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+# The distributions whose versions a manifest records (``writer``).
+_WRITER_DISTRIBUTIONS = ("pz_flax", "jax", "flax", "orbax-checkpoint")
+_TOP_LEVEL_KEYS = {"format", "format_version", "root", "arrays"}
 
 # NNX bookkeeping entries of a variable's metadata. They are saved (so that a variable is
 # rebuilt exactly) but not compared against a restore target: they describe how NNX handles
 # the variable in this process, not what the checkpoint holds.
 _NNX_RUNTIME_METADATA = frozenset(
-    {"hijax", "ref", "eager_sharding", "sharding", "sharding_names", "mesh"}
+    {"hijax", "ref", "eager_sharding", "sharding", "sharding_names", "mesh", "out_sharding"}
 )
 _AXIS_NAMES_METADATA = "axis_names"
 _LABEL_METADATA = "label"
+_PRNG_IMPLEMENTATIONS = frozenset({"threefry2x32", "rbg", "unsafe_rbg"})
+_MAX_NDIM = 64
+_MAX_DIM = 2**62
 
 _SAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-]")
+
+
+def _corrupt(source: str | None, problem: str) -> errors.CorruptCheckpointError:
+    text = messages.bounded_text(problem, messages.MAX_MESSAGE_CHARS)
+    return errors.CorruptCheckpointError(f"{source or 'The manifest'}: {text}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,28 +134,60 @@ class ArrayEntry:
         }
 
     @classmethod
-    def from_json(cls, data: Any) -> ArrayEntry:
-        """Reads an entry back, checking its layout.
+    def from_json(cls, data: Any, where: str = "arrays") -> ArrayEntry:
+        """Reads an entry back, validating every field.
 
         Raises:
             CorruptCheckpointError: If ``data`` is not a well-formed entry.
         """
         try:
-            axis_names = data["axis_names"]
-            entry = cls(
-                path=str(data["path"]),
-                key=tuple(str(part) for part in data["key"]),
-                shape=tuple(int(dim) for dim in data["shape"]),
-                dtype=str(np.dtype(data["dtype"])),
-                axis_names=None if axis_names is None else tuple(axis_names),
-                label=data["label"],
-                prng_impl=data.get("prng_impl"),
+            return cls._validated(data)
+        except Corrupt as exc:
+            raise _corrupt(None, f"manifest path {where}: malformed array entry: {exc}") from None
+
+    @classmethod
+    def _validated(cls, data: Any) -> ArrayEntry:
+        expect(isinstance(data, dict), "an entry is an object")
+        expect(
+            {"path", "key", "shape", "dtype", "axis_names", "label"} <= data.keys()
+            <= {"path", "key", "shape", "dtype", "axis_names", "label", "prng_impl"},
+            f"unexpected keys {messages.bounded_repr(sorted(data))}",
+        )
+        path = data["path"]
+        expect(isinstance(path, str), "path is a string")
+        key = expect_list(data["key"], "key")
+        expect(key and all(isinstance(part, str) for part in key), "key is a list of strings")
+        shape = expect_list(data["shape"], "shape")
+        expect(len(shape) <= _MAX_NDIM, f"more than {_MAX_NDIM} dimensions")
+        expect(
+            all(type(dim) is int and 0 <= dim < _MAX_DIM for dim in shape),
+            f"shape {messages.bounded_repr(shape)} is not a list of sizes",
+        )
+        dtype = static_codec.valid_dtype(data["dtype"])
+        axis_names = data["axis_names"]
+        if axis_names is not None:
+            # Its length is checked against the stored array, with the shape.
+            expect_list(axis_names, "axis_names")
+            expect(
+                all(name is None or isinstance(name, str) for name in axis_names),
+                "axis names are strings or null",
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise errors.CorruptCheckpointError(
-                f"The manifest's array table has a malformed entry {data!r}: {exc}"
-            ) from None
-        return entry
+        label = data["label"]
+        expect(label is None or isinstance(label, str), "label is a string or null")
+        prng_impl = data.get("prng_impl")
+        expect(
+            prng_impl is None or prng_impl in _PRNG_IMPLEMENTATIONS,
+            f"unknown PRNG implementation {messages.bounded_repr(prng_impl)}",
+        )
+        return cls(
+            path=path,
+            key=tuple(key),
+            shape=tuple(shape),
+            dtype=dtype.name,
+            axis_names=None if axis_names is None else tuple(axis_names),
+            label=label,
+            prng_impl=prng_impl,
+        )
 
 
 def path_to_str(path: tuple[str, ...]) -> str:
@@ -143,232 +199,191 @@ def path_to_str(path: tuple[str, ...]) -> str:
 
 
 def encode_static(value: Any, path: str) -> Any:
-    """Encodes a static field value (or variable metadata entry) as a JSON value.
-
-    Args:
-        value: The value.
-        path: Where it was found, for error messages.
-
-    Returns:
-        A JSON-compatible value that ``decode_static`` turns back into an equal value.
+    """Encodes a static field value (or variable metadata entry) as JSON (``static_codec``).
 
     Raises:
         UnsupportedValueError: If the value has no encoding (a lambda, an arbitrary object).
     """
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if type(value) is int:
-        return value
-    if type(value) is float:
-        return value if math.isfinite(value) else {"float": repr(value)}
-    if type(value) is tuple:
-        return {"tuple": [encode_static(item, path) for item in value]}
-    if type(value) is list:
-        return {"list": [encode_static(item, path) for item in value]}
-    if type(value) in (dict, collections.OrderedDict):
-        tag = "dict" if type(value) is dict else "ordered_dict"
-        return {tag: [[encode_static(k, path), encode_static(v, path)] for k, v in value.items()]}
-    if type(value) in (frozenset, set):
-        return {type(value).__name__: [encode_static(item, path) for item in value]}
-    if type(value) is slice:
-        return {
-            "slice": [encode_static(part, path) for part in (value.start, value.stop, value.step)]
-        }
-    if isinstance(value, jax.tree_util.PyTreeDef):
-        return {"treedef": _encode_treedef(value, path)}
-    if isinstance(value, tuple) and hasattr(type(value), "_fields"):
-        name = type_registry.qualified_name(type(value), what="named tuple class", path=path)
-        return {"namedtuple": name, "items": [encode_static(item, path) for item in value]}
-    if isinstance(value, HashableMapping):
-        # NNX's frozen mapping, found in the graph definitions kept by wrapped NNX modules.
-        return {
-            "hashable_mapping": [
-                [encode_static(k, path), encode_static(v, path)] for k, v in value.items()
-            ]
-        }
-    if isinstance(value, np.dtype):
-        return {"dtype": value.name}
-    if isinstance(value, type) and type(value).__name__ == "_ScalarMeta":
-        # jnp.float32 and friends: jax's scalar types, distinct from numpy's.
-        return {"jnp_scalar_type": np.dtype(value.dtype).name}
-    if isinstance(value, type) and issubclass(value, np.generic):
-        return {"np_scalar_type": np.dtype(value).name}
-    if isinstance(value, np.generic):
-        return {"np_scalar": [value.dtype.name, encode_static(value.item(), path)]}
-    if isinstance(value, enum.Enum):
-        name = type_registry.qualified_name(type(value), what="enum class", path=path)
-        return {"enum": name, "member": value.name}
-    if isinstance(value, functools.partial):
-        return {
-            "partial": {
-                "func": encode_static(value.func, path),
-                "args": [encode_static(arg, path) for arg in value.args],
-                "keywords": [[k, encode_static(v, path)] for k, v in value.keywords.items()],
-            }
-        }
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        name = type_registry.qualified_name(type(value), what="dataclass", path=path)
-        return {
-            "dataclass": name,
-            "fields": [
-                [field.name, encode_static(getattr(value, field.name), path)]
-                for field in dataclasses.fields(value)
-            ],
-        }
-    if isinstance(value, type):
-        return {"type": type_registry.qualified_name(value, what="class", path=path)}
-    if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
-        return {"function": type_registry.qualified_name(value, what="function", path=path)}
-    raise errors.UnsupportedValueError(
-        f"{path}: cannot describe the static value {value!r} of type"
-        f" {type(value).__module__}.{type(value).__qualname__} in a checkpoint manifest."
-    )
+    return static_codec.encode(value, path)
 
 
 def decode_static(data: Any, path: str, allow_modules: Iterable[str]) -> Any:
-    """Turns a value encoded by ``encode_static`` back into a Python value.
-
-    Args:
-        data: The JSON value.
-        path: Where it occurs in the model, for error messages.
-        allow_modules: Modules the caller trusts beyond pz_flax's own (see ``type_registry``).
-
-    Returns:
-        The decoded value.
+    """Turns a value encoded by ``encode_static`` back into a Python value, validating it.
 
     Raises:
         CorruptCheckpointError: If ``data`` is not a valid encoding.
-        UntrustedTypeError: If it names a class or function outside the allow-list.
+        UntrustedTypeError: If it names a class or function outside the allow-lists.
     """
-    if data is None or isinstance(data, (bool, str, int, float)):
-        return data
-    if isinstance(data, list) or not (isinstance(data, dict) and len(data) in (1, 2)):
-        raise errors.CorruptCheckpointError(f"{path}: malformed static value {data!r}.")
-
-    def recurse(item):
-        return decode_static(item, path, allow_modules)
-
+    context = DecodeContext(tuple(allow_modules), path, "static")
     try:
-        tag = next(iter(data))
-        payload = data[tag]
-        if tag == "float":
-            return float(payload)
-        if tag == "tuple":
-            return tuple(recurse(item) for item in payload)
-        if tag == "list":
-            return [recurse(item) for item in payload]
-        if tag == "dict":
-            return {recurse(k): recurse(v) for k, v in payload}
-        if tag == "ordered_dict":
-            return collections.OrderedDict((recurse(k), recurse(v)) for k, v in payload)
-        if tag == "frozenset":
-            return frozenset(recurse(item) for item in payload)
-        if tag == "set":
-            return {recurse(item) for item in payload}
-        if tag == "slice":
-            return slice(*(recurse(part) for part in payload))
-        if tag == "namedtuple":
-            cls = type_registry.resolve(payload, "type", allow_modules=allow_modules, path=path)
-            return cls._make(recurse(item) for item in data["items"])
-        if tag == "hashable_mapping":
-            return HashableMapping({recurse(k): recurse(v) for k, v in payload})
-        if tag == "treedef":
-            return _decode_treedef(payload, path, allow_modules)
-        if tag == "dtype":
-            return np.dtype(payload)
-        if tag == "jnp_scalar_type":
-            import jax.numpy as jnp
-
-            return getattr(jnp, np.dtype(payload).name)
-        if tag == "np_scalar_type":
-            return np.dtype(payload).type
-        if tag == "np_scalar":
-            dtype_name, item = payload
-            return np.dtype(dtype_name).type(recurse(item))
-        if tag == "enum":
-            cls = type_registry.resolve(payload, "type", allow_modules=allow_modules, path=path)
-            return cls[data["member"]]
-        if tag == "partial":
-            func = recurse(payload["func"])
-            args = [recurse(arg) for arg in payload["args"]]
-            return functools.partial(func, *args, **{k: recurse(v) for k, v in payload["keywords"]})
-        if tag == "dataclass":
-            cls = type_registry.resolve(payload, "type", allow_modules=allow_modules, path=path)
-            return _build_dataclass(cls, {name: recurse(v) for name, v in data["fields"]}, path)
-        if tag == "type":
-            return type_registry.resolve(payload, "type", allow_modules=allow_modules, path=path)
-        if tag == "function":
-            return type_registry.resolve(
-                payload, "function", allow_modules=allow_modules, path=path
-            )
-    except errors.CheckpointError:
-        raise
-    except (KeyError, TypeError, ValueError, AttributeError, StopIteration) as exc:
-        raise errors.CorruptCheckpointError(
-            f"{path}: malformed static value {data!r}: {exc}"
-        ) from None
-    raise errors.CorruptCheckpointError(f"{path}: unknown static value tag {tag!r}.")
+        return static_codec.decode(data, context)
+    except Corrupt as exc:
+        raise _corrupt(None, f"{context.where()}: {exc}") from None
 
 
-# Pytree node types that are not classes a checkpoint could name by module.
-_BUILTIN_NODE_TYPES = {
-    "dict": dict,
-    "list": list,
-    "tuple": tuple,
-    "NoneType": type(None),
-    "OrderedDict": collections.OrderedDict,
-    "defaultdict": collections.defaultdict,
-}
-_LEAF = "*"
+#### Reading manifests ####
 
 
-def _encode_treedef(treedef: jax.tree_util.PyTreeDef, path: str) -> Any:
-    """Encodes a JAX tree structure node by node: its type, auxiliary data and children.
+def _refuse_constant(name: str) -> Any:
+    raise Corrupt(f"the manifest holds the non-JSON constant {name}")
 
-    NNX graph definitions (kept by layers that wrap NNX modules) contain tree structures.
+
+def _bounded_int(text: str) -> int:
+    expect(len(text) <= static_codec.MAX_INT_DIGITS, "the manifest holds an over-long integer")
+    return int(text)
+
+
+def parse_manifest_json(text: str, source: str) -> Any:
+    """Parses a manifest file's text, refusing what strict JSON refuses.
+
+    ``NaN``/``Infinity`` constants, integers longer than ``static_codec.MAX_INT_DIGITS``
+    digits and nesting deep enough to exhaust the parser are all damage, not data.
+
+    Raises:
+        CorruptCheckpointError: If ``text`` is not such JSON; names ``source``.
     """
-    node_data = treedef.node_data()
-    if node_data is None:
-        return _LEAF
-    node_type, aux = node_data
-    builtin = next((name for name, cls in _BUILTIN_NODE_TYPES.items() if cls is node_type), None)
-    return {
-        "type": builtin
-        or {"class": type_registry.qualified_name(node_type, what="pytree node type", path=path)},
-        "aux": encode_static(aux, path),
-        "children": [_encode_treedef(child, path) for child in treedef.children()],
-    }
+    try:
+        return json.loads(text, parse_constant=_refuse_constant, parse_int=_bounded_int)
+    except Corrupt as exc:
+        raise _corrupt(source, f"the manifest is damaged ({exc}).") from None
+    except RecursionError:
+        raise _corrupt(source, "the manifest is damaged (nested too deeply).") from None
+    except ValueError as exc:  # json.JSONDecodeError is a ValueError.
+        raise _corrupt(
+            source, f"the manifest is damaged (not valid JSON: {messages.bounded_text(str(exc))})."
+        ) from None
 
 
-def _decode_treedef(data: Any, path: str, allow_modules: Iterable[str]) -> Any:
-    if data == _LEAF:
-        return jax.tree_util.tree_structure(0)
-    type_data = data["type"]
-    if isinstance(type_data, str):
-        node_type = _BUILTIN_NODE_TYPES[type_data]
-    else:
-        node_type = type_registry.resolve(
-            type_data["class"], "type", allow_modules=allow_modules, path=path
+def _writer_versions() -> dict[str, str]:
+    versions = {}
+    for distribution in _WRITER_DISTRIBUTIONS:
+        try:
+            versions[distribution] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            versions[distribution] = "unknown"
+    return versions
+
+
+def _current(manifest: Any, source: str | None) -> dict[str, Any]:
+    """The manifest checked to be a pz_flax manifest, migrated to the current format."""
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise _corrupt(
+            source, f"not a pz_flax checkpoint manifest (its 'format' is not {FORMAT_NAME!r})."
         )
-    children = [_decode_treedef(child, path, allow_modules) for child in data["children"]]
-    aux = decode_static(data["aux"], path, allow_modules)
-    return jax.tree_util.PyTreeDef.from_node_data_and_children(
-        jax.tree_util.default_registry, (node_type, aux), children
-    )
-
-
-def _build_dataclass(cls: type, field_values: dict[str, Any], path: str) -> Any:
-    """Rebuilds a dataclass instance from its fields without running its ``__init__``."""
-    expected = {field.name for field in dataclasses.fields(cls)}
-    if expected != field_values.keys():
-        raise errors.CorruptCheckpointError(
-            f"{path}: {cls.__module__}.{cls.__qualname__} has the fields {sorted(expected)}, but"
-            f" the checkpoint gives {sorted(field_values)}."
+    version = manifest.get("format_version")
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
+        raise _corrupt(
+            source,
+            f"manifest format version {messages.bounded_repr(version)}; this pz_flax reads"
+            f" versions 1 to {FORMAT_VERSION}. Upgrade pz_flax to read a newer one.",
         )
-    instance = object.__new__(cls)
-    for name, value in field_values.items():
-        object.__setattr__(instance, name, value)
-    return instance
+    allowed_keys = _TOP_LEVEL_KEYS | ({"writer"} if version >= 2 else set())
+    if not _TOP_LEVEL_KEYS <= manifest.keys() <= allowed_keys:
+        raise _corrupt(
+            source,
+            f"the manifest has the entries {messages.bounded_repr(sorted(manifest))}; expected"
+            f" {sorted(allowed_keys)}.",
+        )
+    if not isinstance(manifest["arrays"], list):
+        raise _corrupt(source, "manifest path arrays: the array table is not a list.")
+    try:
+        return migrations.upgrade(manifest, FORMAT_VERSION)
+    except Corrupt as exc:
+        raise _corrupt(source, f"format-{version} manifest: {exc}") from None
+
+
+def read_entries(manifest: Any, source: str | None = None) -> list[ArrayEntry]:
+    """Checks a manifest's header and array table, and returns the table.
+
+    Args:
+        manifest: The parsed manifest.
+        source: The manifest file, for messages.
+
+    Raises:
+        CorruptCheckpointError: If the manifest is not a pz_flax manifest this version reads,
+            or its array table is malformed.
+    """
+    manifest = _current(manifest, source)
+    entries = []
+    keys: set[tuple[str, ...]] = set()
+    for i, item in enumerate(manifest["arrays"]):
+        try:
+            entry = ArrayEntry._validated(item)
+            expect(entry.key not in keys, f"the key {messages.bounded_repr(entry.key)} repeats")
+        except Corrupt as exc:
+            raise _corrupt(source, f"manifest path arrays/{i}: malformed array entry: {exc}") from None
+        keys.add(entry.key)
+        entries.append(entry)
+    return entries
+
+
+#### Field annotations ####
+
+
+def _fits(value: Any, hint: Any) -> bool | None:
+    """Whether ``value`` fits the annotation ``hint``; None when the hint is not checked.
+
+    Only the annotations a hostile checkpoint could abuse with a value of the wrong kind are
+    checked (numbers, strings, booleans, callables, and tuples and unions of those); anything
+    else is left to the class.
+    """
+    if hint is float:
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+            value, bool
+        )
+    if hint is int:
+        return isinstance(value, (int, np.integer))
+    if hint is bool:
+        return isinstance(value, (bool, np.bool_))
+    if hint is str:
+        return isinstance(value, str)
+    if hint is type(None):
+        return value is None
+    origin = typing.get_origin(hint)
+    if hint is Callable or origin is Callable:
+        return callable(value)
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_fits(value, option) for option in typing.get_args(hint)]
+        if True in verdicts:
+            return True
+        return None if None in verdicts else False
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            return False
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            verdicts = [_fits(item, args[0]) for item in value]
+        elif args and len(args) == len(value):
+            verdicts = [_fits(item, arg) for item, arg in zip(value, args)]
+        else:
+            return None if not args else False
+        return False if False in verdicts else None
+    return None
+
+
+_HINTS_CACHE: dict[type, dict[str, Any] | None] = {}
+
+
+def _field_hints(cls: type) -> dict[str, Any] | None:
+    if cls not in _HINTS_CACHE:
+        try:
+            _HINTS_CACHE[cls] = typing.get_type_hints(cls)
+        except Exception:  # Unresolvable annotations: the class is not checked.
+            _HINTS_CACHE[cls] = None
+    return _HINTS_CACHE[cls]
+
+
+def _check_field_types(cls: type, values: dict[str, Any]) -> None:
+    """Refuses field values of the wrong kind (a function or string in a float slot)."""
+    hints = _field_hints(cls) or {}
+    for name, value in values.items():
+        if name not in hints or _is_array(value) or isinstance(value, jax.ShapeDtypeStruct):
+            continue
+        if _fits(value, hints[name]) is False:
+            raise Corrupt(
+                f"field {name} of {cls.__qualname__} holds {messages.bounded_repr(value)}, which"
+                f" does not fit its annotation {messages.bounded_repr(hints[name])}"
+            )
 
 
 #### Model trees ####
@@ -376,22 +391,6 @@ def _build_dataclass(cls: type, field_values: dict[str, Any], path: str) -> Any:
 
 def _is_array(value: Any) -> bool:
     return isinstance(value, (jax.Array, np.ndarray))
-
-
-def _named_array_axis_names(value: Any) -> tuple[str | None, ...] | None:
-    """Names of the axes of a named array's ``data_array`` (None for positional axes)."""
-    named_axes = value.__dict__.get("named_axes")
-    data_axis_for_name = value.__dict__.get("data_axis_for_name")
-    data_array = value.__dict__.get("data_array")
-    ndim = len(getattr(data_array, "shape", ()))
-    if isinstance(data_axis_for_name, dict):
-        names: list[str | None] = [None] * ndim
-        for name, axis in data_axis_for_name.items():
-            names[axis] = name
-        return tuple(names)
-    if isinstance(named_axes, dict):
-        return (None,) * (ndim - len(named_axes)) + tuple(named_axes)
-    return None
 
 
 def _variable_axis_names(metadata: dict[str, Any], raw_value: Any) -> tuple[str | None, ...] | None:
@@ -407,8 +406,8 @@ class EncodedModel:
     """A model split into its JSON manifest and its arrays.
 
     Attributes:
-        manifest: The JSON-compatible manifest (``format``, ``format_version``, ``root``,
-            ``arrays``).
+        manifest: The JSON-compatible manifest (``format``, ``format_version``, ``writer``,
+            ``root``, ``arrays``).
         entries: The array table, in the order of ``arrays``.
         arrays: The model's arrays (or ``jax.ShapeDtypeStruct`` leaves of an abstract model).
     """
@@ -433,6 +432,507 @@ def build_array_tree(entries: Iterable[ArrayEntry], leaves: Iterable[Any]) -> di
     return tree
 
 
+@dataclasses.dataclass(frozen=True)
+class SavedLiteral:
+    """A Python scalar the checkpoint holds where an abstract target has a scalar array.
+
+    ``jax.eval_shape`` turns a model's Python-scalar leaves (a layer's ``epsilon``, say) into
+    ``ShapeDtypeStruct``\\ s; restoring puts the saved scalar back there.
+
+    Attributes:
+        value: The saved value.
+    """
+
+    value: Any
+
+
+class _Located(Corrupt):
+    """A ``Corrupt`` that already says where in the model and the manifest it is."""
+
+
+class _NodeKind:
+    """One kind of model-tree node: the one place that encodes, decodes, compares, rebuilds.
+
+    Attributes:
+        tags: The JSON keys naming the kind (``"variable"`` and ``"variable_ref"``, say).
+    """
+
+    tags: tuple[str, ...] = ()
+
+    def takes(self, value: Any, encoder: _Encoder) -> bool:
+        """Whether a Python value is of this kind."""
+        raise NotImplementedError
+
+    def encode(self, encoder: _Encoder, value: Any, path: tuple[str, ...], hint: Any) -> Any:
+        """The manifest node for ``value`` (``hint``: axis names, label of an array)."""
+        raise NotImplementedError
+
+    def decode(self, decoder: _Decoder, data: dict, path: tuple[str, ...], at: str) -> Any:
+        """The value for a manifest node, validated; raises ``Corrupt`` if malformed."""
+        raise NotImplementedError
+
+    def compare(self, comparer: _Comparer, a: dict, b: dict, path: tuple[str, ...]) -> None:
+        """Records in ``comparer`` how checkpoint node ``a`` differs from target node ``b``."""
+        raise NotImplementedError
+
+    def rebuild(self, rebuilder: _Rebuilder, value: Any) -> Any:
+        """``value`` rebuilt around the rebuilder's new arrays."""
+        raise NotImplementedError
+
+
+class _ArrayKind(_NodeKind):
+    tags = ("array",)
+
+    def takes(self, value, encoder):
+        return _is_array(value) or (
+            encoder.allow_abstract and isinstance(value, jax.ShapeDtypeStruct)
+        )
+
+    def encode(self, encoder, value, path, hint):
+        axis_names, label = hint or (None, None)
+        index = len(encoder.arrays)
+        prng_impl = None
+        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+            # Orbax stores plain arrays: keep the key data, and the implementation to rewrap.
+            impl = value.dtype._impl
+            prng_impl = impl.name
+            if isinstance(value, jax.ShapeDtypeStruct):
+                value = jax.ShapeDtypeStruct((*value.shape, *impl.key_shape), np.uint32)
+            else:
+                value = jax.random.key_data(value)
+            axis_names = None
+        encoder.arrays.append(value)
+        shape = tuple(int(dim) for dim in value.shape)
+        if axis_names is not None and len(axis_names) != len(shape):
+            axis_names = None
+        encoder.entries.append(
+            ArrayEntry(
+                path=path_to_str(path),
+                key=encoder.array_key(path),
+                shape=shape,
+                dtype=np.dtype(value.dtype).name,
+                axis_names=axis_names,
+                label=label,
+                prng_impl=prng_impl,
+            )
+        )
+        return {"array": index}
+
+    def decode(self, decoder, data, path, at):
+        expect(data.keys() == {"array"}, "an array node has only the key 'array'")
+        index = data["array"]
+        expect(
+            type(index) is int and 0 <= index < len(decoder.entries),
+            f"array index {messages.bounded_repr(index)} is not in the array table",
+        )
+        entry = decoder.entries[index]
+        expect(index not in decoder.used_arrays, f"array {index} is referenced twice")
+        expect(
+            entry.path == path_to_str(path),
+            f"the array table puts array {index} at {messages.bounded_text(entry.path)}, not"
+            " here (swapped array references?)",
+        )
+        decoder.used_arrays.add(index)
+        if decoder.arrays is None:
+            return jax.ShapeDtypeStruct(entry.shape, np.dtype(entry.dtype))
+        return decoder.arrays[index]
+
+    def compare(self, comparer, a, b, path):
+        comparer.sources[b["array"]] = a["array"]
+        saved = comparer.saved_entries[a["array"]]
+        target = comparer.target_entries[b["array"]]
+        where = saved.path
+        if saved.shape != target.shape:
+            comparer.problem(
+                f"{where}: shape {saved.shape} in the checkpoint, {target.shape} in the target"
+            )
+        if saved.dtype != target.dtype:
+            comparer.problem(
+                f"{where}: dtype {saved.dtype} in the checkpoint, {target.dtype} in the target"
+            )
+        if saved.axis_names != target.axis_names and saved.axis_names and target.axis_names:
+            comparer.problem(
+                f"{where}: axis names {saved.axis_names} in the checkpoint,"
+                f" {target.axis_names} in the target"
+            )
+
+    def rebuild(self, rebuilder, value):
+        return next(rebuilder.new_arrays)
+
+
+class _LiteralKind(_NodeKind):
+    tags = ("literal",)
+    _TYPES = (bool, int, float, str, np.generic)
+
+    def takes(self, value, encoder):
+        return isinstance(value, self._TYPES) and not isinstance(value, complex)
+
+    def encode(self, encoder, value, path, hint):
+        return {"literal": encoder.static(value, path_to_str(path))}
+
+    def decode(self, decoder, data, path, at):
+        expect(data.keys() == {"literal"}, "a literal node has only the key 'literal'")
+        value = static_codec.decode(data["literal"], decoder.context(path, f"{at}/literal"))
+        expect(
+            isinstance(value, self._TYPES), "a literal is a boolean, number, string or scalar"
+        )
+        return value
+
+    def compare(self, comparer, a, b, path):
+        if a["literal"] != b["literal"]:
+            comparer.problem(
+                f"{path_to_str(path)}: value {_shown(a['literal'])} in the checkpoint,"
+                f" {_shown(b['literal'])} in the target"
+            )
+
+    def rebuild(self, rebuilder, value):
+        return value
+
+
+class _SequenceKind(_NodeKind):
+    tags = ("list", "tuple")
+
+    def takes(self, value, encoder):
+        return type(value) in (list, tuple)
+
+    def encode(self, encoder, value, path, hint):
+        return {
+            type(value).__name__: [
+                encoder.node(item, (*path, str(i))) for i, item in enumerate(value)
+            ]
+        }
+
+    def decode(self, decoder, data, path, at):
+        tag = next(iter(data))
+        expect(data.keys() == {tag}, f"a {tag} node has only the key {tag!r}")
+        items = expect_list(data[tag], f"a {tag} node")
+        built = [
+            decoder.node(item, (*path, str(i)), f"{at}/{tag}/{i}") for i, item in enumerate(items)
+        ]
+        return built if tag == "list" else tuple(built)
+
+    def compare(self, comparer, a, b, path):
+        tag = next(iter(a))
+        if len(a[tag]) != len(b[tag]):
+            comparer.problem(
+                f"{path_to_str(path)}: {tag} of length {len(a[tag])} in the checkpoint,"
+                f" {len(b[tag])} in the target"
+            )
+            return
+        for i, (x, y) in enumerate(zip(a[tag], b[tag])):
+            comparer.walk(x, y, (*path, str(i)))
+
+    def rebuild(self, rebuilder, value):
+        return type(value)(rebuilder.rebuild(item) for item in value)
+
+
+class _MappingKind(_NodeKind):
+    tags = ("dict", "ordered_dict")
+
+    def takes(self, value, encoder):
+        return type(value) in (dict, collections.OrderedDict)
+
+    def encode(self, encoder, value, path, hint):
+        where = path_to_str(path)
+        return {
+            "dict" if type(value) is dict else "ordered_dict": [
+                [encoder.static(key, where), encoder.node(item, (*path, str(key)))]
+                for key, item in value.items()
+            ]
+        }
+
+    def decode(self, decoder, data, path, at):
+        tag = next(iter(data))
+        expect(data.keys() == {tag}, f"a {tag} node has only the key {tag!r}")
+        items = []
+        for i, (key_data, item) in enumerate(expect_pairs(data[tag], f"a {tag} node")):
+            key = static_codec.decode(key_data, decoder.context(path, f"{at}/{tag}/{i}/0"))
+            try:
+                hash(key)
+            except TypeError:
+                raise Corrupt(f"the {tag} key {messages.bounded_repr(key)} is unhashable") from None
+            items.append((key, decoder.node(item, (*path, str(key)), f"{at}/{tag}/{i}/1")))
+        expect(len(dict(items)) == len(items), f"a {tag} node repeats a key")
+        return dict(items) if tag == "dict" else collections.OrderedDict(items)
+
+    def compare(self, comparer, a, b, path):
+        tag = next(iter(a))
+        comparer.walk_named(
+            {_key_text(k): v for k, v in a[tag]}, {_key_text(k): v for k, v in b[tag]}, path
+        )
+
+    def rebuild(self, rebuilder, value):
+        return type(value)((key, rebuilder.rebuild(item)) for key, item in value.items())
+
+
+class _VariableKind(_NodeKind):
+    tags = ("variable", "variable_ref")
+
+    def takes(self, value, encoder):
+        return isinstance(value, nnx.Variable)
+
+    def encode(self, encoder, variable, path, hint):
+        where = path_to_str(path)
+        known_id = encoder.variable_ids.get(id(variable))
+        if known_id is not None:
+            return {"variable_ref": known_id}
+        variable_id = len(encoder.variable_ids)
+        encoder.variable_ids[id(variable)] = variable_id
+        metadata = variable.get_metadata()
+        raw_value = variable.get_raw_value()
+        label = metadata.get(_LABEL_METADATA)
+        label_text = None if label is None else (label if isinstance(label, str) else repr(label))
+        if encoder.lenient_static:
+            encoded_metadata = [
+                [key, encoder.static(entry, f"{where} (metadata {key})")]
+                for key, entry in metadata.items()
+            ]
+        else:
+            encoded_metadata = static_codec.encode_variable_metadata(metadata, where)
+        return {
+            "variable": type_registry.qualified_name(
+                type(variable), what="variable class", path=where
+            ),
+            "id": variable_id,
+            "value": encoder.node(
+                raw_value, path, (_variable_axis_names(metadata, raw_value), label_text)
+            ),
+            "metadata": encoded_metadata,
+        }
+
+    def decode(self, decoder, data, path, at):
+        if "variable_ref" in data:
+            expect(data.keys() == {"variable_ref"}, "a variable reference has one key")
+            variable = decoder.variables.get(data["variable_ref"]) if type(
+                data["variable_ref"]
+            ) is int else None
+            expect(variable is not None, "the variable reference names no earlier variable")
+            return variable
+        expect(
+            data.keys() == {"variable", "id", "value", "metadata"},
+            f"a variable node has the keys variable, id, value and metadata, not"
+            f" {messages.bounded_repr(sorted(data))}",
+        )
+        variable_id = data["id"]
+        expect(
+            type(variable_id) is int and variable_id not in decoder.variables,
+            "a variable id is an integer used once",
+        )
+        context = decoder.context(path, at)
+        cls = context.resolve(data["variable"], "variable")
+        static_codec.check_variable_class(cls)
+        metadata = static_codec.decode_variable_metadata(
+            data["metadata"], context.at("metadata")
+        )
+        value = decoder.node(data["value"], path, f"{at}/value")
+        _check_variable_metadata(metadata, value)
+        metadata.setdefault("hijax", False)
+        variable = cls.from_metadata(value, metadata)
+        decoder.variables[variable_id] = variable
+        return variable
+
+    def compare(self, comparer, a, b, path):
+        where = path_to_str(path)
+        if "variable_ref" in b:
+            # The target ties this variable to another path; fine if the checkpoint does too.
+            # Checked after the walk, once every variable of the target has been paired.
+            comparer.tied_checks.append((where, a.get("variable_ref", a.get("id")), b))
+            return
+        if "variable_ref" in a:
+            # The checkpoint shares it, the target holds a separate copy (``jax.eval_shape``
+            # and ``tree_map`` untie variables): fill the copy from the shared arrays.
+            a = comparer.saved_variables[a["variable_ref"]]
+        comparer.target_to_saved_id[b["id"]] = a["id"]
+        if a["variable"] != b["variable"]:
+            comparer.problem(
+                f"{where}: variable class {a['variable']} in the checkpoint, {b['variable']} in"
+                " the target"
+            )
+        a_meta = {k: v for k, v in a["metadata"] if k not in _NNX_RUNTIME_METADATA}
+        b_meta = {k: v for k, v in b["metadata"] if k not in _NNX_RUNTIME_METADATA}
+        for key in sorted(a_meta.keys() | b_meta.keys()):
+            if a_meta.get(key) != b_meta.get(key):
+                what = "axis names" if key == _AXIS_NAMES_METADATA else f"metadata {key!r}"
+                comparer.problem(
+                    f"{where}: {what} {_shown(a_meta.get(key))} in the checkpoint,"
+                    f" {_shown(b_meta.get(key))} in the target"
+                )
+        comparer.walk(a["value"], b["value"], path)
+
+    def rebuild(self, rebuilder, variable):
+        known = rebuilder.variables.get(id(variable))
+        if known is None:
+            known = type(variable).from_metadata(
+                rebuilder.rebuild(variable.get_raw_value()), variable.get_metadata()
+            )
+            rebuilder.variables[id(variable)] = known
+        return known
+
+
+# Encoded values of a field a class no longer has that restoring may drop: an unset option.
+_EMPTY_STATIC_VALUES = (None, {"tuple": []}, {"list": []}, {"dict": []})
+
+
+def _matched_fields(
+    cls: type, children: dict[str, Any], static: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Pairs a struct node's fields with the class's, as the class has evolved since.
+
+    A field the class has gained since the checkpoint was written takes its default; a
+    static field it has lost is dropped if the checkpoint left it unset (empty or None).
+    Anything else (a missing field without a default, a lost field that was set, a child
+    saved as static or the reverse) is refused.
+
+    Returns:
+        ``(children, static, defaults)``: the node's child and static fields to decode, and
+        the default values of fields the checkpoint lacks.
+    """
+    fields = dataclasses.fields(cls)
+    node_fields = {field.name for field in fields if struct.is_pytree_node_field(field)}
+    static_fields = {field.name for field in fields} - node_fields
+    lost = {
+        name: value
+        for name, value in static.items()
+        if name not in static_fields and name not in node_fields
+    }
+    expect(
+        all(value in _EMPTY_STATIC_VALUES for value in lost.values()),
+        f"the checkpoint sets the static fields {messages.bounded_repr(sorted(lost))}, which"
+        f" {cls.__qualname__} no longer has",
+    )
+    static = {name: value for name, value in static.items() if name not in lost}
+    defaults = {}
+    for field in fields:
+        if field.name in children or field.name in static:
+            continue
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            defaults[field.name] = field.default_factory()
+    expect(
+        children.keys() | defaults.keys() >= node_fields
+        and static.keys() | defaults.keys() >= static_fields
+        and children.keys() <= node_fields
+        and static.keys() <= static_fields,
+        f"the checkpoint gives {cls.__qualname__} the fields"
+        f" {messages.bounded_repr(sorted(children))} and static fields"
+        f" {messages.bounded_repr(sorted(static))}, but the class has {sorted(node_fields)}"
+        f" and {sorted(static_fields)}",
+    )
+    return children, static, defaults
+
+
+def _check_variable_metadata(metadata: dict[str, Any], value: Any) -> None:
+    """Refuses axis names that cannot describe the variable's value."""
+    names = metadata.get(_AXIS_NAMES_METADATA)
+    if names is None:
+        return
+    ndim = len(getattr(value, "shape", ()))
+    expect(
+        isinstance(names, tuple)
+        and len(names) <= ndim
+        and all(isinstance(name, str) for name in names)
+        and len(set(names)) == len(names),
+        f"the axis names {messages.bounded_repr(names)} do not fit a value of {ndim} axes",
+    )
+
+
+class _StructKind(_NodeKind):
+    tags = ("struct",)
+
+    def takes(self, value, encoder):
+        return struct.is_pytree_dataclass_type(type(value))
+
+    def encode(self, encoder, value, path, hint):
+        where = path_to_str(path)
+        fields: dict[str, Any] = {}
+        static: dict[str, Any] = {}
+        axis_names = (
+            value.data_axis_names() if isinstance(value, named_axes.NamedArrayBase) else None
+        )
+        for field in dataclasses.fields(value):
+            field_value = value.__dict__[field.name]
+            if struct.is_pytree_node_field(field):
+                array_hint = (axis_names, None) if field.name == "data_array" else None
+                fields[field.name] = encoder.node(field_value, (*path, field.name), array_hint)
+            else:
+                static[field.name] = encoder.static(field_value, f"{where} (field {field.name})")
+        return {
+            "struct": type_registry.qualified_name(type(value), what="class", path=where),
+            "fields": fields,
+            "static": static,
+        }
+
+    def decode(self, decoder, data, path, at):
+        expect(
+            data.keys() == {"struct", "fields", "static"},
+            "a struct node has the keys struct, fields and static",
+        )
+        context = decoder.context(path, at)
+        cls = context.resolve(data["struct"], "struct")
+        children, static = data["fields"], data["static"]
+        expect(isinstance(children, dict) and isinstance(static, dict), "fields are objects")
+        children, static, defaults = _matched_fields(cls, children, static)
+        values = {
+            name: decoder.node(child, (*path, name), f"{at}/fields/{name}")
+            for name, child in children.items()
+        }
+        for name, entry in static.items():
+            values[name] = static_codec.decode(entry, context.at("static", name))
+        values.update(defaults)
+        _check_field_types(cls, values)
+        built = cls.from_attributes(**values)
+        if isinstance(built, named_axes.NamedArrayBase):
+            built.check_valid()
+        return built
+
+    def compare(self, comparer, a, b, path):
+        where = path_to_str(path)
+        if a["struct"] != b["struct"]:
+            comparer.problem(
+                f"{where}: class {a['struct']} in the checkpoint, {b['struct']} in the target"
+            )
+            return
+        for name in sorted(a["static"].keys() | b["static"].keys()):
+            if a["static"].get(name) != b["static"].get(name):
+                comparer.problem(
+                    f"{where}: static field {name} is {_shown(a['static'].get(name))} in the"
+                    f" checkpoint, {_shown(b['static'].get(name))} in the target"
+                )
+        comparer.walk_named(a["fields"], b["fields"], path)
+
+    def rebuild(self, rebuilder, value):
+        return type(value).from_attributes(
+            **{
+                field.name: (
+                    rebuilder.rebuild(value.__dict__[field.name])
+                    if struct.is_pytree_node_field(field)
+                    else value.__dict__[field.name]
+                )
+                for field in dataclasses.fields(value)
+            }
+        )
+
+
+# In encoding order: variables before structs (a variable is no struct), structs before
+# literals.
+_NODE_KINDS: tuple[_NodeKind, ...] = (
+    _VariableKind(),
+    _StructKind(),
+    _ArrayKind(),
+    _LiteralKind(),
+    _SequenceKind(),
+    _MappingKind(),
+)
+_NODE_KINDS_BY_TAG = {tag: kind for kind in _NODE_KINDS for tag in kind.tags}
+
+
+def _node_kind(data: Any) -> _NodeKind | None:
+    if isinstance(data, dict) and data:
+        return _NODE_KINDS_BY_TAG.get(next(iter(data)))
+    return None
+
+
 class _Encoder:
     """Walks a model once, producing manifest nodes and collecting its arrays.
 
@@ -450,12 +950,12 @@ class _Encoder:
 
     def static(self, value: Any, path: str) -> Any:
         try:
-            return encode_static(value, path)
+            return static_codec.encode(value, path)
         except errors.UnsupportedValueError:
             if not self.lenient_static:
                 raise
             # Comparing against a target: an unencodable value simply never matches.
-            return {"unencodable": repr(value)}
+            return {"unencodable": messages.bounded_repr(value)}
 
     def array_key(self, path: tuple[str, ...]) -> tuple[str, ...]:
         key = tuple(_SAFE_KEY_CHARS.sub("_", part) or "_" for part in path) or ("root",)
@@ -466,30 +966,13 @@ class _Encoder:
         self.used_keys.add(unique)
         return unique
 
-    def node(self, value: Any, path: tuple[str, ...], axis_names=None, label=None) -> Any:
-        where = path_to_str(path)
+    def node(self, value: Any, path: tuple[str, ...], hint: Any = None) -> Any:
         if value is None:
             return None
-        if isinstance(value, nnx.Variable):
-            return self.variable(value, path)
-        if struct.is_pytree_dataclass_type(type(value)):
-            return self.struct(value, path)
-        if _is_array(value) or (self.allow_abstract and isinstance(value, jax.ShapeDtypeStruct)):
-            return self.array(value, path, axis_names, label)
-        if isinstance(value, (bool, int, float, complex, str, np.generic)) and not isinstance(
-            value, complex
-        ):
-            return {"literal": self.static(value, where)}
-        if type(value) in (list, tuple):
-            tag = type(value).__name__
-            return {tag: [self.node(item, (*path, str(i))) for i, item in enumerate(value)]}
-        if type(value) in (dict, collections.OrderedDict):
-            return {
-                "dict" if type(value) is dict else "ordered_dict": [
-                    [self.static(key, where), self.node(item, (*path, str(key)))]
-                    for key, item in value.items()
-                ]
-            }
+        for kind in _NODE_KINDS:
+            if kind.takes(value, self):
+                return kind.encode(self, value, path, hint)
+        where = path_to_str(path)
         if isinstance(value, jax.ShapeDtypeStruct):
             raise errors.UnsupportedValueError(
                 f"{where}: the model is abstract (a jax.ShapeDtypeStruct is here); only concrete"
@@ -500,79 +983,6 @@ class _Encoder:
             f"{type(value).__qualname__}; checkpoints hold structs, variables, arrays, lists,"
             " tuples, dicts, None and Python scalars."
         )
-
-    def struct(self, value: Any, path: tuple[str, ...]) -> dict[str, Any]:
-        cls = type(value)
-        where = path_to_str(path)
-        fields: dict[str, Any] = {}
-        static: dict[str, Any] = {}
-        axis_names = _named_array_axis_names(value)
-        for field in dataclasses.fields(value):
-            field_value = value.__dict__[field.name]
-            if struct.is_pytree_node_field(field):
-                hint = axis_names if field.name == "data_array" else None
-                fields[field.name] = self.node(field_value, (*path, field.name), hint)
-            else:
-                static[field.name] = self.static(field_value, f"{where} (field {field.name})")
-        return {
-            "struct": type_registry.qualified_name(cls, what="class", path=where),
-            "fields": fields,
-            "static": static,
-        }
-
-    def variable(self, variable: nnx.Variable, path: tuple[str, ...]) -> dict[str, Any]:
-        where = path_to_str(path)
-        known_id = self.variable_ids.get(id(variable))
-        if known_id is not None:
-            return {"variable_ref": known_id}
-        variable_id = len(self.variable_ids)
-        self.variable_ids[id(variable)] = variable_id
-        metadata = variable.get_metadata()
-        raw_value = variable.get_raw_value()
-        label = metadata.get(_LABEL_METADATA)
-        label_text = None if label is None else (label if isinstance(label, str) else repr(label))
-        return {
-            "variable": type_registry.qualified_name(
-                type(variable), what="variable class", path=where
-            ),
-            "id": variable_id,
-            "value": self.node(
-                raw_value, path, _variable_axis_names(metadata, raw_value), label_text
-            ),
-            "metadata": [
-                [key, self.static(entry, f"{where} (metadata {key})")]
-                for key, entry in metadata.items()
-            ],
-        }
-
-    def array(self, value: Any, path: tuple[str, ...], axis_names, label) -> dict[str, Any]:
-        index = len(self.arrays)
-        prng_impl = None
-        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-            # Orbax stores plain arrays: keep the key data, and the implementation to rewrap.
-            impl = value.dtype._impl
-            prng_impl = impl.name
-            if isinstance(value, jax.ShapeDtypeStruct):
-                value = jax.ShapeDtypeStruct((*value.shape, *impl.key_shape), np.uint32)
-            else:
-                value = jax.random.key_data(value)
-            axis_names = None
-        self.arrays.append(value)
-        shape = tuple(int(dim) for dim in value.shape)
-        if axis_names is not None and len(axis_names) != len(shape):
-            axis_names = None
-        self.entries.append(
-            ArrayEntry(
-                path=path_to_str(path),
-                key=self.array_key(path),
-                shape=shape,
-                dtype=np.dtype(value.dtype).name,
-                axis_names=axis_names,
-                label=label,
-                prng_impl=prng_impl,
-            )
-        )
-        return {"array": index}
 
 
 def encode(
@@ -591,334 +1001,281 @@ def encode(
         The encoded model.
 
     Raises:
-        UnsupportedValueError: If some value cannot be described; the message names its path.
+        UnsupportedValueError: If some value cannot be described (a lambda, an NNX variable
+            hook); the message names its path.
     """
     encoder = _Encoder(allow_abstract=allow_abstract, lenient_static=lenient_static)
     root = encoder.node(model, ())
     manifest = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
+        "writer": _writer_versions(),
         "root": root,
         "arrays": [entry.to_json() for entry in encoder.entries],
     }
     return EncodedModel(manifest=manifest, entries=encoder.entries, arrays=encoder.arrays)
 
 
-def read_entries(manifest: Any) -> list[ArrayEntry]:
-    """Checks a manifest's header and returns its array table.
+class _Decoder:
+    """Walks a manifest tree once, validating each node and building its value."""
 
-    Raises:
-        CorruptCheckpointError: If the manifest is not a pz_flax manifest this version reads.
-    """
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise errors.CorruptCheckpointError("The manifest is not a pz_flax checkpoint manifest.")
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise errors.CorruptCheckpointError(
-            f"The checkpoint has manifest format version {version!r}; this pz_flax reads"
-            f" versions up to {FORMAT_VERSION}. Upgrade pz_flax to read it."
-        )
-    if "root" not in manifest or not isinstance(manifest.get("arrays"), list):
-        raise errors.CorruptCheckpointError("The manifest lacks its 'root' or 'arrays' entry.")
-    return [ArrayEntry.from_json(item) for item in manifest["arrays"]]
+    def __init__(self, entries: list[ArrayEntry], arrays: list[Any] | None, allow_modules):
+        self.entries = entries
+        self.arrays = arrays
+        self.allow_modules = tuple(allow_modules)
+        self.variables: dict[int, nnx.Variable] = {}
+        self.used_arrays: set[int] = set()
+
+    def context(self, path: tuple[str, ...], at: str) -> DecodeContext:
+        return DecodeContext(self.allow_modules, path_to_str(path), at, depth=len(path))
+
+    def node(self, data: Any, path: tuple[str, ...], at: str) -> Any:
+        if data is None:
+            return None
+        try:
+            expect(len(path) < static_codec.MAX_DEPTH, "the model is nested too deeply")
+            kind = _node_kind(data)
+            expect(kind is not None, f"malformed model node {messages.bounded_repr(data)}")
+            return kind.decode(self, data, path, at)
+        except _Located:
+            raise
+        except (Corrupt, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+            detail = str(exc) if isinstance(exc, Corrupt) else f"{type(exc).__name__}: {exc}"
+            raise _Located(
+                f"{messages.bounded_text(path_to_str(path))}: {messages.bounded_text(detail, 600)}"
+                f" (manifest path {messages.bounded_text(at)})"
+            ) from None
 
 
-def decode(manifest: dict[str, Any], arrays: list[Any], *, allow_modules: Iterable[str]) -> Any:
-    """Rebuilds a model from its manifest and its arrays, without running any ``__init__``.
+def decode(
+    manifest: dict[str, Any],
+    arrays: list[Any] | None,
+    *,
+    allow_modules: Iterable[str],
+    source: str | None = None,
+) -> Any:
+    """Validates a manifest and rebuilds its model, without running any ``__init__``.
 
     Args:
-        manifest: A manifest produced by ``encode`` (read back from JSON).
-        arrays: The arrays, in the order of the manifest's array table.
-        allow_modules: Modules whose classes and functions may be resolved, beyond pz_flax's.
+        manifest: A manifest (read back from JSON), of this format or an older one.
+        arrays: The arrays, in the order of the manifest's array table; or None to validate
+            only (arrays are then ``jax.ShapeDtypeStruct`` placeholders). A list of Nones is
+            taken as None.
+        allow_modules: Modules whose classes and functions may be resolved, beyond the
+            allow-lists.
+        source: The manifest file, for messages.
 
     Returns:
         The model.
 
     Raises:
-        UntrustedTypeError: If the manifest names a class outside the allow-list.
-        CorruptCheckpointError: If the manifest is malformed or names classes whose fields no
-            longer match.
+        UntrustedTypeError: If the manifest names a class or function outside the allow-lists.
+        CorruptCheckpointError: If the manifest is malformed (names the checkpoint and the
+            manifest path).
     """
-    variables: dict[int, nnx.Variable] = {}
-    allow_modules = tuple(allow_modules)
-
-    def build(node: Any, path: tuple[str, ...]) -> Any:
-        where = path_to_str(path)
-        if node is None:
-            return None
-        if not isinstance(node, dict) or not node:
-            raise errors.CorruptCheckpointError(f"{where}: malformed manifest node {node!r}.")
-        try:
-            if "array" in node:
-                return arrays[node["array"]]
-            if "literal" in node:
-                return decode_static(node["literal"], where, allow_modules)
-            if "list" in node:
-                return [build(item, (*path, str(i))) for i, item in enumerate(node["list"])]
-            if "tuple" in node:
-                return tuple(build(item, (*path, str(i))) for i, item in enumerate(node["tuple"]))
-            if "dict" in node or "ordered_dict" in node:
-                pairs = node.get("dict", node.get("ordered_dict"))
-                items = []
-                for key_data, item in pairs:
-                    key = decode_static(key_data, where, allow_modules)
-                    items.append((key, build(item, (*path, str(key)))))
-                return dict(items) if "dict" in node else collections.OrderedDict(items)
-            if "variable_ref" in node:
-                return variables[node["variable_ref"]]
-            if "variable" in node:
-                cls = type_registry.resolve(
-                    node["variable"], "variable", allow_modules=allow_modules, path=where
-                )
-                metadata = {
-                    key: decode_static(entry, f"{where} (metadata {key})", allow_modules)
-                    for key, entry in node["metadata"]
-                }
-                variable = cls.from_metadata(build(node["value"], path), metadata)
-                variables[node["id"]] = variable
-                return variable
-            if "struct" in node:
-                cls = type_registry.resolve(
-                    node["struct"], "struct", allow_modules=allow_modules, path=where
-                )
-                values = {
-                    name: build(child, (*path, name)) for name, child in node["fields"].items()
-                }
-                for name, entry in node["static"].items():
-                    values[name] = decode_static(entry, f"{where} (field {name})", allow_modules)
-                expected = {field.name for field in dataclasses.fields(cls)}
-                if expected != values.keys():
-                    raise errors.CorruptCheckpointError(
-                        f"{where}: the checkpoint gives {cls.__qualname__} the fields"
-                        f" {sorted(values)}, but the class now has {sorted(expected)}."
-                    )
-                return cls.from_attributes(**values)
-        except errors.CheckpointError:
-            raise
-        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
-            raise errors.CorruptCheckpointError(
-                f"{where}: malformed manifest node: {type(exc).__name__}: {exc}"
-            ) from None
-        raise errors.CorruptCheckpointError(f"{where}: unknown manifest node {sorted(node)}.")
-
-    return build(manifest["root"], ())
+    entries = read_entries(manifest, source)
+    manifest = _current(manifest, source)
+    if arrays is not None and all(array is None for array in arrays):
+        arrays = None
+    decoder = _Decoder(entries, arrays, allow_modules)
+    try:
+        model = decoder.node(manifest["root"], (), "root")
+        unused = sorted(set(range(len(entries))) - decoder.used_arrays)
+        expect(not unused, f"the array table lists arrays the model never uses: {unused[:5]}")
+    except Corrupt as exc:
+        raise _corrupt(source, str(exc)) from None
+    return model
 
 
-@dataclasses.dataclass(frozen=True)
-class SavedLiteral:
-    """A Python scalar the checkpoint holds where an abstract target has a scalar array.
+class _Comparer:
+    """Walks a checkpoint's manifest and a target's side by side, listing differences."""
 
-    ``jax.eval_shape`` turns a model's Python-scalar leaves (a layer's ``epsilon``, say) into
-    ``ShapeDtypeStruct``\\ s; restoring puts the saved scalar back there.
+    def __init__(self, saved: dict[str, Any], target: dict[str, Any], saved_entries, target_entries):
+        self.saved_entries = saved_entries
+        self.target_entries = target_entries
+        self.problems: list[str] = []
+        self.sources: list[int | SavedLiteral | None] = [None] * len(target_entries)
+        self.saved_variables = dict(_variable_nodes(saved["root"]))
+        self.target_to_saved_id: dict[int, int] = {}
+        self.tied_checks: list[tuple[str, int | None, dict]] = []
 
-    Attributes:
-        value: The saved value.
-    """
+    def problem(self, line: str) -> None:
+        self.problems.append(messages.bounded_text(line, messages.MAX_MESSAGE_CHARS // 4))
 
-    value: Any
+    def walk(self, a: Any, b: Any, path: tuple[str, ...]) -> None:
+        a_kind, b_kind = _node_kind(a), _node_kind(b)
+        if isinstance(a_kind, _LiteralKind) and isinstance(b_kind, _ArrayKind):
+            target = self.target_entries[b["array"]]
+            literal = a["literal"]
+            if target.shape == () and _literal_fits(literal, target.dtype):
+                self.sources[b["array"]] = SavedLiteral(literal)
+                return
+        if a_kind is not b_kind or (a is None) != (b is None):
+            self.problem(
+                f"{path_to_str(path)}: {_describe(a)} in the checkpoint, {_describe(b)} in the"
+                " target"
+            )
+            return
+        if a is None:
+            return
+        if next(iter(a)) != next(iter(b)) and not isinstance(a_kind, _VariableKind):
+            self.problem(
+                f"{path_to_str(path)}: {next(iter(a))} in the checkpoint, {next(iter(b))} in the"
+                " target"
+            )
+            return
+        a_kind.compare(self, a, b, path)
+
+    def walk_named(self, a: dict[str, Any], b: dict[str, Any], path: tuple[str, ...]) -> None:
+        """Compares two name-to-node maps (struct fields, dict items)."""
+        for key in a.keys() - b.keys():
+            self.problem(f"{path_to_str((*path, key))}: in the checkpoint, not in the target")
+        for key in b.keys() - a.keys():
+            self.problem(f"{path_to_str((*path, key))}: in the target, not in the checkpoint")
+        for key in a:
+            if key in b:
+                self.walk(a[key], b[key], (*path, key))
+
+
+def _literal_fits(literal: Any, dtype: str) -> bool:
+    """Whether a saved Python scalar may fill a target's scalar array of ``dtype``."""
+    kind = np.dtype(dtype).kind
+    if isinstance(literal, bool):
+        return kind == "b"
+    if isinstance(literal, int):
+        return kind in "iuf"
+    return isinstance(literal, float) and kind == "f"
 
 
 def compare_manifests(
-    saved: dict[str, Any], target: dict[str, Any]
+    saved: dict[str, Any], target: dict[str, Any], source: str | None = None
 ) -> tuple[list[str], list[int | SavedLiteral]]:
     """Lists every path where a checkpoint's manifest and a restore target's differ.
 
     Compared: node kinds, class names, static fields, variable metadata (labels, axis names,
     user metadata; not NNX bookkeeping entries), container lengths and keys, and array shapes,
-    dtypes and axis names.
+    dtypes and axis names. The checkpoint's manifest is validated first (with placeholders
+    for its arrays), so a malformed one is a ``CorruptCheckpointError``, never a crash.
 
     Args:
         saved: The checkpoint's manifest.
         target: The target's manifest (``encode(target, allow_abstract=True,
             lenient_static=True).manifest``).
+        source: The checkpoint's manifest file, for messages.
 
     Returns:
         ``(problems, sources)``: one human-readable line per difference (``"path: what
         differs"``; empty if none), and for each array leaf of the target, in order, the index
         of the checkpoint array that fills it or the ``SavedLiteral`` that does.
+
+    Raises:
+        CorruptCheckpointError: If ``saved`` is malformed.
     """
-    saved_entries = saved["arrays"]
-    target_entries = target["arrays"]
-    problems: list[str] = []
-    sources: list[int | SavedLiteral | None] = [None] * len(target_entries)
-    saved_variables = dict(_variable_nodes(saved["root"]))
-    target_to_saved_id: dict[int, int] = {}
-    tied_checks: list[tuple[str, int | None, int]] = []
-
-    def kind(node: Any) -> str:
-        if node is None:
-            return "None"
-        if isinstance(node, dict) and node:
-            tag = next(iter(node))
-            return {"variable_ref": "variable"}.get(tag, tag)
-        return "malformed"
-
-    def describe(node: Any) -> str:
-        node_kind = kind(node)
-        if node_kind in ("struct", "variable") and node_kind in node:
-            return f"{node_kind} {node[node_kind]}"
-        return node_kind
-
-    def walk(a: Any, b: Any, path: tuple[str, ...]) -> None:
-        where = path_to_str(path)
-        if (
-            kind(a) == "literal"
-            and kind(b) == "array"
-            and target_entries[b["array"]]["shape"] == []
+    # Validation resolves names only as far as the target has them: the target's classes are
+    # the ones restored, so a checkpoint naming classes of modules not allowed still compares.
+    saved_entries = read_entries(saved, source)
+    saved = _current(saved, source)
+    _validate_for_comparison(saved, target, source)
+    comparer = _Comparer(saved, target, saved_entries, read_entries(target))
+    comparer.walk(saved["root"], target["root"], ())
+    for where, saved_id, target_node in comparer.tied_checks:
+        if saved_id is None or saved_id != comparer.target_to_saved_id.get(
+            target_node["variable_ref"]
         ):
-            sources[b["array"]] = SavedLiteral(decode_static(a["literal"], where, ()))
-            return
-        if kind(a) != kind(b):
-            problems.append(
-                f"{where}: {describe(a)} in the checkpoint, {describe(b)} in the target"
-            )
-            return
-        node_kind = kind(a)
-        if node_kind == "None":
-            return
-        if node_kind == "array":
-            sources[b["array"]] = a["array"]
-            walk_array(saved_entries[a["array"]], target_entries[b["array"]])
-        elif node_kind == "literal":
-            if a["literal"] != b["literal"]:
-                problems.append(
-                    f"{where}: value {a['literal']!r} in the checkpoint, {b['literal']!r} in the"
-                    " target"
-                )
-        elif node_kind in ("list", "tuple"):
-            if len(a[node_kind]) != len(b[node_kind]):
-                problems.append(
-                    f"{where}: {node_kind} of length {len(a[node_kind])} in the checkpoint,"
-                    f" {len(b[node_kind])} in the target"
-                )
-                return
-            for i, (x, y) in enumerate(zip(a[node_kind], b[node_kind])):
-                walk(x, y, (*path, str(i)))
-        elif node_kind in ("dict", "ordered_dict"):
-            a_items = {_key_text(k): v for k, v in a[node_kind]}
-            b_items = {_key_text(k): v for k, v in b[node_kind]}
-            for key in a_items.keys() - b_items.keys():
-                problems.append(
-                    f"{path_to_str((*path, key))}: in the checkpoint, not in the target"
-                )
-            for key in b_items.keys() - a_items.keys():
-                problems.append(
-                    f"{path_to_str((*path, key))}: in the target, not in the checkpoint"
-                )
-            for key in a_items:
-                if key in b_items:
-                    walk(a_items[key], b_items[key], (*path, key))
-        elif node_kind == "struct":
-            if a["struct"] != b["struct"]:
-                problems.append(
-                    f"{where}: class {a['struct']} in the checkpoint, {b['struct']} in the target"
-                )
-                return
-            for name in sorted(a["static"].keys() | b["static"].keys()):
-                if a["static"].get(name) != b["static"].get(name):
-                    problems.append(
-                        f"{where}: static field {name} is {_shown(a['static'].get(name))} in the"
-                        f" checkpoint, {_shown(b['static'].get(name))} in the target"
-                    )
-            for name in a["fields"].keys() - b["fields"].keys():
-                problems.append(
-                    f"{path_to_str((*path, name))}: in the checkpoint, not in the target"
-                )
-            for name in b["fields"].keys() - a["fields"].keys():
-                problems.append(
-                    f"{path_to_str((*path, name))}: in the target, not in the checkpoint"
-                )
-            for name in a["fields"]:
-                if name in b["fields"]:
-                    walk(a["fields"][name], b["fields"][name], (*path, name))
-        elif node_kind == "variable":
-            walk_variable(a, b, path)
-
-    def walk_variable(a: dict, b: dict, path: tuple[str, ...]) -> None:
-        where = path_to_str(path)
-        if "variable_ref" in b:
-            # The target ties this variable to another path; fine if the checkpoint does too.
-            # Checked after the walk, once every variable of the target has been paired.
-            saved_id = a.get("variable_ref", a.get("id"))
-            tied_checks.append((where, saved_id, b["variable_ref"]))
-            return
-        if "variable_ref" in a:
-            # The checkpoint shares it, the target holds a separate copy (``jax.eval_shape``
-            # and ``tree_map`` untie variables): fill the copy from the shared arrays.
-            a = saved_variables.get(a["variable_ref"], a)
-            if "variable_ref" in a:
-                problems.append(f"{where}: the checkpoint refers to an unknown variable")
-                return
-        target_to_saved_id[b["id"]] = a["id"]
-        if a["variable"] != b["variable"]:
-            problems.append(
-                f"{where}: variable class {a['variable']} in the checkpoint, {b['variable']} in"
-                " the target"
-            )
-        a_meta = {k: v for k, v in a["metadata"] if k not in _NNX_RUNTIME_METADATA}
-        b_meta = {k: v for k, v in b["metadata"] if k not in _NNX_RUNTIME_METADATA}
-        for key in sorted(a_meta.keys() | b_meta.keys()):
-            if a_meta.get(key) != b_meta.get(key):
-                what = "axis names" if key == _AXIS_NAMES_METADATA else f"metadata {key!r}"
-                problems.append(
-                    f"{where}: {what} {_shown(a_meta.get(key))} in the checkpoint,"
-                    f" {_shown(b_meta.get(key))} in the target"
-                )
-        walk(a["value"], b["value"], path)
-
-    def walk_array(a: dict, b: dict) -> None:
-        where = a["path"]
-        if a["shape"] != b["shape"]:
-            problems.append(
-                f"{where}: shape {tuple(a['shape'])} in the checkpoint, {tuple(b['shape'])} in the"
-                " target"
-            )
-        if a["dtype"] != b["dtype"]:
-            problems.append(
-                f"{where}: dtype {a['dtype']} in the checkpoint, {b['dtype']} in the target"
-            )
-        if a["axis_names"] != b["axis_names"] and a["axis_names"] and b["axis_names"]:
-            problems.append(
-                f"{where}: axis names {tuple(a['axis_names'])} in the checkpoint,"
-                f" {tuple(b['axis_names'])} in the target"
-            )
-
-    walk(saved["root"], target["root"], ())
-    for where, saved_id, target_id in tied_checks:
-        if saved_id is None or saved_id != target_to_saved_id.get(target_id):
-            problems.append(
+            comparer.problem(
                 f"{where}: the target shares this variable with another path, the checkpoint"
                 " does not"
             )
-    return problems, sources
+    return comparer.problems, comparer.sources
+
+
+_NAMING_TAGS = frozenset(
+    {"struct", "variable", "type", "function", "enum", "dataclass", "namedtuple", "nnx_module"}
+)
+
+
+def _modules_named_in(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The modules of every class and function a (target's) manifest names."""
+    modules: set[str] = set()
+    pending = [manifest]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key in _NAMING_TAGS and isinstance(item, str):
+                    modules.add(item.partition(":")[0])
+                pending.append(item)
+        elif isinstance(value, list):
+            pending.extend(value)
+    return tuple(sorted(modules))
+
+
+def _validate_for_comparison(saved, target, source) -> None:
+    """Validates the checkpoint's manifest, trusting what the target itself names.
+
+    The restored model takes its classes and static values from the target, so a checkpoint
+    of a user's model restores into it without ``allow_modules``; the validation pass only
+    builds (and drops) objects, it never calls them.
+    """
+    decode(saved, None, allow_modules=_modules_named_in(target), source=source)
 
 
 def _variable_nodes(node: Any) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Every defining variable node of a manifest tree, by id."""
-    if isinstance(node, dict):
-        if "variable" in node and isinstance(node.get("id"), int):
-            yield node["id"], node
-        for value in node.values():
-            yield from _variable_nodes(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _variable_nodes(item)
+    """Every defining variable node of a (validated) manifest tree, by id."""
+    pending = [node]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, dict):
+            if "variable" in value and type(value.get("id")) is int and "metadata" in value:
+                yield value["id"], value
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
 
 
 def _key_text(key_data: Any) -> str:
     return key_data if isinstance(key_data, str) else repr(key_data)
 
 
+def _describe(node: Any) -> str:
+    """A node's kind (and class) for mismatch messages."""
+    if node is None:
+        return "None"
+    kind = _node_kind(node)
+    tag = next(iter(node))
+    if isinstance(kind, (_StructKind, _VariableKind)) and isinstance(node.get(tag), str):
+        return f"{tag} {messages.bounded_text(node[tag])}"
+    return "variable" if tag == "variable_ref" else tag
+
+
 def _shown(encoded: Any) -> str:
-    """A compact rendering of an encoded static value for mismatch messages."""
+    """A compact, bounded rendering of an encoded static value for mismatch messages."""
     if isinstance(encoded, dict) and len(encoded) == 1:
         tag, payload = next(iter(encoded.items()))
         if tag in ("function", "type", "dtype", "jnp_scalar_type", "np_scalar_type"):
-            return str(payload)
-        if tag in ("tuple", "list"):
-            inner = ", ".join(_shown(item) for item in payload)
-            return f"({inner})" if tag == "tuple" else f"[{inner}]"
-    return repr(encoded)
+            return messages.bounded_text(str(payload))
+        if tag in ("tuple", "list") and isinstance(payload, list):
+            inner = ", ".join(_shown(item) for item in payload[:10])
+            inner += ", ..." if len(payload) > 10 else ""
+            return messages.bounded_text(f"({inner})" if tag == "tuple" else f"[{inner}]")
+        if tag == "nnx_module":
+            return f"<NNX module {messages.bounded_text(str(payload))}>"
+    return messages.bounded_repr(encoded)
+
+
+class _Rebuilder:
+    def __init__(self, new_arrays: Iterator[Any]):
+        self.new_arrays = new_arrays
+        self.variables: dict[int, nnx.Variable] = {}
+        self.encoder = _Encoder(allow_abstract=True, lenient_static=True)
+
+    def rebuild(self, value: Any) -> Any:
+        if value is None:
+            return None
+        for kind in _NODE_KINDS:
+            if kind.takes(value, self.encoder):
+                return kind.rebuild(self, value)
+        return value
 
 
 def replace_arrays(model: Any, new_arrays: Iterator[Any]) -> Any:
@@ -934,39 +1291,7 @@ def replace_arrays(model: Any, new_arrays: Iterator[Any]) -> Any:
     Returns:
         The rebuilt model.
     """
-    rebuilt_variables: dict[int, nnx.Variable] = {}
-
-    def rebuild(value: Any) -> Any:
-        if value is None:
-            return None
-        if isinstance(value, nnx.Variable):
-            known = rebuilt_variables.get(id(value))
-            if known is None:
-                known = type(value).from_metadata(
-                    rebuild(value.get_raw_value()), value.get_metadata()
-                )
-                rebuilt_variables[id(value)] = known
-            return known
-        if struct.is_pytree_dataclass_type(type(value)):
-            return type(value).from_attributes(
-                **{
-                    field.name: (
-                        rebuild(value.__dict__[field.name])
-                        if struct.is_pytree_node_field(field)
-                        else value.__dict__[field.name]
-                    )
-                    for field in dataclasses.fields(value)
-                }
-            )
-        if _is_array(value) or isinstance(value, jax.ShapeDtypeStruct):
-            return next(new_arrays)
-        if type(value) in (list, tuple):
-            return type(value)(rebuild(item) for item in value)
-        if type(value) in (dict, collections.OrderedDict):
-            return type(value)((key, rebuild(item)) for key, item in value.items())
-        return value
-
-    return rebuild(model)
+    return _Rebuilder(new_arrays).rebuild(model)
 
 
 def shape_dtype_structs(

@@ -898,6 +898,21 @@ class NamedArrayBase(abc.ABC):
     def _layout(self) -> _Layout:
         """(data array, data axis for each name, data axis for each positional axis, shape)."""
 
+    def data_axis_names(self) -> tuple[AxisName | None, ...]:
+        """The name of each axis of ``data_array`` (None for a positional axis), in order.
+
+        What a checkpoint records beside the stored data array, so that it can be inspected
+        and sharded by axis name without rebuilding the named array.
+
+        Raises:
+            ValueError: If the fields do not describe a consistent named array.
+        """
+        _, axis_for_name, _, shape = self._layout()
+        names: list[AxisName | None] = [None] * len(shape)
+        for name, axis in axis_for_name.items():
+            names[axis] = name
+        return tuple(names)
+
     @abc.abstractmethod
     def unwrap(self, *names: AxisName) -> jax.Array:
         """Returns the positional JAX array.

@@ -50,6 +50,11 @@ def _known_elementwise_functions() -> frozenset:
 _KNOWN_ELEMENTWISE_FUNCTIONS = _known_elementwise_functions()
 
 
+def known_elementwise_functions() -> frozenset:
+    """The JAX functions ``Elementwise`` knows to act on each element independently."""
+    return _KNOWN_ELEMENTWISE_FUNCTIONS
+
+
 def _is_known_elementwise(fn: Any) -> bool:
     """True for a known elementwise function, possibly with scalar keyword arguments bound."""
     if isinstance(fn, functools.partial):

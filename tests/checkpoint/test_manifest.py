@@ -13,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.typing import HashableMapping
 
 from pz_flax.checkpoint import errors
 from pz_flax.checkpoint import manifest
@@ -56,7 +55,6 @@ def _json_round_trip(value, allow_modules=("tests",)):
         np.float32(2.5),
         np.int8,
         Pair(1, "r"),
-        HashableMapping({"k": 1}),
         variables.MetadataDict({"stack": Color.RED, "nested": {"a": (1, 2)}}),
     ],
 )
@@ -86,9 +84,14 @@ def test_dataclasses_are_rebuilt_without_their_init():
     assert _json_round_trip(label) == label
 
 
-def test_tree_structures_round_trip():
-    treedef = jax.tree_util.tree_structure({"a": [1, None, (2, 3)], "b": 4})
-    assert _json_round_trip(treedef) == treedef
+def test_library_internal_types_are_not_static_values():
+    # NNX's graph types and JAX tree structures were only ever held inside wrapped modules'
+    # shells, which format 2 describes with its own schema.
+    from flax.typing import HashableMapping
+
+    for value in (HashableMapping({"k": 1}), jax.tree_util.tree_structure([1, 2])):
+        with pytest.raises(errors.UnsupportedValueError, match="cannot describe"):
+            manifest.encode_static(value, "here")
 
 
 def test_unsupported_static_values_name_the_path():
@@ -156,9 +159,9 @@ def test_decode_rebuilds_from_the_manifest_alone():
 def test_read_entries_checks_the_header():
     with pytest.raises(errors.CorruptCheckpointError, match="not a pz_flax"):
         manifest.read_entries([])
-    with pytest.raises(errors.CorruptCheckpointError, match="lacks"):
+    with pytest.raises(errors.CorruptCheckpointError, match=r"expected .*'arrays'.*'root'"):
         manifest.read_entries({"format": manifest.FORMAT_NAME, "format_version": 1})
-    with pytest.raises(errors.CorruptCheckpointError, match="malformed entry"):
+    with pytest.raises(errors.CorruptCheckpointError, match="arrays/0: malformed array entry"):
         manifest.read_entries(
             {"format": manifest.FORMAT_NAME, "format_version": 1, "root": None, "arrays": [{}]}
         )

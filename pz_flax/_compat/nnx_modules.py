@@ -1,0 +1,90 @@
+"""Taking NNX modules apart into attributes, and putting them together without ``__init__``.
+
+Checkpoints describe a wrapped NNX module by its class, its attributes and, for each
+attribute, whether NNX treats it as data (part of the module's state) or as static
+configuration. NNX has no public API for either direction: which attributes are data is
+recorded in ``_pytree__nodes`` (flax >= 0.12; ``nnx.data``/``nnx.static`` annotations end up
+there), and an empty module needs its ``_pytree__state`` (what NNX's metaclass sets before
+running ``__init__``, and what ``nnx.merge`` sets through its private graph-node hooks).
+Both are guarded: if a flax release renames them, these functions raise a ``RuntimeError``
+naming the assumption (see ``tests/checkpoint/test_module_schema.py``'s canary).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flax import nnx
+
+# Attributes every NNX module has that are NNX's bookkeeping, not the module's own.
+_NODES_ATTRIBUTE = "_pytree__nodes"
+_STATE_ATTRIBUTE = "_pytree__state"
+BOOKKEEPING_ATTRIBUTES = frozenset({_NODES_ATTRIBUTE, _STATE_ATTRIBUTE})
+
+
+def _broken(what: str) -> RuntimeError:
+    return RuntimeError(
+        f"pz_flax cannot {what} with this flax release: NNX modules no longer keep"
+        f" {_NODES_ATTRIBUTE}/{_STATE_ATTRIBUTE} as flax 0.12 does. pz_flax._compat.nnx_modules"
+        " needs updating."
+    )
+
+
+def module_attributes(module: nnx.Module) -> list[tuple[str, Any, bool]]:
+    """``(name, value, is_data)`` for each of the module's own attributes, in order.
+
+    Raises:
+        RuntimeError: If this flax release does not record data attributes as flax 0.12 does.
+    """
+    nodes = vars(module).get(_NODES_ATTRIBUTE)
+    if nodes is None or not hasattr(nodes, "get"):
+        raise _broken("describe an NNX module")
+    return [
+        (name, value, bool(nodes.get(name, nnx.is_data(value))))
+        for name, value in vars(module).items()
+        if name not in BOOKKEEPING_ATTRIBUTES
+    ]
+
+
+def empty_module_with(cls: type, attributes: list[tuple[str, Any, bool]]) -> nnx.Module:
+    """A module of class ``cls`` holding ``attributes``, built without running ``__init__``.
+
+    Args:
+        cls: An ``nnx.Module`` subclass.
+        attributes: ``(name, value, is_data)`` triples, as ``module_attributes`` gives them.
+
+    Raises:
+        RuntimeError: If this flax release builds modules differently from flax 0.12.
+    """
+    template = nnx.Module()
+    state = vars(template).get(_STATE_ATTRIBUTE)
+    class_nodes = getattr(cls, _NODES_ATTRIBUTE, None)
+    if state is None or class_nodes is None or not hasattr(class_nodes, "update"):
+        raise _broken("rebuild an NNX module")
+    module = object.__new__(cls)
+    object.__setattr__(module, _STATE_ATTRIBUTE, type(state)())
+    nodes = class_nodes.update({name: data for name, _, data in attributes})
+    # NNX's metaclass records, after ``__init__``, every attribute it has not seen yet,
+    # ``_pytree__nodes`` itself included; do the same so graph definitions compare equal.
+    missing = {name: False for name in BOOKKEEPING_ATTRIBUTES if name not in nodes}
+    object.__setattr__(module, _NODES_ATTRIBUTE, nodes.update(missing))
+    for name, value, _ in attributes:
+        object.__setattr__(module, name, value)
+    return module
+
+
+def module_of_graphdef(graphdef: Any) -> nnx.Module:
+    """The module a graph definition describes, its variables holding placeholder scalars.
+
+    Used to describe a wrapped module's shell (a graph definition without state) attribute by
+    attribute. ``nnx.merge`` accepts a flat list of leaves; the graph definition's
+    ``num_leaves`` (flax >= 0.12) says how many.
+
+    Raises:
+        RuntimeError: If this flax release's graph definitions have no ``num_leaves``.
+    """
+    num_leaves = getattr(graphdef, "num_leaves", None)
+    if not isinstance(num_leaves, int):
+        raise _broken("read a wrapped NNX module's graph definition")
+    return nnx.merge(graphdef, [np.zeros((), np.float32)] * num_leaves)

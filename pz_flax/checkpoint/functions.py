@@ -1,0 +1,141 @@
+"""The closed allow-list of functions a checkpoint may name.
+
+A function held by a model (an ``Elementwise.fn``, an NNX layer's ``dot_general``) is called
+when the model is used, so a checkpoint that could name any function could make the process
+that restores and calls it do anything: a partial over a trusted library's tree utilities or
+over pz_flax's own ``save`` is as good as a shell. Restoring therefore resolves a function name
+only to:
+
+* a known pure array function: the elementwise functions ``Elementwise`` knows
+  (``pz_flax.nn.basic_ops.known_elementwise_functions``: ``jax.nn.relu``, ``jnp.tanh``, ...),
+  plus the few non-elementwise array functions that layers keep as configuration
+  (``jax.nn.softmax``, ``jax.lax.dot_general``, ...);
+* a function the caller registered with ``register_function`` (this process only);
+* a function of a module the caller lists in ``allow_modules`` (which hands that module's
+  whole contents to the checkpoint: see README's threat model).
+
+Everything else (other library functions, pz_flax internals, builtins) is refused. A
+``functools.partial`` is accepted only over one of those functions with literal primitive
+arguments (``None``, booleans, numbers, strings), so partials cannot chain into gadgets.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from collections.abc import Iterable
+from typing import Any
+
+from pz_flax.checkpoint import errors
+from pz_flax.checkpoint import messages
+from pz_flax.checkpoint import type_registry
+
+# Array functions that stock layers hold as configuration without being elementwise: NNX's
+# Linear/Conv/Einsum keep their contraction and dtype-promotion functions, attention layers
+# their normalisation. All are pure functions of their array arguments.
+_NON_ELEMENTWISE_ARRAY_FUNCTIONS = {
+    "jax.nn": ("softmax", "log_softmax", "standardize", "one_hot", "logsumexp"),
+    "jax.numpy": ("einsum", "matmul", "dot", "tensordot"),
+    "jax.lax": ("dot_general", "conv_general_dilated", "conv_transpose", "dot"),
+    "flax.nnx.nn.dtypes": ("promote_dtype",),
+}
+# Public namespaces that give a known function its checkpoint name, in order of preference.
+_NAMESPACES = ("jax.nn", "jax.numpy", "jax.lax", "jax.scipy.special", "flax.nnx.nn.dtypes")
+# Literal types a partial may bind.
+PARTIAL_ARGUMENT_TYPES = (type(None), bool, int, float, str)
+
+@functools.cache
+def _known_functions() -> dict[str, Callable[..., Any]]:
+    """Every allow-listed library function by each public name that finds it."""
+    from pz_flax.nn import basic_ops
+
+    functions = set(basic_ops.known_elementwise_functions())
+    for module_name, names in _NON_ELEMENTWISE_ARRAY_FUNCTIONS.items():
+        module = importlib.import_module(module_name)
+        functions.update(getattr(module, name) for name in names if hasattr(module, name))
+    by_name: dict[str, Callable[..., Any]] = {}
+    for namespace in _NAMESPACES:
+        module = importlib.import_module(namespace)
+        for fn in functions:
+            public_name = getattr(fn, "__name__", None)
+            if isinstance(public_name, str) and getattr(module, public_name, None) is fn:
+                by_name.setdefault(f"{namespace}:{public_name}", fn)
+    return by_name
+
+
+@functools.cache
+def _known_names() -> dict[int, str]:
+    """The name each allow-listed function is saved under.
+
+    A function's own public module comes first (``jax.numpy:tanh``, not its re-export
+    ``jax.nn:tanh``), as format 1 named them, so that old and new manifests compare equal.
+    """
+    names: dict[int, str] = {}
+    known = _known_functions()
+    for name, fn in known.items():
+        own_name = f"{getattr(fn, '__module__', '')}:{getattr(fn, '__name__', '')}"
+        names.setdefault(id(fn), own_name if known.get(own_name) is fn else name)
+    return names
+
+
+def register_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Lets checkpoints name ``fn`` (in this process), without trusting its whole module.
+
+    Usable as a decorator. Register only functions that are safe to call with whatever array
+    arguments a model passes: a checkpoint may put a registered function into any function
+    slot of the model it describes.
+
+    Args:
+        fn: A module-level function (importable by ``__module__`` and ``__qualname__``).
+
+    Returns:
+        ``fn`` itself.
+
+    Raises:
+        UnsupportedValueError: If ``fn`` is not a function with a findable name (a lambda, a
+            local function, a class, a partial).
+    """
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", None)
+    if (
+        not callable(fn)
+        or isinstance(fn, (type, functools.partial))
+        or not isinstance(module, str)
+        or not isinstance(qualname, str)
+        or "<" in qualname
+    ):
+        raise errors.UnsupportedValueError(
+            f"Cannot register {messages.bounded_repr(fn)}: register_function takes a module-level function"
+            " (not a lambda, local function, class or partial)."
+        )
+    return type_registry.register_type(fn)
+
+
+def function_name(fn: Any, path: str) -> str:
+    """The name a checkpoint stores for ``fn``: its public alias when it is allow-listed.
+
+    Saving does not refuse functions outside the allow-list (the restoring side may allow
+    their module); it refuses only what no name could find again.
+
+    Raises:
+        UnsupportedValueError: If ``fn`` cannot be named.
+    """
+    known = _known_names().get(id(fn))
+    if known is not None and _known_functions()[known] is fn:
+        return known
+    return type_registry.qualified_name(fn, what="function", path=path)
+
+
+def resolve_function(name: Any, *, allow_modules: Iterable[str], path: str) -> Callable[..., Any]:
+    """The function a checkpoint names, if it is allow-listed, registered or allowed.
+
+    Raises:
+        UntrustedTypeError: If the function is none of those; nothing was imported.
+        CorruptCheckpointError: If the name is malformed or does not find a function.
+    """
+    type_registry.check_name_syntax(name, path)
+    found = _known_functions().get(name)
+    if found is not None:
+        return found
+    return type_registry.resolve(name, "function", allow_modules=allow_modules, path=path)
