@@ -26,14 +26,52 @@ takes seconds. Stage by stage it:
 6. restores that checkpoint with plain Orbax into
    ``nnx.state(nnx.eval_shape(factory))`` and checks that the NNX model predicts what the
    fine-tuned pz_flax model predicts.
+
+It runs unchanged as a multi-process JAX job (README, "Multi-host"): fine-tuning is data
+parallel over every device of every process, each process loading its own rows; every
+process takes part in each checkpoint save, and only process 0 prints.
 """
+
+# The imports after the argument parser are deliberate: ``--help`` answers without JAX.
+# ruff: noqa: E402
 
 from __future__ import annotations
 
 import argparse
-import functools
 import pathlib
 
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out-dir",
+        type=pathlib.Path,
+        default=pathlib.Path("finetune_out"),
+        help="where the two NNX checkpoints go",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for the tasks and the init")
+    parser.add_argument("--pretrain-steps", type=int, default=300, help="NNX steps on task A")
+    parser.add_argument("--steps", type=int, default=300, help="LoRA fine-tuning steps on task B")
+    parser.add_argument("--rank", type=int, default=2, help="rank of each adapter")
+    parser.add_argument("--features", type=int, default=16, help="inputs of the regression")
+    parser.add_argument("--hidden", type=int, default=64, help="width of the hidden layer")
+    parser.add_argument("--outputs", type=int, default=4, help="outputs of the regression")
+    parser.add_argument("--quick", action="store_true", help="40 + 40 steps (for smoke tests)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.pretrain_steps, args.steps = 40, 40
+    for flag in ("pretrain_steps", "steps", "rank", "features", "hidden", "outputs"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()
+
+import functools
+
+import _job
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +84,8 @@ from pz_flax import pz
 from pz_flax.interop import wrappers
 from pz_flax.toolshed import basic_training
 from pz_flax.toolshed import lora
+
+TRAIN_EXAMPLES = 512
 
 
 class RegressionMLP(nnx.Module):
@@ -112,31 +152,6 @@ def make_tasks(num_features: int, num_outputs: int, seed: int):
     return functools.partial(sample, teacher_a), functools.partial(sample, teacher_b)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--out-dir",
-        type=pathlib.Path,
-        default=pathlib.Path("finetune_out"),
-        help="where the two NNX checkpoints go",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pretrain-steps", type=int, default=300, help="NNX steps on task A")
-    parser.add_argument("--steps", type=int, default=300, help="LoRA fine-tuning steps on task B")
-    parser.add_argument("--rank", type=int, default=2, help="rank of each adapter")
-    parser.add_argument("--features", type=int, default=16)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--outputs", type=int, default=4)
-    parser.add_argument("--quick", action="store_true", help="40 + 40 steps (for smoke tests)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.pretrain_steps, args.steps = 40, 40
-    for flag in ("pretrain_steps", "steps", "rank"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be positive")
-    return args
-
-
 def pretrain_nnx_model(factory, task_a, steps: int) -> nnx.Module:
     """Stage 1: ordinary Flax NNX training, as the NNX team would have done it."""
     model = factory()
@@ -151,10 +166,10 @@ def pretrain_nnx_model(factory, task_a, steps: int) -> nnx.Module:
         optimizer.update(model, grads)
         return loss
 
-    inputs, targets = task_a(num_examples=512, sample_seed=1)
+    inputs, targets = task_a(num_examples=TRAIN_EXAMPLES, sample_seed=1)
     for _ in range(steps):
         loss = train_step(model, optimizer, inputs, targets)
-    print(f"[1] pretrained the NNX model on task A: loss {float(loss):.4f}")
+    _job.log(f"[1] pretrained the NNX model on task A: loss {float(loss):.4f}")
     return model
 
 
@@ -172,20 +187,23 @@ def named(array: np.ndarray) -> pz.nx.NamedArray:
 def main(argv=None) -> dict:
     """Runs every stage; returns what the smoke test checks."""
     args = parse_args(argv)
+    _job.join()
     out_dir = args.out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    mesh = _job.data_parallel_mesh()
 
     def factory() -> RegressionMLP:
         return RegressionMLP(args.features, args.hidden, args.outputs, rngs=nnx.Rngs(args.seed))
 
     task_a, task_b = make_tasks(args.features, args.outputs, args.seed)
 
-    # Stage 1: an NNX checkpoint, written the plain NNX way.
+    # Stage 1: an NNX checkpoint, written the plain NNX way. Every process pretrained the same
+    # model; saving it from a multi-process job takes global arrays, hence the replicated copy.
     nnx_model = pretrain_nnx_model(factory, task_a, args.pretrain_steps)
     pretrained_dir = out_dir / "pretrained_nnx"
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(pretrained_dir, nnx.state(nnx_model), force=True)
-    print(f"    saved nnx.state(model) with StandardCheckpointer: {pretrained_dir}")
+        checkpointer.save(pretrained_dir, _job.replicated(nnx.state(nnx_model), mesh), force=True)
+    _job.log(f"    saved nnx.state(model) with StandardCheckpointer: {pretrained_dir}")
 
     # Stage 2: into pz_flax.
     pretrained = checkpoint.read_nnx_checkpoint(pretrained_dir, factory)
@@ -195,7 +213,7 @@ def main(argv=None) -> dict:
         nnx_model(jnp.asarray(test_inputs)),
         atol=1e-6,
     )
-    print(
+    _job.log(
         f"[2] read it as a pz_flax {type(pretrained).__name__} around"
         f" {pz.select(pretrained).at_instances_of(wrappers.FromNNX).count()} converted layers;"
         f" same outputs as the NNX model: {same}"
@@ -206,20 +224,20 @@ def main(argv=None) -> dict:
     before = parameter_arrays(model)
     adapter_labels = {label for label in before if label.startswith("LoRA:")}
     num_adapters = pz.select(model).at_instances_of(lora.LowRankAdapter).count()
-    print(
+    _job.log(
         f"[3] froze {len(before) - len(adapter_labels)} pretrained parameters and added"
         f" {num_adapters} rank-{args.rank} adapters"
         f" ({sum(before[label].size for label in adapter_labels)} trainable weights)"
     )
 
-    # Stage 4: fine-tune on task B; only adapter parameters may move.
-    train_inputs, train_targets = task_b(num_examples=512, sample_seed=2)
+    # Stage 4: fine-tune on task B, data parallel; only adapter parameters may move.
+    train_inputs, train_targets = task_b(num_examples=TRAIN_EXAMPLES, sample_seed=2)
 
     def task_b_test_loss(layer) -> float:
-        return float(
-            jnp.mean((layer(named(test_inputs)).unwrap("batch", "features") - test_targets) ** 2)
-        )
+        predictions = _job.host_local(layer)(named(test_inputs)).unwrap("batch", "features")
+        return float(jnp.mean((predictions - test_targets) ** 2))
 
+    model = _job.replicated(model, mesh)
     loss_before = task_b_test_loss(model)
     trainer = basic_training.StatefulTrainer.build(
         root_rng=jax.random.key(args.seed),
@@ -227,14 +245,16 @@ def main(argv=None) -> dict:
         optimizer_def=optax.adam(1e-2),
         loss_fn=mean_squared_error,
     )
-    batch = {"inputs": named(train_inputs), "targets": named(train_targets)}
+    rows = _job.own_rows(np.arange(TRAIN_EXAMPLES), mesh)
+    local_batch = {"inputs": named(train_inputs[rows]), "targets": named(train_targets[rows])}
+    batch = _job.global_batch(local_batch, mesh)
     for _ in range(args.steps):
         trainer.step(**batch)
     loss_after = task_b_test_loss(model)
     after = parameter_arrays(model)
     moved = {label for label in before if not np.array_equal(before[label], after[label])}
     base_unchanged = not (moved - adapter_labels)
-    print(
+    _job.log(
         f"[4] fine-tuned {args.steps} steps: task B test loss {loss_before:.4f} ->"
         f" {loss_after:.4f}; parameters that changed: {len(moved)}, all of them adapter"
         f" parameters: {base_unchanged}"
@@ -242,26 +262,34 @@ def main(argv=None) -> dict:
     if not base_unchanged:
         raise SystemExit(f"frozen parameters changed during fine-tuning: {sorted(moved)}")
 
-    # Stage 5: merge (RegressionMLP has no LoRA slots) and write an NNX checkpoint.
+    # Stage 5: merge (RegressionMLP has no LoRA slots) and write an NNX checkpoint, from every
+    # process (the save is collective).
     merged = lora.merge_lora_adapters_in_selection(pz.select(model))
+    finetuned_dir = checkpoint.write_nnx_checkpoint(out_dir / "finetuned_nnx", merged, force=True)
+    merged, model = _job.host_local(merged), _job.host_local(model)
     merged_predictions = merged(named(test_inputs)).unwrap("batch", "features")
     adapted_predictions = model(named(test_inputs)).unwrap("batch", "features")
     merge_error = float(jnp.max(jnp.abs(merged_predictions - adapted_predictions)))
-    finetuned_dir = checkpoint.write_nnx_checkpoint(out_dir / "finetuned_nnx", merged, force=True)
-    print(
+    _job.log(
         f"[5] {type(nnx_model).__name__} has no LoRA slots, so merged each adapter into its"
         f" base kernel (W + A B; max output change {merge_error:.1e}) and wrote an NNX"
         f" checkpoint: {finetuned_dir}"
     )
 
-    # Stage 6: plain Flax NNX + Orbax, no pz_flax involved.
+    # Stage 6: plain Flax NNX + Orbax, no pz_flax involved; each process restores onto a device
+    # of its own.
     abstract_model = nnx.eval_shape(factory)
+    on_this_process = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=on_this_process),
+        nnx.state(abstract_model),
+    )
     with ocp.StandardCheckpointer() as checkpointer:
-        restored_state = checkpointer.restore(finetuned_dir, nnx.state(abstract_model))
+        restored_state = checkpointer.restore(finetuned_dir, target)
     nnx.update(abstract_model, restored_state)
     restored_predictions = abstract_model(jnp.asarray(test_inputs))
     restored_error = float(jnp.max(jnp.abs(restored_predictions - adapted_predictions)))
-    print(
+    _job.log(
         f"[6] restored it into nnx.state(nnx.eval_shape(factory)) with plain Orbax: a"
         f" {type(abstract_model).__name__} whose predictions differ from the fine-tuned pz_flax"
         f" model's by at most {restored_error:.1e}"

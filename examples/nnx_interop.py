@@ -16,11 +16,59 @@ The workflow of a Flax NNX team that wants penzai's tools without leaving NNX:
 Run ``python examples/nnx_interop.py --help`` for the settings; the defaults take a few seconds.
 """
 
+# The imports after the argument parser are deliberate: ``--help`` answers without JAX.
+# ruff: noqa: E402
+
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import pathlib
+
+# Sizes of the full run and of --quick (a smoke test): features, heads, hidden, seq, batch, steps.
+DEFAULTS = dict(features=32, heads=4, hidden=64, seq=8, batch=16, steps=50)
+QUICK = dict(features=8, heads=2, hidden=16, seq=4, batch=4, steps=4)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    flags = {
+        "features": "width of the block (the 'features' axis)",
+        "heads": "attention heads (must divide --features)",
+        "hidden": "width of the MLP's hidden layer",
+        "seq": "sequence length",
+        "batch": "sequences in the training batch",
+        "steps": "NNX training steps before and after the patch",
+    }
+    for flag, text in flags.items():
+        parser.add_argument(
+            f"--{flag}", type=int, default=None, help=f"{text} (default {DEFAULTS[flag]})"
+        )
+    parser.add_argument("--seed", type=int, default=0, help="seed for the task and the init")
+    parser.add_argument(
+        "--out-dir",
+        type=pathlib.Path,
+        default=pathlib.Path("nnx_interop_out"),
+        help="where the treescope HTML view goes",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a tiny block and 4 steps (for smoke tests)"
+    )
+    args = parser.parse_args(argv)
+    sizes = QUICK if args.quick else DEFAULTS
+    for flag in flags:
+        if getattr(args, flag) is None:
+            setattr(args, flag, sizes[flag])
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be positive, got {getattr(args, flag)}")
+    if args.features % args.heads:
+        parser.error(f"--heads {args.heads} must divide --features {args.features}")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -49,24 +97,6 @@ class TransformerBlock(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x + self.attention(self.attention_norm(x))
         return x + self.mlp(self.mlp_norm(x))
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--features", type=int, default=32)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--seq", type=int, default=8, help="sequence length")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=50, help="training steps before and after")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--out-dir",
-        type=pathlib.Path,
-        default=pathlib.Path("nnx_interop_out"),
-        help="where the treescope HTML view goes",
-    )
-    return parser.parse_args(argv)
 
 
 def make_task(args: argparse.Namespace):

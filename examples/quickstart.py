@@ -11,19 +11,68 @@ minute on two CPU cores it:
 4. saves an Orbax checkpoint with the model's structure and axis names, and restores it in a
    fresh Python process that never sees this file;
 5. converts the model to a Flax NNX module and checks that it predicts identically;
-6. writes a treescope HTML view of the model and a PNG loss curve.
+6. writes a treescope HTML view of the model (arrays drawn by treescope's array
+   visualisation) and a PNG loss curve.
+
+Batches are split by their ``batch`` axis over every device present (data parallelism), and
+the script runs unchanged as a multi-process JAX job (README, "Multi-host"): each process
+loads its own rows of every batch, all of them take part in the checkpoint save, and only
+process 0 prints and writes the other files.
 """
+
+# The imports after the argument parser are deliberate: ``--help`` answers without JAX.
+# ruff: noqa: E402
 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="passes over the training set (default 30)"
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=pathlib.Path,
+        default=pathlib.Path("quickstart_out"),
+        help="where the checkpoint, HTML view and loss curve go",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for init, split and shuffling")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=64,
+        help="images per step (rounded up to a multiple of the device count)",
+    )
+    parser.add_argument(
+        "--hidden", type=int, default=None, help="width of the hidden layer (default 128)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="8 epochs of a 64-wide model (for smoke tests)"
+    )
+    args = parser.parse_args(argv)
+    if args.epochs is None:
+        args.epochs = 8 if args.quick else 30
+    if args.hidden is None:
+        args.hidden = 64 if args.quick else 128
+    for flag in ("epochs", "batch_size", "hidden"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()
+
+import json
 import subprocess
 import sys
 import textwrap
-import time
 
+import _job
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,24 +84,10 @@ import pz_flax
 from pz_flax import checkpoint
 from pz_flax import pz
 from pz_flax.toolshed import basic_training
+from pz_flax.toolshed import sharding_util
 
 NUM_PIXELS = 64
 NUM_CLASSES = 10
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=30, help="passes over the training set")
-    parser.add_argument(
-        "--out-dir",
-        type=pathlib.Path,
-        default=pathlib.Path("quickstart_out"),
-        help="where the checkpoint, HTML view and loss curve go",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed for init, split and shuffling")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--hidden", type=int, default=128, help="width of the hidden layer")
-    return parser.parse_args(argv)
 
 
 def load_digits(seed: int):
@@ -109,23 +144,8 @@ def predict(model, images: np.ndarray) -> np.ndarray:
     return np.asarray(logits.untag("classes").argmax().unwrap("batch"))
 
 
-class ProgressBar:
-    """A one-line text progress bar on stderr (no extra dependency)."""
-
-    def __init__(self, total: int, width: int = 30):
-        self.total, self.width, self.start = total, width, time.perf_counter()
-
-    def update(self, done: int, message: str) -> None:
-        filled = int(self.width * done / self.total)
-        elapsed = time.perf_counter() - self.start
-        bar = "#" * filled + "." * (self.width - filled)
-        sys.stderr.write(f"\r[{bar}] {done}/{self.total} {message} ({elapsed:.1f}s)")
-        if done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-def train(model, train_set, args) -> list[float]:
+def train(model, train_set, mesh, args) -> list[float]:
+    """Trains ``model`` in place; returns the mean loss of every epoch."""
     images, labels = train_set
     trainer = basic_training.StatefulTrainer.build(
         root_rng=jax.random.key(args.seed),
@@ -134,21 +154,22 @@ def train(model, train_set, args) -> list[float]:
         loss_fn=cross_entropy_loss,
     )
     shuffle = np.random.default_rng(args.seed + 1)
-    steps_per_epoch = len(labels) // args.batch_size
-    progress = ProgressBar(args.epochs)
+    batch_size = _job.global_batch_size(args.batch_size, mesh)
+    steps_per_epoch = len(labels) // batch_size
     losses = []
-    for epoch in range(args.epochs):
-        order = shuffle.permutation(len(labels))
-        epoch_losses = []
-        for step in range(steps_per_epoch):
-            batch = order[step * args.batch_size : (step + 1) * args.batch_size]
-            aux = trainer.step(
-                images=as_named_batch(images[batch]),
-                labels=pz.nx.wrap(jnp.asarray(labels[batch])).tag("batch"),
-            )
-            epoch_losses.append(aux["loss"])
-        losses.append(float(np.mean(jax.device_get(epoch_losses))))
-        progress.update(epoch + 1, f"loss {losses[-1]:.4f}")
+    with _job.progress(args.epochs, "training") as update_progress:
+        for epoch in range(args.epochs):
+            order = shuffle.permutation(len(labels))
+            epoch_losses = []
+            for step in range(steps_per_epoch):
+                rows = _job.own_rows(order[step * batch_size : (step + 1) * batch_size], mesh)
+                batch = {
+                    "images": pz.nx.wrap(images[rows]).tag("batch", "pixels"),
+                    "labels": pz.nx.wrap(labels[rows]).tag("batch"),
+                }
+                epoch_losses.append(trainer.step(**_job.global_batch(batch, mesh))["loss"])
+            losses.append(float(np.mean(jax.device_get(epoch_losses))))
+            update_progress(epoch + 1, f"loss {losses[-1]:.4f}")
     return losses
 
 
@@ -196,25 +217,44 @@ def write_loss_curve(losses: list[float], path: pathlib.Path) -> None:
     plt.close(figure)
 
 
+def write_model_view(model, path: pathlib.Path) -> None:
+    """The model as treescope HTML, every array drawn by treescope's array visualisation."""
+    with treescope.active_autovisualizer.set_scoped(treescope.ArrayAutovisualizer()):
+        path.write_text(treescope.render_to_html(model, compressed=False))
+
+
 def main(argv=None) -> float:
     args = parse_args(argv)
+    _job.join()
     out_dir = args.out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     train_set, (test_images, test_labels) = load_digits(args.seed)
 
-    model = build_classifier(args.seed, args.hidden)
-    print(
-        f"model: {len(jax.tree_util.tree_leaves(model))} parameter arrays,"
-        f" {sum(x.size for x in jax.tree_util.tree_leaves(model))} weights"
+    mesh = _job.data_parallel_mesh()
+    model = sharding_util.sharded_init(
+        build_classifier,
+        args.seed,
+        args.hidden,
+        mesh=mesh,
+        axis_name_to_mesh_name=_job.DATA_PARALLEL,
     )
-    losses = train(model, train_set, args)
+    _job.log(
+        f"model: {len(jax.tree_util.tree_leaves(model))} parameter arrays,"
+        f" {sum(x.size for x in jax.tree_util.tree_leaves(model))} weights;"
+        f" batches split over {mesh.devices.size} device(s) in {jax.process_count()} process(es)"
+    )
+    losses = train(model, train_set, mesh, args)
 
-    test_predictions = predict(model, test_images)
-    accuracy = float(np.mean(test_predictions == test_labels))
-    print(f"test accuracy: {accuracy:.2f}")
-
+    # Every process saves: the save is collective. The rest works on a local copy.
     checkpoint_dir = out_dir / "checkpoint"
     checkpoint.save(checkpoint_dir, model, force=True)
+    model = _job.host_local(model)
+    test_predictions = predict(model, test_images)
+    accuracy = float(np.mean(test_predictions == test_labels))
+    _job.log(f"test accuracy: {accuracy:.2f}")
+    if not _job.is_primary():
+        return accuracy
+
     images_file = out_dir / "test_images.npy"
     np.save(images_file, test_images)
     restored = restore_in_fresh_process(checkpoint_dir, images_file)
@@ -234,7 +274,7 @@ def main(argv=None) -> float:
     )
 
     html_file = out_dir / "model.html"
-    html_file.write_text(treescope.render_to_html(model, compressed=False))
+    write_model_view(model, html_file)
     curve_file = out_dir / "loss_curve.png"
     write_loss_curve(losses, curve_file)
 

@@ -14,18 +14,70 @@ or two on two CPU cores it:
 
 Set ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` to watch the data-parallel path on
 one CPU. With ``--out-dir`` it also saves a pz_flax checkpoint of the trained model (axis names
-and structure included) and the sampled text.
+and structure included) and the sampled text. It runs unchanged as a multi-process JAX job
+(README, "Multi-host"): each process loads its own rows of every batch, all of them take part
+in the checkpoint save, and only process 0 prints and writes ``samples.json``.
 """
+
+# The imports after the argument parser are deliberate: ``--help`` answers without JAX.
+# ruff: noqa: E402
 
 from __future__ import annotations
 
 import argparse
+import pathlib
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The example's settings; ``--quick`` shrinks the model, the corpus and the run."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 400)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for corpus, init and batches")
+    parser.add_argument(
+        "--out-dir",
+        type=pathlib.Path,
+        default=None,
+        help="if given, save the trained model's checkpoint and the samples here",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=32,
+        help="sequences per step (rounded up to a multiple of the device count)",
+    )
+    parser.add_argument("--seq-len", type=int, default=64, help="characters per training sequence")
+    parser.add_argument("--sample-chars", type=int, default=120, help="characters to sample")
+    parser.add_argument("--num-samples", type=int, default=2, help="sequences to sample")
+    parser.add_argument("--prompt", default="the ", help="text every sample continues")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.5,
+        help="sampling temperature (lower is more conservative)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a tiny model, a short corpus and 30 steps (for smoke tests)",
+    )
+    args = parser.parse_args(argv)
+    if args.steps is None:
+        args.steps = 30 if args.quick else 400
+    for flag in ("steps", "batch_size", "seq_len", "sample_chars", "num_samples"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if not args.prompt:
+        parser.error("--prompt must contain at least one character")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args()
+
 import dataclasses
 import json
-import pathlib
-import sys
-import time
 
+import _job
 import jax
 import numpy as np
 import optax
@@ -40,7 +92,6 @@ from pz_flax.toolshed import sharding_util
 
 # Token 0 is padding (the cached decoder never attends to it); characters start at 1.
 PAD_ID = 0
-DATA_PARALLEL = {"batch": "data"}
 
 _SUBJECTS = (
     "the cat", "a dog", "the old fox", "my friend", "a small bird", "the farmer",
@@ -89,54 +140,12 @@ def generate_corpus(num_sentences: int, seed: int) -> str:
     )
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 400)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for corpus, init and batches")
-    parser.add_argument(
-        "--out-dir",
-        type=pathlib.Path,
-        default=None,
-        help="if given, save the trained model's checkpoint and the samples here",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=32,
-        help="sequences per step (rounded up to a multiple of the device count)",
-    )
-    parser.add_argument("--seq-len", type=int, default=64, help="characters per training sequence")
-    parser.add_argument("--sample-chars", type=int, default=120, help="characters to sample")
-    parser.add_argument("--num-samples", type=int, default=2, help="sequences to sample")
-    parser.add_argument("--prompt", default="the ", help="text every sample continues")
-    parser.add_argument("--temperature", type=float, default=0.5)
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="a tiny model, a short corpus and 30 steps (for smoke tests)",
-    )
-    args = parser.parse_args(argv)
-    if args.steps is None:
-        args.steps = 30 if args.quick else 400
-    for flag in ("steps", "batch_size", "seq_len", "sample_chars", "num_samples"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
-    if not args.prompt:
-        parser.error("--prompt must contain at least one character")
-    return args
-
-
 def model_config(vocab_size: int, quick: bool) -> simple_decoder.SimpleDecoderConfig:
     if quick:
         sizes = dict(embedding_dim=32, num_heads=2, projection_dim=16, mlp_hidden_dim=64)
         return simple_decoder.SimpleDecoderConfig(vocab_size=vocab_size, num_blocks=1, **sizes)
     sizes = dict(embedding_dim=96, num_heads=4, projection_dim=24, mlp_hidden_dim=256)
     return simple_decoder.SimpleDecoderConfig(vocab_size=vocab_size, num_blocks=2, **sizes)
-
-
-def data_parallel_mesh() -> jax.sharding.Mesh:
-    """A one-axis mesh over every device; ``Auto`` lets XLA propagate shardings inside jit."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def next_token_loss(*, model, state, rng, tokens, targets):
@@ -150,7 +159,10 @@ def next_token_loss(*, model, state, rng, tokens, targets):
 
 
 class BatchSampler:
-    """Random windows of the corpus, placed on the mesh with ``batch`` split over ``data``."""
+    """Random windows of the corpus, placed on the mesh with ``batch`` split over ``data``.
+
+    Every process draws the same global batch of window starts and loads only its own rows.
+    """
 
     def __init__(self, token_ids: np.ndarray, batch_size: int, seq_len: int, seed: int, mesh):
         if len(token_ids) <= seq_len + 1:
@@ -164,28 +176,13 @@ class BatchSampler:
 
     def next(self) -> dict[str, pz.nx.NamedArray]:
         starts = self.rng.integers(0, len(self.token_ids) - self.seq_len - 1, self.batch_size)
-        windows = np.stack([self.token_ids[s : s + self.seq_len + 1] for s in starts])
+        own_starts = _job.own_rows(starts, self.mesh)
+        windows = np.stack([self.token_ids[s : s + self.seq_len + 1] for s in own_starts])
         batch = {
             "tokens": pz.nx.wrap(windows[:, :-1]).tag("batch", "seq"),
             "targets": pz.nx.wrap(windows[:, 1:]).tag("batch", "seq"),
         }
-        return sharding_util.name_to_name_device_put(batch, self.mesh, DATA_PARALLEL)
-
-
-class ProgressLine:
-    """Rewrites one stderr line with the step count, the recent loss and the elapsed time."""
-
-    def __init__(self, total: int, width: int = 30):
-        self.total, self.width, self.start = total, width, time.perf_counter()
-
-    def update(self, done: int, loss: float) -> None:
-        filled = int(self.width * done / self.total)
-        bar = "#" * filled + "." * (self.width - filled)
-        elapsed = time.perf_counter() - self.start
-        sys.stderr.write(f"\r[{bar}] step {done}/{self.total} loss {loss:.4f} ({elapsed:.1f}s)")
-        if done == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        return _job.global_batch(batch, self.mesh)
 
 
 def train(model, sampler: BatchSampler, steps: int, seed: int) -> list[float]:
@@ -199,24 +196,23 @@ def train(model, sampler: BatchSampler, steps: int, seed: int) -> list[float]:
         optimizer_def=optax.adamw(schedule, weight_decay=1e-4),
         loss_fn=next_token_loss,
     )
-    # The trainer creates its step counter and optimizer state on the default device; after
-    # one step they come back on the mesh, which changes the jit cache key and would cost a
-    # second compilation. Placing them on the mesh (replicated) up front avoids that.
-    replicated = jax.sharding.NamedSharding(sampler.mesh, jax.sharding.PartitionSpec())
-    trainer.state.value = jax.device_put(trainer.state.value, replicated)
-    progress = ProgressLine(steps)
     report_every = max(1, steps // 50)
     losses = []
-    for step in range(1, steps + 1):
-        losses.append(trainer.step(**sampler.next())["loss"])
-        if step % report_every == 0 or step == steps:
-            # Reading a loss back also keeps the queue of dispatched steps short.
-            progress.update(step, float(np.mean(jax.device_get(losses[-report_every:]))))
+    with _job.progress(steps, "training") as update_progress:
+        for step in range(1, steps + 1):
+            losses.append(trainer.step(**sampler.next())["loss"])
+            if step % report_every == 0 or step == steps:
+                # Reading a loss back also keeps the queue of dispatched steps short.
+                recent = float(np.mean(jax.device_get(losses[-report_every:])))
+                update_progress(step, f"loss {recent:.4f}")
     return [float(loss) for loss in jax.device_get(losses)]
 
 
 def sample_text(model, vocabulary: CharVocabulary, args: argparse.Namespace) -> list[str]:
-    """Continues ``args.prompt`` ``args.num_samples`` times with the KV-cached decoder."""
+    """Continues ``args.prompt`` ``args.num_samples`` times with the KV-cached decoder.
+
+    ``model`` must be local to this process (see ``_job.host_local``).
+    """
     prompt_ids = vocabulary.encode(args.prompt)
     sampler_model = sampling_mode.KVCachingTransformerLM.from_uncached(
         model,
@@ -239,18 +235,19 @@ def sample_text(model, vocabulary: CharVocabulary, args: argparse.Namespace) -> 
 def main(argv=None) -> dict:
     """Runs the example; returns the losses, the samples and the paths written (for tests)."""
     args = parse_args(argv)
+    _job.join()
     corpus = generate_corpus(num_sentences=400 if args.quick else 3000, seed=args.seed)
     vocabulary = CharVocabulary("".join(sorted(set(corpus))))
     token_ids = vocabulary.encode(corpus)
-    print(f"corpus: {len(corpus)} characters, vocabulary of {vocabulary.size} tokens")
-    print(f"  e.g. {corpus[:78]!r}")
+    _job.log(f"corpus: {len(corpus)} characters, vocabulary of {vocabulary.size} tokens")
+    _job.log(f"  e.g. {corpus[:78]!r}")
 
-    mesh = data_parallel_mesh()
-    num_devices = mesh.devices.size
-    batch_size = -(-args.batch_size // num_devices) * num_devices
-    print(
-        f"mesh: {num_devices} {jax.devices()[0].platform} device(s) on axis 'data';"
-        f" batch axis 'batch' ({batch_size} sequences) split over it"
+    mesh = _job.data_parallel_mesh()
+    batch_size = _job.global_batch_size(args.batch_size, mesh)
+    _job.log(
+        f"mesh: {mesh.devices.size} {jax.devices()[0].platform} device(s) in"
+        f" {jax.process_count()} process(es) on axis 'data'; batch axis 'batch'"
+        f" ({batch_size} sequences) split over it"
     )
 
     config = model_config(vocabulary.size, args.quick)
@@ -259,10 +256,10 @@ def main(argv=None) -> dict:
         config,
         init_base_rng=jax.random.key(args.seed),
         mesh=mesh,
-        axis_name_to_mesh_name=DATA_PARALLEL,
+        axis_name_to_mesh_name=_job.DATA_PARALLEL,
     )
     num_weights = sum(p.value.data_array.size for p in pz.unbind_params(model)[1])
-    print(
+    _job.log(
         f"model: {config.num_blocks} block(s), {config.num_heads} heads, embedding"
         f" {config.embedding_dim}, {num_weights} weights"
     )
@@ -271,25 +268,27 @@ def main(argv=None) -> dict:
     losses = train(model, sampler, args.steps, args.seed)
     window = max(1, min(10, len(losses) // 4))
     first, last = np.mean(losses[:window]), np.mean(losses[-window:])
-    print(f"loss: {first:.4f} (first {window} steps) -> {last:.4f} (last {window} steps)")
+    _job.log(f"loss: {first:.4f} (first {window} steps) -> {last:.4f} (last {window} steps)")
 
-    samples = sample_text(model, vocabulary, args)
-    print(f"KV-cached samples (temperature {args.temperature}):")
+    samples = sample_text(_job.host_local(model), vocabulary, args)
+    _job.log(f"KV-cached samples (temperature {args.temperature}):")
     for text in samples:
-        print(f"  {text!r}")
+        _job.log(f"  {text!r}")
 
     written = {}
     if args.out_dir is not None:
         out_dir = args.out_dir.resolve()
         out_dir.mkdir(parents=True, exist_ok=True)
+        # Every process saves (the save is collective); one writes the samples.
         written["checkpoint"] = checkpoint.save(out_dir / "checkpoint", model, force=True)
         written["samples"] = out_dir / "samples.json"
-        written["samples"].write_text(
-            json.dumps({"characters": vocabulary.characters, "samples": samples}, indent=1)
-        )
-        print("outputs:")
+        if _job.is_primary():
+            written["samples"].write_text(
+                json.dumps({"characters": vocabulary.characters, "samples": samples}, indent=1)
+            )
+        _job.log("outputs:")
         for kind, path in written.items():
-            print(f"  {kind}: {path}")
+            _job.log(f"  {kind}: {path}")
     return {"losses": losses, "samples": samples, "model": model, "written": written}
 
 

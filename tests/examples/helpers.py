@@ -12,7 +12,8 @@ def load_example(file_name: str, module_name: str) -> types.ModuleType:
     """Imports ``examples/<file_name>`` (examples/ is not a package) as ``module_name``.
 
     The module is registered in ``sys.modules`` before it runs, because dataclasses defined in
-    it look their module up there while the module is being executed.
+    it look their module up there while the module is being executed; ``examples/`` goes on
+    ``sys.path``, as it does when a script there is run, for the examples' shared ``_job``.
 
     Args:
         file_name: The script's file name, e.g. ``"quickstart.py"``.
@@ -21,6 +22,8 @@ def load_example(file_name: str, module_name: str) -> types.ModuleType:
     Returns:
         The executed module.
     """
+    if str(EXAMPLES_DIR) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES_DIR))
     spec = importlib.util.spec_from_file_location(module_name, EXAMPLES_DIR / file_name)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module

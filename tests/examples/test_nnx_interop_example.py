@@ -1,5 +1,7 @@
 """Smoke test of examples/nnx_interop.py with small settings."""
 
+import pytest
+
 from tests.examples import helpers
 
 
@@ -9,12 +11,7 @@ def load_example():
 
 def test_example_converts_patches_converts_back_and_trains(tmp_path, capsys):
     example = load_example()
-    results = example.main(
-        [
-            "--features", "8", "--heads", "2", "--hidden", "16", "--seq", "4", "--batch", "4",
-            "--steps", "4", "--out-dir", str(tmp_path),
-        ]
-    )  # fmt: skip
+    results = example.main(["--quick", "--out-dir", str(tmp_path)])
     printed = capsys.readouterr().out
     assert results["difference"] < 1e-5
     assert results["weights_shared"]
@@ -29,6 +26,17 @@ def test_example_converts_patches_converts_back_and_trains(tmp_path, capsys):
     assert "Total:" in printed
 
 
-def test_example_flags_have_defaults():
-    args = load_example().parse_args([])
-    assert args.steps > 0 and args.out_dir.name == "nnx_interop_out"
+def test_example_flags_have_defaults_and_a_quick_mode():
+    example = load_example()
+    args = example.parse_args([])
+    assert (args.features, args.heads, args.steps) == (32, 4, 50)
+    assert args.out_dir.name == "nnx_interop_out"
+    quick = example.parse_args(["--quick", "--steps", "2"])
+    assert (quick.features, quick.heads, quick.batch, quick.steps) == (8, 2, 4, 2)
+
+
+def test_example_refuses_impossible_sizes():
+    example = load_example()
+    for bad_flags in (["--steps", "0"], ["--features", "10", "--heads", "4"]):
+        with pytest.raises(SystemExit):
+            example.parse_args(bad_flags)

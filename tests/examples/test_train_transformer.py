@@ -24,7 +24,9 @@ def test_trains_sharded_samples_and_checkpoints(example, tmp_path, capsys):
     result = example.main(
         ["--quick", "--steps", "24", "--sample-chars", "10", "--out-dir", str(tmp_path)]
     )
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "\r" not in captured.err and "24/24 loss" in captured.err
 
     losses = result["losses"]
     assert len(losses) == 24 and np.all(np.isfinite(losses))
