@@ -19,6 +19,8 @@ from pz_flax.checkpoint.errors import CheckpointError
 from pz_flax.checkpoint.errors import CheckpointExistsError
 from pz_flax.checkpoint.errors import CheckpointMismatchError
 from pz_flax.checkpoint.errors import CheckpointNotFoundError
+from pz_flax.checkpoint.errors import CheckpointPathError
+from pz_flax.checkpoint.errors import CheckpointStorageError
 from pz_flax.checkpoint.errors import CorruptCheckpointError
 from pz_flax.checkpoint.errors import UnsupportedValueError
 from pz_flax.checkpoint.errors import UntrustedTypeError
@@ -44,6 +46,8 @@ __all__ = [
     "CheckpointManager",
     "CheckpointMismatchError",
     "CheckpointNotFoundError",
+    "CheckpointPathError",
+    "CheckpointStorageError",
     "CheckpointSummary",
     "CorruptCheckpointError",
     "UnsupportedValueError",

@@ -23,6 +23,28 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
     """``save`` was asked to write over an existing path without ``force=True``."""
 
 
+class CheckpointPathError(CheckpointError, ValueError):
+    """The path cannot take this checkpoint: empty, not UTF-8, of an unknown scheme, or
+    something ``force=True`` must not replace (a link, another kind of directory, the current
+    or home directory, the input of a conversion)."""
+
+
+class CheckpointStorageError(CheckpointError, OSError):
+    """The filesystem failed under a checkpoint operation: permissions, a read-only or full
+    disk, a file where a directory should be, an unreachable remote store.
+
+    Attributes:
+        path: The path the operation was working on.
+    """
+
+    def __init__(self, message: str, *, path: str):
+        super().__init__(message)
+        self.path = path
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class CorruptCheckpointError(CheckpointError):
     """The checkpoint exists but cannot be read: a damaged manifest or missing array files."""
 

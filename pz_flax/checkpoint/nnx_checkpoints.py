@@ -15,14 +15,15 @@ connect such checkpoints to pz_flax models through the interop bridge (``from_nn
 
 from __future__ import annotations
 
-import os
-import pathlib
+import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from pz_flax.checkpoint import errors
@@ -51,8 +52,27 @@ def _abstract_module(factory: Callable[[], nnx.Module]) -> nnx.Module:
     return module
 
 
+@functools.cache
+def _prng_impl_names() -> dict[str, str]:
+    """Maps a typed key dtype's text (``key<fry>``) to its implementation's name."""
+    names = {}
+    for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
+        with contextlib.suppress(Exception):  # an implementation this jax does not have
+            names[str(jax.random.key(0, impl=impl).dtype)] = impl
+    return names
+
+
+def _is_prng_key(leaf: Any) -> bool:
+    return jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _stored_form(leaf: Any) -> Any:
+    """What Orbax stores for an abstract leaf: a typed key array is stored as its key data."""
+    return jax.eval_shape(jax.random.key_data, leaf) if _is_prng_key(leaf) else leaf
+
+
 def load_nnx_module(
-    path: str | os.PathLike,
+    path: storage.PathLike,
     factory: Callable[[], nnx.Module],
     *,
     sharding: jax.sharding.Sharding | None = None,
@@ -60,14 +80,15 @@ def load_nnx_module(
     """Restores an NNX checkpoint (a saved ``nnx.state``) into the module ``factory`` builds.
 
     The factory runs under ``nnx.eval_shape``, so it only describes the structure; no weights
-    are initialized and only the restored arrays are ever allocated.
+    are initialized and only the restored arrays are ever allocated. Typed PRNG key arrays
+    (``nnx.Rngs`` state) are read from their stored key data.
 
     Args:
-        path: The Orbax checkpoint directory.
+        path: The Orbax checkpoint directory (local, ``~``-prefixed, or a URI).
         factory: A zero-argument callable building the NNX module (e.g.
             ``lambda: MyModel(rngs=nnx.Rngs(0))``).
         sharding: Sharding for every array; default: the abstract state's own shardings (if the
-            factory annotated any), else the first device.
+            factory annotated any), else this process's first device.
 
     Returns:
         The NNX module with the checkpoint's weights.
@@ -78,9 +99,7 @@ def load_nnx_module(
             every differing path is listed.
         CorruptCheckpointError: If the array files cannot be read.
     """
-    path = pathlib.Path(path).absolute()
-    if not path.is_dir():
-        raise errors.CheckpointNotFoundError(f"No checkpoint at {path}: the path does not exist.")
+    path = storage.checkpoint_dir(path)
     if storage.is_pz_checkpoint(path):
         raise errors.CheckpointNotFoundError(
             f"{path} is a pz_flax checkpoint, not an NNX one; read it with"
@@ -97,23 +116,24 @@ def load_nnx_module(
         expected_keys.add(key)
         where = "/".join(key)
         found = stored.get(key)
+        expected = _stored_form(leaf)
         if found is None:
             problems.append(f"{where}: in the model, not in the checkpoint")
         else:
             stored_shape = tuple(found.shape)
             stored_dtype = np.dtype(found.dtype).name
-            if stored_shape != tuple(leaf.shape):
+            if stored_shape != tuple(expected.shape):
                 problems.append(
-                    f"{where}: shape {stored_shape} in the checkpoint, {tuple(leaf.shape)} in the"
-                    " model"
+                    f"{where}: shape {stored_shape} in the checkpoint, {tuple(expected.shape)} in"
+                    " the model"
                 )
-            if stored_dtype != np.dtype(leaf.dtype).name:
+            if stored_dtype != np.dtype(expected.dtype).name:
                 problems.append(
                     f"{where}: dtype {stored_dtype} in the checkpoint,"
-                    f" {np.dtype(leaf.dtype).name} in the model"
+                    f" {np.dtype(expected.dtype).name} in the model"
                 )
         chosen = sharding or getattr(leaf, "sharding", None) or storage.default_sharding()
-        placed.append(jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=chosen))
+        placed.append(jax.ShapeDtypeStruct(expected.shape, expected.dtype, sharding=chosen))
     for key in sorted(stored.keys() - expected_keys):
         problems.append(f"{'/'.join(key)}: in the checkpoint, not in the model")
     if problems:
@@ -123,18 +143,25 @@ def load_nnx_module(
             problems,
         )
     try:
-        state = ocp.StandardCheckpointHandler().restore(
+        restored = ocp.StandardCheckpointHandler().restore(
             path, args=ocp.args.StandardRestore(jax.tree_util.tree_unflatten(treedef, placed))
         )
     except Exception as exc:
         raise errors.CorruptCheckpointError(
             f"Cannot read the arrays of the NNX checkpoint at {path}: {storage.exception_summary(exc)}"
         ) from None
-    return nnx.merge(graphdef, state)
+    # Where the abstract state asks for typed keys, Orbax may hand back their key data.
+    values = [
+        jax.random.wrap_key_data(value, impl=_prng_impl_names()[str(leaf.dtype)])
+        if _is_prng_key(leaf) and not _is_prng_key(value)
+        else value
+        for (_, leaf), value in zip(leaves, treedef.flatten_up_to(restored))
+    ]
+    return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))
 
 
 def read_nnx_checkpoint(
-    path: str | os.PathLike,
+    path: storage.PathLike,
     factory: Callable[[], nnx.Module],
     *,
     sharding: jax.sharding.Sharding | None = None,
@@ -160,25 +187,26 @@ def read_nnx_checkpoint(
     return from_nnx(load_nnx_module(path, factory, sharding=sharding), **naming)
 
 
-def write_nnx_checkpoint(
-    path: str | os.PathLike, model: Any, *, force: bool = False
-) -> pathlib.Path:
+def write_nnx_checkpoint(path: storage.PathLike, model: Any, *, force: bool = False) -> epath.Path:
     """Writes a pz_flax layer (or an NNX module) as a plain NNX checkpoint.
 
     The result is ``nnx.state(to_nnx(model))`` saved by Orbax's standard handler, so NNX users
     restore it with ``ocp.StandardCheckpointer().restore(path, nnx.state(nnx.eval_shape(
-    factory)))``. The write is atomic like ``save``'s.
+    factory)))``. The write is atomic, crash-safe and multi-process like ``save``'s: every
+    process calls it with the same path.
 
     Args:
-        path: The checkpoint directory to create.
+        path: The checkpoint directory to create (local, ``~``-prefixed, or a URI).
         model: A pz_flax layer (converted with ``pz_flax.interop.to_nnx``) or an ``nnx.Module``.
-        force: Replace an existing ``path``.
+        force: Replace an existing NNX checkpoint at ``path`` (nothing else).
 
     Returns:
-        The absolute path of the checkpoint.
+        The checkpoint's path (absolute if local).
 
     Raises:
         CheckpointExistsError: If ``path`` exists and ``force`` is False.
+        CheckpointPathError: If the path is unusable, or ``force`` may not replace it.
+        CheckpointStorageError: If the filesystem fails.
     """
     if isinstance(model, nnx.Module):
         module = model
@@ -189,8 +217,8 @@ def write_nnx_checkpoint(
     state = nnx.state(module)
     if not jax.tree_util.tree_leaves(state):
         raise errors.UnsupportedValueError("The model has no arrays; Orbax cannot save it.")
-    with storage.atomic_directory(path, force=force) as staging:
+    with storage.atomic_directory(path, kind=storage.CheckpointKind.NNX, force=force) as staging:
         ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
             staging, args=ocp.args.StandardSave(state)
         )
-    return pathlib.Path(path).absolute()
+    return storage.checkpoint_path(path)

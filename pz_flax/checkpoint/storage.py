@@ -1,4 +1,4 @@
-"""Saving and restoring whole pz_flax models with Orbax, atomically.
+"""Saving and restoring whole pz_flax models with Orbax, atomically, from one or many processes.
 
 A pz_flax checkpoint is an ordinary Orbax composite checkpoint directory with two items:
 
@@ -7,26 +7,39 @@ A pz_flax checkpoint is an ordinary Orbax composite checkpoint directory with tw
 * ``manifest``: the JSON structure manifest (``manifest.py``), which says how to put the
   arrays back into layers, variables and named arrays.
 
-Orbax already writes into a temporary directory and renames it at the end. ``save`` adds what
-a single-path API needs on top: the staging directory has a unique name (two processes saving
-to the same path cannot collide), every file is flushed to disk before the final rename (so
-the rename never publishes data that a crash could still lose), and ``force=True`` swaps the
-new checkpoint in with renames only, so the old one is removed only once the new one is in
-place. A save killed at any point leaves either no checkpoint or a complete one at the path;
-other checkpoints are never touched (the next save of the same path removes leftovers of
-killed processes).
+How a save is published (``atomic_directory``):
+
+1. Every process calls ``save`` with the same path. The primary process draws a token for this
+   save and broadcasts it (``ocp.multihost.broadcast_one_to_all``), so every process names the
+   same staging directory, ``.NAME.pz_flax-TOKEN``, beside the destination.
+2. Orbax writes the staging directory with its own atomicity and barriers: it exists only once
+   complete (Orbax writes into ``....orbax-checkpoint-tmp`` and renames it when finished).
+3. The primary process publishes it with renames only: ``NAME`` (with ``force=True``) is moved
+   to ``.NAME.pz_flax-TOKEN-old``, the staging directory to ``NAME``, then the old copy is
+   deleted. The other processes wait at a barrier and learn the outcome by broadcast.
+
+At every instant ``NAME`` holds the old or the new complete checkpoint, except between the two
+renames of a forced replacement, when both complete copies sit beside it; ``restore`` then
+reads the newest complete one, and the next save of ``NAME`` moves it back into place before
+it removes anything. Cleanup only ever deletes copies that are not the only complete one.
+Nothing depends on process ids: a token is the same on every process, and which leftover is
+newest is read from the tokens' timestamps.
+
+Paths go through ``etils.epath``, as Orbax's do, so ``gs://bucket/ckpt`` and other remote
+paths reach Orbax intact; ``~`` is expanded and local paths are made absolute.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
+import errno
 import functools
 import json
 import os
-import pathlib
-import re
-import shutil
-import uuid
+import secrets
+import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -36,6 +49,9 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+from flax import traverse_util
 
 from pz_flax.checkpoint import errors
 from pz_flax.checkpoint import manifest as manifest_lib
@@ -50,33 +66,303 @@ _FSYNC_THREADS = 16
 _MAX_SUMMARY_CHARS = 300
 # Files Orbax writes into every checkpoint it finishes (which ones depends on the handler).
 _ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "commit_success.txt")
+# Orbax's suffix for the directory it writes before renaming it into place.
+_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# Marks the hidden siblings of a checkpoint that a save of it creates.
+_SIBLING_MARK = ".pz_flax-"
+_OLD_SUFFIX = "-old"
 
+PathLike = str | os.PathLike
 ShardingSpec = jax.sharding.Sharding | Callable[[manifest_lib.ArrayEntry], Any] | None
 
 
-#### Atomic directories ####
+class CheckpointKind(enum.Enum):
+    """What a directory written by this module holds; ``force=True`` replaces only the same."""
+
+    PZ_FLAX = "pz_flax checkpoint"
+    NNX = "NNX (plain Orbax) checkpoint"
 
 
-def _pid_is_alive(pid: int) -> bool:
+#### Paths and environment errors ####
+
+
+def _is_remote(text: str) -> bool:
+    return "://" in text
+
+
+def checkpoint_path(path: PathLike) -> epath.Path:
+    """``path`` as an ``epath.Path``: ``~`` expanded, local paths absolute, URIs untouched.
+
+    Raises:
+        CheckpointPathError: If the path is empty, not valid text, or of an unknown scheme.
+    """
+    text = os.fsdecode(path) if isinstance(path, bytes) else os.fspath(path)
+    if not text.strip():
+        raise errors.CheckpointPathError(
+            f"The checkpoint path is empty ({text!r}; an unset variable?); name a directory."
+        )
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise errors.CheckpointPathError(
+            f"The checkpoint path {text!r} holds bytes that are not UTF-8; Orbax cannot store it."
+        ) from None
+    if not _is_remote(text):
+        return epath.Path(os.path.abspath(os.path.expanduser(text)))
+    try:
+        return epath.Path(text)
+    except KeyError:
+        raise errors.CheckpointPathError(
+            f"The checkpoint path {text} uses a scheme etils.epath does not know."
+        ) from None
 
 
-def _remove_stale_leftovers(path: pathlib.Path) -> None:
-    """Removes the staging/old directories that killed saves of ``path`` left behind."""
-    pattern = re.compile(rf"^\.{re.escape(path.name)}\.pz_flax-(?:tmp|old)-(\d+)-[0-9a-f]+")
-    for sibling in path.parent.iterdir():
-        match = pattern.match(sibling.name)
-        if match and not _pid_is_alive(int(match.group(1))):
-            shutil.rmtree(sibling, ignore_errors=True)
+def _cause(exc: BaseException) -> str:
+    """Names what went wrong in the environment, in words, then the raw exception."""
+    text = str(exc)
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, PermissionError) or code in (errno.EACCES, errno.EPERM):
+        reason = "permission denied"
+    elif code == errno.EROFS or "Read-only file system" in text:
+        reason = "the filesystem is read-only"
+    elif code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or "RESOURCE_EXHAUSTED" in text:
+        reason = "no space left (disk full, quota or file size limit)"
+    elif code == errno.ENOTDIR or isinstance(exc, NotADirectoryError | FileExistsError):
+        reason = "a component of the path is a file, not a directory"
+    elif isinstance(exc, ImportError | ConnectionError | TimeoutError):
+        reason = "the filesystem cannot be reached"
+    else:
+        reason = "the storage failed"
+    return f"{reason} ({exception_summary(exc)})"
 
 
-def _fsync_path(path: str | os.PathLike) -> None:
+@contextlib.contextmanager
+def storage_errors(path: epath.Path, doing: str) -> Iterator[None]:
+    """Turns an environment failure inside the block into a ``CheckpointStorageError``.
+
+    ``doing`` completes "Cannot ... {path}", e.g. ``"write the checkpoint"``. Checkpoint errors
+    pass through unchanged, and so do interrupts.
+    """
+    try:
+        yield
+    except errors.CheckpointError:
+        raise
+    except Exception as exc:
+        raise errors.CheckpointStorageError(
+            f"Cannot {doing} {path}: {_cause(exc)}.", path=str(path)
+        ) from exc
+
+
+def exception_summary(exc: BaseException) -> str:
+    """The exception type and the gist of its message, on one short line.
+
+    TensorStore errors append a JSON spec of the whole store to their message; that and
+    anything past the first line is dropped.
+    """
+    lines = str(exc).strip().splitlines()
+    text = lines[0].split(" [tensorstore_spec=")[0] if lines else ""
+    if len(text) > _MAX_SUMMARY_CHARS:
+        text = text[: _MAX_SUMMARY_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {text}"
+
+
+#### What may be replaced ####
+
+
+def _is_within(inner: str, outer: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip(os.sep) + os.sep)
+
+
+def directory_kind(path: epath.Path) -> CheckpointKind | None:
+    """Which kind of checkpoint ``path`` holds, if any."""
+    if is_pz_checkpoint(path):
+        return CheckpointKind.PZ_FLAX
+    if is_orbax_checkpoint(path):
+        return CheckpointKind.NNX
+    return None
+
+
+def check_destination(
+    path: PathLike,
+    *,
+    kind: CheckpointKind,
+    force: bool,
+    keep: Iterable[PathLike] = (),
+) -> epath.Path:
+    """Checks that a save may write ``path``, before anything is read or written.
+
+    Without ``force`` the path must not exist. With it, an existing path must be a real
+    directory (not a symbolic link) holding a checkpoint of the same ``kind``, and may not be
+    the filesystem root, the home directory, the current directory, a directory containing
+    one of these, or one of ``keep`` or a directory containing one of them.
+
+    Args:
+        path: The destination.
+        kind: What the save writes.
+        force: Whether the save may replace an existing checkpoint.
+        keep: Paths that must survive the save (``pz-flax-convert`` passes its ``--in``).
+
+    Returns:
+        The destination as ``checkpoint_path`` gives it.
+
+    Raises:
+        CheckpointExistsError: If ``path`` exists and ``force`` is False.
+        CheckpointPathError: If ``force`` may not replace what is at ``path``.
+        CheckpointStorageError: If the filesystem cannot be asked.
+    """
+    path = checkpoint_path(path)
+    text = os.fspath(path)
+    with storage_errors(path, "look at"):
+        is_link = not _is_remote(text) and os.path.islink(text)
+        exists = is_link or path.exists()
+    if not exists:
+        if not force and path.parent.is_dir() and recoverable_copy(path) is not None:
+            raise errors.CheckpointExistsError(
+                f"{path} holds a checkpoint that an interrupted save left beside it; pass"
+                " force=True (pz-flax-convert: --force) to replace it."
+            )
+        return path
+    if not force:
+        raise errors.CheckpointExistsError(
+            f"{path} already exists; pass force=True (pz-flax-convert: --force) to replace it."
+        )
+    if is_link:
+        raise errors.CheckpointPathError(
+            f"{path} is a symbolic link; force=True replaces only a checkpoint directory, never"
+            " a link (save to the link's target instead)."
+        )
+    if not _is_remote(text):
+        real = os.path.realpath(text)
+        protected = {
+            "the filesystem root": os.path.realpath(os.sep),
+            "your home directory": os.path.realpath(os.path.expanduser("~")),
+            "the current directory": os.path.realpath(os.getcwd()),
+        }
+        protected.update({f"the input {item}": os.path.realpath(item) for item in map(str, keep)})
+        for what, protected_path in protected.items():
+            if _is_within(protected_path, real):
+                relation = "is" if protected_path == real else "contains"
+                raise errors.CheckpointPathError(
+                    f"Refusing to replace {path}: it {relation} {what}; force=True replaces only"
+                    " a checkpoint directory."
+                )
+    with storage_errors(path, "look at"):
+        found = directory_kind(path) if path.is_dir() else None
+    if found is not kind:
+        holds = "a file" if found is None and not path.is_dir() else (
+            f"a {found.value}" if found else "a directory that is not a checkpoint"
+        )
+        raise errors.CheckpointPathError(
+            f"Refusing to replace {path}: it holds {holds}, and force=True replaces only an"
+            f" existing {kind.value}."
+        )
+    return path
+
+
+#### Atomic, multi-process publishing ####
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sibling:
+    """A hidden directory beside a checkpoint, left by a save of it."""
+
+    path: epath.Path
+    token: str
+    is_old: bool
+    is_complete: bool
+
+
+def _save_token() -> str:
+    """A name part for one save, drawn by the primary process and identical on every process.
+
+    It starts with the time in nanoseconds (hex, fixed width), so tokens sort by age.
+    """
+    drawn = np.frombuffer(
+        time.time_ns().to_bytes(8, "big") + secrets.token_bytes(4), dtype=np.uint32
+    ).astype(np.int32)
+    shared = np.asarray(ocp.multihost.broadcast_one_to_all(drawn)).astype(np.uint32)
+    return "".join(f"{int(part):08x}" for part in shared)
+
+
+def _staging_path(path: epath.Path, token: str) -> epath.Path:
+    return path.parent / f".{path.name}{_SIBLING_MARK}{token}"
+
+
+def _siblings(path: epath.Path) -> list[_Sibling]:
+    """The leftovers of earlier saves of ``path``, oldest first."""
+    prefix = f".{path.name}{_SIBLING_MARK}"
+    found = []
+    for candidate in path.parent.iterdir():
+        name = candidate.name
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix) :]
+        incomplete = rest.endswith(_ORBAX_TMP_SUFFIX)
+        rest = rest.removesuffix(_ORBAX_TMP_SUFFIX)
+        is_old = rest.endswith(_OLD_SUFFIX)
+        token = rest.removesuffix(_OLD_SUFFIX)
+        complete = not incomplete and directory_kind(candidate) is not None
+        found.append(_Sibling(candidate, token, is_old, complete))
+    # For one token, the new copy (not old) is the newer one.
+    return sorted(found, key=lambda sibling: (sibling.token, not sibling.is_old))
+
+
+def _interrupted_swaps(siblings: list[_Sibling]) -> dict[str, list[_Sibling]]:
+    """The leftovers of forced saves killed between their two renames, by token.
+
+    Such a save moved the previous checkpoint aside as ``...-old``; its new copy, if complete,
+    is newer. A complete staging directory without an old twin is no such leftover: its save
+    never published (or is still running), so it does not count as the checkpoint.
+    """
+    old_tokens = {sibling.token for sibling in siblings if sibling.is_old}
+    swaps: dict[str, list[_Sibling]] = {}
+    for sibling in siblings:
+        if sibling.token in old_tokens:
+            swaps.setdefault(sibling.token, []).append(sibling)
+    return swaps
+
+
+def recoverable_copy(path: epath.Path) -> epath.Path | None:
+    """The complete copy a forced save of ``path`` killed between its renames left, if any.
+
+    The newest such save's new copy if it is complete, else its old copy.
+    """
+    swaps = _interrupted_swaps(_siblings(path))
+    if not swaps:
+        return None
+    newest = swaps[max(swaps)]
+    complete = [sibling for sibling in newest if sibling.is_complete or sibling.is_old]
+    return complete[-1].path
+
+
+def _remove_tree(path: epath.Path) -> None:
+    if path.is_dir():
+        path.rmtree()
+    elif path.exists():
+        path.unlink()
+
+
+def _recover(path: epath.Path, *, force: bool) -> None:
+    """Primary process: finishes what killed saves of ``path`` left, deleting no only copy.
+
+    If ``path`` is missing after a forced save was killed between its renames, the complete
+    copy it left is moved into place. Then, with a checkpoint at ``path``, the leftovers of
+    such saves are deleted. Other staging directories might belong to a save still running
+    elsewhere; only ``force`` (which claims the path) deletes them.
+    """
+    if not path.exists():
+        copy = recoverable_copy(path)
+        if copy is None:
+            return
+        copy.rename(path)
+    siblings = _siblings(path)
+    swapped = {s.path for group in _interrupted_swaps(siblings).values() for s in group}
+    for sibling in siblings:
+        if force or sibling.path in swapped:
+            _remove_tree(sibling.path)
+
+
+def _fsync_path(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -84,13 +370,15 @@ def _fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _fsync_tree(root: pathlib.Path) -> None:
-    """Flushes every file and directory under ``root`` to stable storage.
+def _fsync_tree(root: epath.Path) -> None:
+    """Flushes every local file and directory under ``root`` to stable storage.
 
     Each ``fsync`` waits for a journal commit of a few milliseconds; issued from a thread pool
     they share commits, which keeps this a small fraction of the save (see
-    ``benchmarks/checkpoint_bench.py``).
+    ``benchmarks/checkpoint_bench.py``). Remote stores persist on write; nothing to do there.
     """
+    if _is_remote(os.fspath(root)):
+        return
     paths: list[str] = []
     for directory, _, files in os.walk(root):
         paths.extend(os.path.join(directory, name) for name in files)
@@ -100,64 +388,114 @@ def _fsync_tree(root: pathlib.Path) -> None:
         list(pool.map(_fsync_path, paths))
 
 
-def _fsync_directory(directory: pathlib.Path) -> None:
-    _fsync_path(directory)
+def _publish(staging: epath.Path, path: epath.Path, token: str, *, force: bool) -> None:
+    """Primary process: moves the complete staging directory to ``path``, by renames only."""
+    if not staging.is_dir():
+        raise errors.CheckpointStorageError(
+            f"Cannot publish the checkpoint at {path}: its staging directory {staging} vanished"
+            " (another save of the same path removed it?).",
+            path=str(path),
+        )
+    _fsync_tree(staging)
+    if path.exists():
+        if not force:
+            raise errors.CheckpointExistsError(
+                f"{path} appeared while it was being written (another save of the same path?);"
+                " it was left as it is and the new checkpoint discarded."
+            )
+        old = path.parent / f"{staging.name}{_OLD_SUFFIX}"
+        path.rename(old)
+        # A kill here leaves both complete copies beside ``path``; restore reads the newest.
+        staging.rename(path)
+        _fsync_tree_parent(path)
+        _remove_tree(old)
+        return
+    try:
+        staging.rename(path)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise errors.CheckpointExistsError(
+                f"{path} appeared while it was being written (another save of the same path?);"
+                " it was left as it is and the new checkpoint discarded."
+            ) from None
+        raise
+    _fsync_tree_parent(path)
 
 
-def _hidden_sibling(path: pathlib.Path, kind: str) -> pathlib.Path:
-    return path.parent / f".{path.name}.pz_flax-{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+def _fsync_tree_parent(path: epath.Path) -> None:
+    if not _is_remote(os.fspath(path)):
+        _fsync_path(os.fspath(path.parent))
+
+
+def _barrier(stage: str, token: str) -> None:
+    ocp.multihost.sync_global_processes(f"pz_flax_checkpoint:{stage}:{token}")
+
+
+def _all_processes_agree(succeeded: bool) -> bool:
+    """The primary's outcome, on every process (a barrier too)."""
+    shared = ocp.multihost.broadcast_one_to_all(np.asarray(int(succeeded), dtype=np.int32))
+    return bool(int(np.asarray(shared)))
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, force: bool) -> Iterator[pathlib.Path]:
-    """Publishes a directory at ``path`` all at once, or not at all.
+def atomic_directory(
+    path: PathLike, *, kind: CheckpointKind, force: bool
+) -> Iterator[epath.Path]:
+    """Publishes a checkpoint directory at ``path`` all at once, or not at all.
 
-    The body writes into the yielded staging path (which does not exist yet; Orbax creates
-    it). On normal exit, the staging tree is flushed to disk and renamed to ``path``; an
-    existing ``path`` (only with ``force=True``) is renamed aside first and deleted after. On
-    an exception, the staging tree is deleted and ``path`` is left as it was.
+    Every process enters it with the same ``path``. The body writes the yielded staging path
+    with an Orbax checkpointer (which creates it atomically). On normal exit the primary
+    process publishes it (see the module docstring); on an exception or interrupt it deletes
+    whatever the body wrote, and ``path`` is left as it was.
 
     Args:
         path: The destination directory.
-        force: Replace an existing ``path``.
+        kind: What the body writes; ``force`` replaces only a checkpoint of this kind.
+        force: Replace an existing checkpoint of the same kind.
 
     Yields:
-        The staging directory path, beside ``path`` (same filesystem, so renames are atomic).
+        The staging directory, beside ``path`` (same filesystem, so renames are atomic), named
+        the same on every process. It does not exist yet.
 
     Raises:
         CheckpointExistsError: If ``path`` exists and ``force`` is False.
+        CheckpointPathError: If ``force`` may not replace what is at ``path``.
+        CheckpointStorageError: If the filesystem fails (permissions, space, reachability).
     """
-    path = pathlib.Path(path).absolute()
-    if os.path.lexists(path) and not force:
-        raise errors.CheckpointExistsError(
-            f"{path} already exists; pass force=True (pz-flax-convert: --force) to replace it."
-        )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_leftovers(path)
-    staging = _hidden_sibling(path, "tmp")
+    path = check_destination(path, kind=kind, force=force)
+    token = _save_token()
+    staging = _staging_path(path, token)
+    primary = ocp.multihost.is_primary_host(0)
+    _barrier("start", token)
+    if primary:
+        with storage_errors(path.parent, "create the directory"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        with storage_errors(path, "tidy up earlier saves of"):
+            _recover(path, force=force)
+    _barrier("prepared", token)
     try:
-        yield staging
-        _fsync_tree(staging)
-        if os.path.lexists(path):
-            if not force:
-                raise errors.CheckpointExistsError(
-                    f"{path} appeared while it was being written; not replacing it."
-                )
-            old = _hidden_sibling(path, "old")
-            os.rename(path, old)
-            os.rename(staging, path)
-            _fsync_directory(path.parent)
-            if old.is_dir():
-                shutil.rmtree(old)
-            else:
-                old.unlink()
-        else:
-            os.rename(staging, path)
-            _fsync_directory(path.parent)
+        with storage_errors(path, "write the checkpoint"):
+            yield staging
+        failure: BaseException | None = None
+        if primary:
+            try:
+                with storage_errors(path, "publish the checkpoint"):
+                    _publish(staging, path, token, force=force)
+            except errors.CheckpointError as exc:
+                failure = exc
+        if not _all_processes_agree(failure is None):
+            if failure is not None:
+                raise failure
+            raise errors.CheckpointStorageError(
+                f"The primary process could not publish the checkpoint at {path}; its error"
+                " says why.",
+                path=str(path),
+            )
     finally:
-        for leftover in path.parent.iterdir():
-            if leftover.name.startswith(staging.name):
-                shutil.rmtree(leftover, ignore_errors=True)
+        if primary:
+            for leftover in (staging, staging.parent / f"{staging.name}{_ORBAX_TMP_SUFFIX}"):
+                with contextlib.suppress(OSError):
+                    _remove_tree(leftover)
 
 
 #### Saving ####
@@ -177,61 +515,77 @@ def composite_save_args(encoded: manifest_lib.EncodedModel) -> ocp.args.Composit
     return ocp.args.Composite(**items)
 
 
-def save(path: str | os.PathLike, model: Any, *, force: bool = False) -> pathlib.Path:
+def save(path: PathLike, model: Any, *, force: bool = False) -> epath.Path:
     """Saves a model (arrays, structure, axis names, labels) as a pz_flax checkpoint.
 
     The structure is described before anything is written, so a model holding something a
     manifest cannot describe (a lambda in a static field, say) fails without touching disk.
 
+    With several processes (``jax.distributed``), every process calls ``save`` with the same
+    path and model; each writes its own shards and the primary process publishes the result.
+
     Args:
-        path: The checkpoint directory to create.
+        path: The checkpoint directory to create: a local path (``~`` is expanded) or a URI
+            such as ``gs://bucket/ckpt``.
         model: A pz_flax model, or any tree of pz_flax structs, NNX variables, arrays, lists,
             tuples, dicts, None and Python scalars.
-        force: Replace an existing checkpoint at ``path``. The old one stays intact until the
-            new one is complete.
+        force: Replace an existing pz_flax checkpoint at ``path``. The old one stays intact
+            until the new one is complete. Anything else at ``path`` (another directory, a
+            file, a link, the current or home directory) is refused.
 
     Returns:
-        The absolute path of the checkpoint.
+        The checkpoint's path (absolute if local).
 
     Raises:
         CheckpointExistsError: If ``path`` exists and ``force`` is False.
+        CheckpointPathError: If the path is unusable, or ``force`` may not replace it.
+        CheckpointStorageError: If the filesystem fails; names the path and the cause.
         UnsupportedValueError: If part of the model cannot be described; names its path.
     """
     encoded = manifest_lib.encode(model)
-    with atomic_directory(path, force=force) as staging:
+    with atomic_directory(path, kind=CheckpointKind.PZ_FLAX, force=force) as staging:
         _composite_checkpointer().save(staging, composite_save_args(encoded))
-    return pathlib.Path(path).absolute()
+    return checkpoint_path(path)
 
 
 #### Reading ####
 
 
-def checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
-    """``path`` as an absolute path, checked to be an existing directory.
+def checkpoint_dir(path: PathLike) -> epath.Path:
+    """The directory holding the checkpoint saved at ``path``.
+
+    That is ``path`` itself, or, when a save replacing it was killed between its two renames,
+    the newest complete copy that save left beside it.
 
     Raises:
-        CheckpointNotFoundError: If it does not exist or is a file.
+        CheckpointNotFoundError: If there is no checkpoint there, or it is a file.
+        CheckpointStorageError: If the filesystem cannot be reached.
     """
-    path = pathlib.Path(path).absolute()
-    if not path.exists():
-        raise errors.CheckpointNotFoundError(f"No checkpoint at {path}: the path does not exist.")
-    if not path.is_dir():
-        raise errors.CheckpointNotFoundError(f"{path} is a file, not a checkpoint directory.")
-    return path
+    path = checkpoint_path(path)
+    with storage_errors(path, "read"):
+        if path.is_dir():
+            return path
+        if path.exists():
+            raise errors.CheckpointNotFoundError(
+                f"{path} is a file, not a checkpoint directory."
+            )
+        if path.parent.is_dir() and (copy := recoverable_copy(path)) is not None:
+            return copy
+    raise errors.CheckpointNotFoundError(f"No checkpoint at {path}: the path does not exist.")
 
 
-def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+def is_orbax_checkpoint(path: PathLike) -> bool:
     """Tells whether ``path`` looks like a finished Orbax checkpoint directory."""
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     return any((path / name).exists() for name in _ORBAX_MARKERS)
 
 
-def is_pz_checkpoint(path: str | os.PathLike) -> bool:
+def is_pz_checkpoint(path: PathLike) -> bool:
     """Tells whether ``path`` is a directory holding a pz_flax manifest."""
-    return (pathlib.Path(path) / MANIFEST_ITEM / _MANIFEST_FILE).is_file()
+    return (epath.Path(path) / MANIFEST_ITEM / _MANIFEST_FILE).is_file()
 
 
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(path: PathLike) -> dict[str, Any]:
     """Reads and checks the structure manifest of a pz_flax checkpoint.
 
     Args:
@@ -247,42 +601,38 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
     """
     path = checkpoint_dir(path)
     manifest_file = path / MANIFEST_ITEM / _MANIFEST_FILE
-    if not manifest_file.is_file():
-        if (path / ARRAYS_ITEM).is_dir():
-            raise errors.CorruptCheckpointError(
-                f"The checkpoint at {path} has lost its manifest ({manifest_file} is missing)."
-            )
-        if is_orbax_checkpoint(path):
-            raise errors.CheckpointNotFoundError(
-                f"{path} is a plain Orbax checkpoint without a pz_flax manifest (an NNX"
-                " checkpoint?); read it with read_nnx_checkpoint or `pz-flax-convert nnx-to-pz`."
-            )
-        raise errors.CheckpointNotFoundError(f"{path} is not a pz_flax checkpoint.")
-    try:
-        manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise errors.CorruptCheckpointError(
-            f"The manifest of the checkpoint at {path} is damaged (not valid JSON: {exc})."
-        ) from None
-    manifest_lib.read_entries(manifest)
+    with storage_errors(path, "read the checkpoint at"):
+        if not manifest_file.is_file():
+            if (path / ARRAYS_ITEM).is_dir():
+                raise errors.CorruptCheckpointError(
+                    f"The checkpoint at {path} has lost its manifest ({manifest_file} is"
+                    " missing)."
+                )
+            if is_orbax_checkpoint(path):
+                raise errors.CheckpointNotFoundError(
+                    f"{path} is a plain Orbax checkpoint without a pz_flax manifest (an NNX"
+                    " checkpoint?); read it with read_nnx_checkpoint or `pz-flax-convert"
+                    " nnx-to-pz`."
+                )
+            raise errors.CheckpointNotFoundError(f"{path} is not a pz_flax checkpoint.")
+        data = manifest_file.read_bytes()
+    manifest = manifest_lib.parse_manifest_json(data, source=manifest_source(path))
+    manifest_lib.read_entries(manifest, source=manifest_source(path))
     return manifest
 
 
-def _flatten_metadata_tree(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    if isinstance(tree, dict):
-        flat: dict[tuple[str, ...], Any] = {}
-        for key, value in tree.items():
-            flat.update(_flatten_metadata_tree(value, (*prefix, str(key))))
-        return flat
-    return {prefix: tree}
+def manifest_source(path: PathLike) -> str:
+    """How messages about a checkpoint's manifest name it: the manifest file."""
+    return f"The checkpoint manifest {path}/{MANIFEST_ITEM}/{_MANIFEST_FILE}"
 
 
-def stored_array_metadata(directory: pathlib.Path) -> dict[tuple[str, ...], Any]:
+def stored_array_metadata(directory: PathLike) -> dict[tuple[str, ...], Any]:
     """Orbax's own record of the arrays in a checkpoint directory, by key path.
 
     Raises:
         CorruptCheckpointError: If Orbax cannot read its metadata there.
     """
+    directory = epath.Path(directory)
     try:
         metadata = ocp.StandardCheckpointHandler().metadata(directory)
     except Exception as exc:
@@ -291,48 +641,115 @@ def stored_array_metadata(directory: pathlib.Path) -> dict[tuple[str, ...], Any]
             f" {exception_summary(exc)}"
         ) from None
     tree = getattr(metadata, "tree", metadata)
-    return _flatten_metadata_tree(tree)
+    if not isinstance(tree, dict):
+        return {(): tree}
+    flat = traverse_util.flatten_dict(tree, keep_empty_nodes=False)
+    return {tuple(str(part) for part in key): value for key, value in flat.items()}
 
 
-def exception_summary(exc: BaseException) -> str:
-    """The exception type and the gist of its message, on one short line.
+#### Cross-checking the stored array metadata ####
 
-    TensorStore errors append a JSON spec of the whole store to their message; that and
-    anything past the first line is dropped.
+# Orbax names an array's store by its key path joined with dots (``arrays/<name>/.zarray``).
+_ARRAY_NAME_SEPARATOR = "."
+
+
+def _array_kvstore_spec(arrays_dir: epath.Path) -> dict[str, Any]:
+    base = os.fspath(arrays_dir)
+    base = base if _is_remote(base) else f"file://{base}"
+    if (arrays_dir / "manifest.ocdbt").exists():
+        return {"driver": "ocdbt", "base": base}
+    return base
+
+
+def _zarr_layout_problem(entry: manifest_lib.ArrayEntry, raw: bytes | None) -> str | None:
+    """What is wrong with one array's stored zarr metadata, compared with its manifest entry."""
+    if raw is None:
+        return "listed in the manifest, missing from the arrays"
+    try:
+        metadata = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"its stored metadata is damaged ({exception_summary(exc)})"
+    if not isinstance(metadata, dict):
+        return "its stored metadata is damaged (not a JSON object)"
+    expected = np.dtype(entry.dtype)
+    if metadata.get("zarr_format") == 3:
+        dtype_text = metadata.get("data_type")
+        layouts = [c for c in metadata.get("codecs") or () if isinstance(c, dict)]
+        endian = next(
+            (c.get("configuration", {}).get("endian") for c in layouts if c.get("name") == "bytes"),
+            None,
+        )
+        transposed = any(c.get("name") == "transpose" for c in layouts)
+        byteorder_ok = endian in (None, "little") or expected.itemsize == 1
+        order_ok = not transposed
+    else:
+        dtype_text = metadata.get("dtype")
+        byteorder_ok = True
+        order_ok = metadata.get("order", "C") == "C"
+    try:
+        stored = np.dtype(dtype_text)
+    except TypeError:
+        return f"its stored dtype {dtype_text!r} is not a dtype"
+    shape = metadata.get("shape")
+    problems = []
+    if stored != expected or not byteorder_ok:
+        problems.append(f"stored dtype {dtype_text!r}, the manifest says {entry.dtype}")
+    if not isinstance(shape, list) or tuple(shape) != entry.shape:
+        problems.append(f"stored shape {shape!r}, the manifest says {entry.shape}")
+    if not order_ok:
+        problems.append("stored in a transposed (Fortran) order, pz_flax writes C order")
+    return "; ".join(problems) or None
+
+
+def check_stored_arrays(checkpoint: epath.Path, entries: list[manifest_lib.ArrayEntry]) -> None:
+    """Checks each array's stored dtype (with byte order), shape and order against the manifest.
+
+    Orbax casts what it reads to the requested dtype, so an edited stored dtype (``<f4`` made
+    ``<i4`` or ``>f4``) or order would otherwise restore wrong values without an error. The
+    stored metadata is a few hundred bytes per array, read concurrently from the same store
+    the arrays come from.
+
+    Raises:
+        CorruptCheckpointError: If any array's stored metadata disagrees with the manifest.
     """
-    lines = str(exc).strip().splitlines()
-    text = lines[0].split(" [tensorstore_spec=")[0] if lines else ""
-    if len(text) > _MAX_SUMMARY_CHARS:
-        text = text[: _MAX_SUMMARY_CHARS - 3] + "..."
-    return f"{type(exc).__name__}: {text}"
-
-
-def _check_stored_arrays(path: pathlib.Path, entries: list[manifest_lib.ArrayEntry]) -> None:
-    """Checks that Orbax stored every array the manifest lists, with that shape and dtype."""
-    stored = stored_array_metadata(path / ARRAYS_ITEM)
+    arrays_dir = checkpoint / ARRAYS_ITEM
+    try:
+        store = ts.KvStore.open(_array_kvstore_spec(arrays_dir)).result()
+        names = {
+            entry.path: _ARRAY_NAME_SEPARATOR.join(entry.key) for entry in entries
+        }
+        zarr2 = {path: store.read(f"{name}/.zarray") for path, name in names.items()}
+        found = {path: read.result().value for path, read in zarr2.items()}
+        missing = [path for path, raw in found.items() if not raw]
+        if missing:
+            zarr3 = {path: store.read(f"{names[path]}/zarr.json") for path in missing}
+            found.update({path: read.result().value for path, read in zarr3.items()})
+    except Exception as exc:
+        raise errors.CorruptCheckpointError(
+            f"Cannot read the arrays' metadata of the checkpoint at {checkpoint} (missing or"
+            f" damaged files): {exception_summary(exc)}"
+        ) from None
     problems = []
     for entry in entries:
-        found = stored.get(entry.key)
-        if found is None:
-            problems.append(f"{entry.path}: listed in the manifest, missing from the arrays")
-            continue
-        shape = tuple(getattr(found, "shape", ()) or ())
-        dtype = getattr(found, "dtype", None)
-        if shape != entry.shape or (dtype is not None and np.dtype(dtype).name != entry.dtype):
-            problems.append(
-                f"{entry.path}: the manifest says {entry.shape} {entry.dtype}, the arrays hold"
-                f" {shape} {dtype}"
-            )
+        problem = _zarr_layout_problem(entry, found[entry.path] or None)
+        if problem:
+            problems.append(f"{entry.path}: {problem}")
     if problems:
         raise errors.CorruptCheckpointError(
-            f"The checkpoint at {path} is inconsistent: {'; '.join(problems[:3])}"
+            f"The checkpoint at {checkpoint} is inconsistent: {'; '.join(problems[:3])}"
             + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
         )
 
 
+#### Restoring ####
+
+
 def default_sharding() -> jax.sharding.Sharding:
-    """Where arrays go when nothing says otherwise: the first device."""
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    """Where arrays go when nothing says otherwise: this process's first device.
+
+    A local device, so that every process of a multi-process job can restore on its own.
+    """
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _pick_sharding(
@@ -362,14 +779,17 @@ def _pick_sharding(
 
 
 def read_arrays(
-    path: pathlib.Path,
+    path: epath.Path,
     entries: list[manifest_lib.ArrayEntry],
     shardings: Iterable[jax.sharding.Sharding],
 ) -> list[jax.Array]:
     """Reads a checkpoint's arrays straight into the given shardings, in ``entries`` order.
 
+    The stored metadata of each array is checked against its manifest entry first.
+
     Raises:
-        CorruptCheckpointError: If array files are missing or damaged.
+        CorruptCheckpointError: If array files are missing, damaged, or disagree with the
+            manifest.
     """
     if not entries:
         return []
@@ -378,6 +798,7 @@ def read_arrays(
             f"The checkpoint at {path} lists {len(entries)} arrays but its '{ARRAYS_ITEM}'"
             " directory is missing."
         )
+    check_stored_arrays(path, entries)
     abstract = manifest_lib.shape_dtype_structs(entries, shardings)
     abstract_tree = manifest_lib.build_array_tree(entries, abstract)
     try:
@@ -385,9 +806,6 @@ def read_arrays(
             path / ARRAYS_ITEM, args=ocp.args.StandardRestore(abstract_tree)
         )
     except Exception as exc:
-        # Reading Orbax's metadata first would cost every restore a second pass over the
-        # array stores; it is consulted only to explain a failure precisely.
-        _check_stored_arrays(path, entries)
         raise errors.CorruptCheckpointError(
             f"Cannot read the arrays of the checkpoint at {path} (missing or damaged files):"
             f" {exception_summary(exc)}"
@@ -397,12 +815,6 @@ def read_arrays(
         node = restored
         for part in entry.key:
             node = node[part]
-        if tuple(node.shape) != entry.shape or np.dtype(node.dtype).name != entry.dtype:
-            _check_stored_arrays(path, entries)
-            raise errors.CorruptCheckpointError(
-                f"The checkpoint at {path} is inconsistent: {entry.path} is {entry.shape}"
-                f" {entry.dtype} in the manifest, but Orbax read {tuple(node.shape)} {node.dtype}."
-            )
         if entry.prng_impl is not None:
             node = jax.random.wrap_key_data(node, impl=entry.prng_impl)
         arrays.append(node)
@@ -410,7 +822,7 @@ def read_arrays(
 
 
 def restore(
-    path: str | os.PathLike,
+    path: PathLike,
     target: Any = None,
     *,
     allow_modules: Iterable[str] | str = (),
@@ -430,18 +842,21 @@ def restore(
     (classes come from the target, so ``allow_modules`` is not needed) and the checkpoint's
     arrays.
 
-    Arrays are read by Orbax directly into their final sharding, so restoring holds no copy of
-    the weights beyond the restored model itself.
+    Either way each array's stored dtype, byte order, shape and order are checked against the
+    manifest before it is read. Arrays are read by Orbax directly into their final sharding, so
+    restoring holds no copy of the weights beyond the restored model itself. Every process of
+    a multi-process job may restore on its own; without ``sharding`` or a target, each reads
+    the arrays onto its first local device.
 
     Args:
-        path: The checkpoint directory.
+        path: The checkpoint directory (local, ``~``-prefixed, or a URI such as ``gs://...``).
         target: Optional model to restore into.
         allow_modules: Module names (or one name) whose classes and functions the manifest may
             name, beyond pz_flax's own. Their submodules are allowed too.
         sharding: Where to put each array: one ``jax.sharding.Sharding`` for all, or a
             callable from an ``ArrayEntry`` (path, shape, dtype, axis names) to a sharding (or
             None for the default), e.g. ``sharding_from_axis_names(mesh, {...})``. Without it,
-            arrays take the sharding of the target's leaves, else the first device.
+            arrays take the sharding of the target's leaves, else this process's first device.
 
     Returns:
         The restored model.
@@ -449,6 +864,7 @@ def restore(
     Raises:
         CheckpointNotFoundError: If ``path`` holds no pz_flax checkpoint.
         CorruptCheckpointError: If the manifest or the array files are damaged.
+        CheckpointStorageError: If the filesystem cannot be read.
         UntrustedTypeError: If the manifest names a class outside the allow-list.
         CheckpointMismatchError: If the checkpoint does not match ``target``; its
             ``mismatches`` list every differing path.
@@ -459,17 +875,18 @@ def restore(
     allow_modules = tuple(allow_modules)
     path = checkpoint_dir(path)
     manifest = read_manifest(path)
-    entries = manifest_lib.read_entries(manifest)
+    source = manifest_source(path)
+    entries = manifest_lib.read_entries(manifest, source)
     if target is None:
         # Resolve every class before reading any array: an untrusted or missing class fails
         # fast, and nothing is read for a checkpoint that cannot be rebuilt.
-        manifest_lib.decode(manifest, [None] * len(entries), allow_modules=allow_modules)
+        manifest_lib.decode(manifest, None, allow_modules=allow_modules, source=source)
         shardings = [_pick_sharding(entry, sharding, None) for entry in entries]
         arrays = read_arrays(path, entries, shardings)
-        return manifest_lib.decode(manifest, arrays, allow_modules=allow_modules)
+        return manifest_lib.decode(manifest, arrays, allow_modules=allow_modules, source=source)
 
     described = manifest_lib.encode(target, allow_abstract=True, lenient_static=True)
-    problems, sources = manifest_lib.compare_manifests(manifest, described.manifest)
+    problems, sources = manifest_lib.compare_manifests(manifest, described.manifest, source)
     if problems:
         raise errors.CheckpointMismatchError(
             f"The checkpoint at {path} does not match the target ({len(problems)}"

@@ -117,3 +117,41 @@ def test_native_pz_layer_as_nnx_checkpoint(tmp_path):
     abstract = nnx.state(nnx.eval_shape(lambda: to_nnx(sample_models.build_mlp())))
     state = ocp.StandardCheckpointer().restore(tmp_path / "nnx", abstract)
     _assert_states_identical(state, nnx.state(to_nnx(layer)))
+
+
+class _ModelWithRngs(nnx.Module):
+    """A model holding typed PRNG key arrays (nnx.Rngs state), as dropout models do."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(3, 4, rngs=rngs)
+        self.dropout = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=7))
+
+
+def test_nnx_checkpoint_with_prng_key_arrays_reads_back(tmp_path):
+    module = _ModelWithRngs(nnx.Rngs(0))
+    module.dropout.rngs()  # advance the stream: the count must come back too
+    _save_nnx(tmp_path / "nnx", module)
+    loaded = nnx_checkpoints.load_nnx_module(tmp_path / "nnx", lambda: _ModelWithRngs(nnx.Rngs(1)))
+    original_keys = jax.tree_util.tree_leaves(nnx.state(module, nnx.RngKey))
+    loaded_keys = jax.tree_util.tree_leaves(nnx.state(loaded, nnx.RngKey))
+    assert [key.dtype for key in loaded_keys] == [key.dtype for key in original_keys]
+    for a, b in zip(original_keys, loaded_keys):
+        np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
+    assert int(loaded.dropout.rngs.count[...]) == 1
+    np.testing.assert_array_equal(loaded.linear.kernel[...], module.linear.kernel[...])
+    layer = nnx_checkpoints.read_nnx_checkpoint(
+        tmp_path / "nnx", lambda: _ModelWithRngs(nnx.Rngs(1))
+    )
+    converted_keys = [
+        leaf for leaf in jax.tree_util.tree_leaves(layer) if jax.dtypes.issubdtype(
+            leaf.dtype, jax.dtypes.prng_key
+        )
+    ]
+    assert len(converted_keys) == len(original_keys)
+
+
+def test_read_defaults_to_this_process_first_local_device(nnx_checkpoint):
+    _, path = nnx_checkpoint
+    loaded = nnx_checkpoints.load_nnx_module(path, sample_models.make_nnx_model)
+    for leaf in jax.tree_util.tree_leaves(nnx.state(loaded)):
+        assert leaf.sharding.device_set == {jax.local_devices()[0]}

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 
 from pz_flax.checkpoint import errors
+from pz_flax.checkpoint import nnx_checkpoints
 from pz_flax.checkpoint import storage
 from pz_flax.core import variables
 from tests.checkpoint import sample_models
@@ -350,12 +353,12 @@ def test_manifest_listing_an_array_the_store_lacks(saved, tmp_path):
 
 
 _KILLED_SAVE = """
-import os, signal, sys
+import os, signal, sys, time
 import jax.numpy as jnp
 from pz_flax.checkpoint import storage
 
 destination, point = sys.argv[1], sys.argv[2]
-model = {"w": jnp.full((256, 256), 2.0), "b": jnp.arange(7)}
+old_copy = f".{os.path.basename(destination)}.pz_flax-"
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
@@ -365,57 +368,126 @@ if point == "writing-arrays":
     ocp.StandardCheckpointHandler.async_save = die
 elif point == "before-publish":
     storage._fsync_tree = die
-elif point == "between-renames":
-    real_rename = os.rename
+elif point in ("between-renames", "removing-old"):
+    real_rename, real_rmtree = os.rename, __import__("shutil").rmtree
     def rename(src, dst):
         real_rename(src, dst)
-        if os.fspath(src) == destination:
+        if point == "between-renames" and os.fspath(src) == destination:
             die()
     os.rename = rename
-storage.save(destination, model, force=True)
-print("not killed")
+    if point == "removing-old":
+        import etils.epath
+        local_path_class = type(etils.epath.Path("/"))
+        def rmtree(self, *args, **kwargs):
+            if os.path.basename(os.fspath(self)).startswith(old_copy):
+                victim = os.path.join(os.fspath(self), sorted(os.listdir(self))[0])
+                (real_rmtree if os.path.isdir(victim) else os.remove)(victim)
+                die()
+            return real_rmtree(os.fspath(self))
+        local_path_class.rmtree = rmtree
+step = 0
+while True:  # "anytime": saves again and again until the parent kills it
+    step += 1
+    storage.save(destination, {"w": jnp.full((256, 256), float(step)), "b": jnp.arange(7)},
+                 force=True)
+    print(step, flush=True)
 """
 
 
-@pytest.mark.parametrize("existing", [False, True])
-def test_killed_saves_never_leave_a_wrong_checkpoint(tmp_path, existing):
+def _complete_value(destination: pathlib.Path) -> float:
+    """The step a killed save loop last published, checking that restore gets all of it."""
+    restored = storage.restore(destination)
+    np.testing.assert_array_equal(restored["b"], np.arange(7))
+    values = np.unique(np.asarray(restored["w"]))
+    assert values.shape == (1,), values
+    return float(values[0])
+
+
+def _start_killed_save(destination: pathlib.Path, point: str) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
+    return subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SAVE, str(destination), point],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _assert_recovers(destination: pathlib.Path, allowed: set[float]) -> None:
+    """A killed save left a restorable checkpoint; the next forced save sweeps the rest."""
+    assert _complete_value(destination) in allowed
+    storage.save(destination, {"w": jnp.full((256, 256), -1.0), "b": jnp.arange(7)}, force=True)
+    assert _complete_value(destination) == -1.0
+    prefix = f".{destination.name}."
+    assert [p.name for p in destination.parent.iterdir() if p.name.startswith(prefix)] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point", ["writing-arrays", "before-publish", "between-renames", "removing-old"])
+def test_forced_save_killed_at_each_step_keeps_a_complete_checkpoint(tmp_path, point):
+    destination = tmp_path / "ckpt"
+    storage.save(destination, {"w": jnp.full((256, 256), 0.0), "b": jnp.arange(7)})
     neighbour = tmp_path / "neighbour"
     storage.save(neighbour, {"w": jnp.ones(3)})
-    points = ["writing-arrays", "before-publish"] + (["between-renames"] if existing else [])
-    old = {"w": jnp.full((256, 256), 1.0), "b": jnp.arange(7)}
-    new = {"w": jnp.full((256, 256), 2.0), "b": jnp.arange(7)}
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT))
-    processes = {}
-    for point in points:
-        destination = tmp_path / point
-        if existing:
-            storage.save(destination, old)
-        processes[point] = subprocess.Popen(
-            [sys.executable, "-c", _KILLED_SAVE, str(destination), point],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-    for point, process in processes.items():
+    process = _start_killed_save(destination, point)
+    try:
         stdout, stderr = process.communicate(timeout=300)
-        assert process.returncode == -9, (point, stdout, stderr[-2000:])
-        destination = tmp_path / point
-        if destination.exists():
-            # Whatever is at the path is complete: the old model, or (never half of) the new.
-            assert _leaves_equal(storage.restore(destination), old if existing else new), point
-        else:
-            assert point == "between-renames" or not existing, point
-            with pytest.raises(errors.CheckpointNotFoundError):
-                storage.restore(destination)
-        if existing and point != "between-renames":
-            assert destination.exists(), point
-        # The next save of the same path succeeds and sweeps the dead process's leftovers.
-        storage.save(destination, new, force=True)
-        assert _leaves_equal(storage.restore(destination), new)
-        leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(f".{point}.")]
-        assert leftovers == [], leftovers
+    finally:
+        process.kill()  # only if the timeout struck; this is our own child
+    assert process.returncode == -9, (stdout, stderr[-2000:])
+    # Killed during the first save: the old (0) or, once both renames happened, the new (1).
+    _assert_recovers(destination, {0.0, 1.0})
     assert _leaves_equal(storage.restore(neighbour), {"w": jnp.ones(3)})
+
+
+@pytest.mark.slow
+def test_forced_saves_killed_at_random_instants_keep_a_complete_checkpoint(tmp_path):
+    destination = tmp_path / "ckpt"
+    storage.save(destination, {"w": jnp.full((256, 256), 0.0), "b": jnp.arange(7)})
+    random = np.random.default_rng(0)
+    for _ in range(4):
+        process = _start_killed_save(destination, "anytime")
+        try:
+            first = process.stdout.readline()  # one save done: the loop is warm
+            assert first.strip(), process.stderr.read()[-2000:]
+            time.sleep(random.uniform(0.0, 0.4))
+            process.kill()  # our own child, by its handle
+            printed = first + process.communicate(timeout=60)[0]
+        finally:
+            process.kill()
+        published = [float(line) for line in printed.split()]
+        # The last reported step, the one after it (killed after publishing, before printing).
+        _assert_recovers(destination, {published[-1], published[-1] + 1})
+
+
+def test_restore_finds_the_complete_copy_a_kill_between_renames_left(tmp_path):
+    destination = tmp_path / "ckpt"
+    storage.save(destination, {"w": jnp.zeros(3)})
+    token = "0" * 24
+    # What a forced save killed between its renames leaves: the old and the new beside.
+    storage.save(tmp_path / f".ckpt.pz_flax-{token}", {"w": jnp.ones(3)})
+    destination.rename(tmp_path / f".ckpt.pz_flax-{token}-old")
+    assert not destination.exists()
+    assert _leaves_equal(storage.restore(destination), {"w": jnp.ones(3)})
+    # The path counts as taken: a plain save is refused and touches nothing.
+    with pytest.raises(errors.CheckpointExistsError, match="interrupted save"):
+        storage.save(destination, {"w": jnp.full(3, 2.0)})
+    assert _leaves_equal(storage.restore(destination), {"w": jnp.ones(3)})
+    # A forced one replaces it and sweeps both copies.
+    storage.save(destination, {"w": jnp.full(3, 2.0)}, force=True)
+    assert _leaves_equal(storage.restore(destination), {"w": jnp.full(3, 2.0)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_unfinished_staging_of_another_save_survives_a_plain_save(tmp_path):
+    running = tmp_path / ".ckpt.pz_flax-ffffffffffffffffffffffff.orbax-checkpoint-tmp"
+    running.mkdir()  # might be a save still writing on another host
+    storage.save(tmp_path / "ckpt", {"w": jnp.ones(3)})
+    assert running.is_dir()
+    storage.save(tmp_path / "ckpt", {"w": jnp.ones(3)}, force=True)  # force claims the path
+    assert not running.exists()
 
 
 def test_restore_of_an_untrusted_type_fails_before_reading_arrays(saved, tmp_path):
@@ -453,3 +525,308 @@ def test_sharded_models_save_and_restore(tmp_path):
     np.testing.assert_array_equal(restored, weights)
     assert restored.sharding == storage.default_sharding()
     assert storage.restore(tmp_path / "ckpt", sharding=sharding)["w"].sharding == sharding
+
+
+#### What force=True may replace ####
+
+
+@pytest.fixture
+def in_tmp_cwd(tmp_path, monkeypatch):
+    """Runs the test inside a scratch current directory holding one precious file."""
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "precious.txt").write_text("keep me")
+    monkeypatch.chdir(workdir)
+    return workdir
+
+
+@pytest.mark.parametrize("path", ["", ".", "./", "  "])
+def test_force_never_replaces_the_current_directory_or_an_empty_path(in_tmp_cwd, path):
+    with pytest.raises(errors.CheckpointError) as caught:
+        storage.save(path, {"w": jnp.ones(2)}, force=True)
+    assert isinstance(caught.value, errors.CheckpointPathError)
+    assert (in_tmp_cwd / "precious.txt").read_text() == "keep me"
+    assert sorted(p.name for p in in_tmp_cwd.iterdir()) == ["precious.txt"]
+
+
+def test_force_refuses_parents_of_the_current_directory_root_and_home(in_tmp_cwd, monkeypatch):
+    home = in_tmp_cwd.parent / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for protected in (in_tmp_cwd.parent, pathlib.Path("/"), home, "~"):
+        with pytest.raises(errors.CheckpointPathError, match="Refusing to replace") as caught:
+            storage.save(protected, {"w": jnp.ones(2)}, force=True)
+        assert str(pathlib.Path(os.path.expanduser(str(protected))).absolute()) in str(
+            caught.value
+        )
+    assert (in_tmp_cwd / "precious.txt").exists()
+
+
+def test_force_replaces_only_a_checkpoint_of_the_same_kind(tmp_path):
+    plain = tmp_path / "photos"
+    plain.mkdir()
+    (plain / "cat.jpg").write_text("x")
+    with pytest.raises(errors.CheckpointPathError, match=r"photos.*not a checkpoint"):
+        storage.save(plain, {"w": jnp.ones(2)}, force=True)
+    assert (plain / "cat.jpg").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(errors.CheckpointPathError, match="holds a file"):
+        storage.save(tmp_path / "file", {"w": jnp.ones(2)}, force=True)
+    nnx_dir = tmp_path / "nnx"
+    nnx_checkpoints.write_nnx_checkpoint(nnx_dir, sample_models.make_nnx_model())
+    with pytest.raises(errors.CheckpointPathError, match=r"NNX \(plain Orbax\) checkpoint"):
+        storage.save(nnx_dir, {"w": jnp.ones(2)}, force=True)
+    assert storage.directory_kind(nnx_dir) is storage.CheckpointKind.NNX
+    storage.save(tmp_path / "pz", {"w": jnp.ones(2)})
+    with pytest.raises(errors.CheckpointPathError, match="pz_flax checkpoint"):
+        nnx_checkpoints.write_nnx_checkpoint(tmp_path / "pz", sample_models.make_nnx_model(), force=True)
+    storage.save(tmp_path / "pz", {"w": jnp.zeros(2)}, force=True)
+    assert _leaves_equal(storage.restore(tmp_path / "pz"), {"w": jnp.zeros(2)})
+
+
+def test_force_refuses_symbolic_links_and_keep_paths(tmp_path):
+    real = tmp_path / "real"
+    storage.save(real, {"w": jnp.ones(2)})
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(errors.CheckpointPathError, match=r"link.*symbolic link"):
+        storage.save(link, {"w": jnp.zeros(2)}, force=True)
+    assert link.is_symlink() and _leaves_equal(storage.restore(real), {"w": jnp.ones(2)})
+    with pytest.raises(errors.CheckpointExistsError):
+        storage.save(link, {"w": jnp.zeros(2)})
+    for kept in (real, real / "arrays"):
+        with pytest.raises(errors.CheckpointPathError, match="the input"):
+            storage.check_destination(
+                real, kind=storage.CheckpointKind.PZ_FLAX, force=True, keep=[kept]
+            )
+
+
+#### Paths and environment failures ####
+
+
+def test_tilde_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    written = storage.save("~/ckpt", {"w": jnp.ones(2)})
+    assert pathlib.Path(written) == tmp_path / "ckpt"
+    assert not (tmp_path / "~").exists()
+    assert _leaves_equal(storage.restore("~/ckpt"), {"w": jnp.ones(2)})
+
+
+def test_undecodable_path_bytes_and_unknown_schemes(tmp_path):
+    undecodable = os.fsdecode(os.fsencode(str(tmp_path)) + b"/\xff\xfe")
+    with pytest.raises(errors.CheckpointPathError, match="not UTF-8"):
+        storage.save(undecodable, {"w": jnp.ones(2)})
+    with pytest.raises(errors.CheckpointPathError, match="not UTF-8"):
+        storage.restore(undecodable)
+    with pytest.raises(errors.CheckpointPathError, match="scheme"):
+        storage.save("nosuchscheme://bucket/ckpt", {"w": jnp.ones(2)})
+
+
+def test_parent_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(errors.CheckpointStorageError) as caught:
+        storage.save(tmp_path / "file" / "ckpt", {"w": jnp.ones(2)})
+    assert str(tmp_path / "file") in str(caught.value)
+    assert "is a file, not a directory" in str(caught.value)
+    assert caught.value.path == str(tmp_path / "file")
+
+
+@pytest.mark.parametrize(
+    "failure, reason",
+    [
+        (PermissionError(13, "Permission denied"), "permission denied"),
+        (OSError(30, "Read-only file system"), "read-only"),
+        (ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left"), "no space left"),
+    ],
+)
+def test_write_failures_name_the_path_and_cause_and_leave_nothing(
+    tmp_path, monkeypatch, failure, reason
+):
+    import orbax.checkpoint as ocp
+
+    def failing_save(self, directory, *args, **kwargs):
+        pathlib.Path(f"{directory}.orbax-checkpoint-tmp", "arrays").mkdir(parents=True)
+        raise failure
+
+    monkeypatch.setattr(ocp.Checkpointer, "save", failing_save)
+    with pytest.raises(errors.CheckpointStorageError, match=reason) as caught:
+        storage.save(tmp_path / "ckpt", {"w": jnp.ones(2)})
+    assert str(tmp_path / "ckpt") in str(caught.value)
+    assert isinstance(caught.value, OSError)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_leaves_no_staging_directory(tmp_path):
+    # RLIMIT_FSIZE makes every write past 64 KiB fail with EFBIG, as a full disk would.
+    completed = _run_python(
+        """
+        import resource, signal, sys
+        import jax.numpy as jnp
+        from pz_flax.checkpoint import errors, storage
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+        try:
+            storage.save(sys.argv[1], {"w": jnp.arange(1 << 20, dtype=jnp.float32)})
+        except errors.CheckpointStorageError as exc:
+            print("refused:", exc)
+        """,
+        str(tmp_path / "ckpt"),
+    )
+    assert "refused: Cannot write the checkpoint" in completed.stdout, completed.stderr[-2000:]
+    assert str(tmp_path / "ckpt") in completed.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_racing_plain_saves_one_wins_the_other_is_told(tmp_path, monkeypatch):
+    destination = tmp_path / "ckpt"
+    real_publish = storage._publish
+
+    def publish_after_a_rival(staging, path, token, *, force):
+        if not destination.exists():  # a rival save publishes first, while this one writes
+            monkeypatch.setattr(storage, "_publish", real_publish)
+            storage.save(destination, {"w": jnp.zeros(2)})
+        real_publish(staging, path, token, force=force)
+
+    monkeypatch.setattr(storage, "_publish", publish_after_a_rival)
+    with pytest.raises(errors.CheckpointExistsError, match="appeared while it was being written"):
+        storage.save(destination, {"w": jnp.ones(2)})
+    assert _leaves_equal(storage.restore(destination), {"w": jnp.zeros(2)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+#### Remote paths ####
+
+
+def test_remote_paths_reach_orbax_intact(tmp_path, monkeypatch):
+    """``gs://`` stays a URI all the way to Orbax and TensorStore.
+
+    The remote filesystem is etils' mock over a local folder; Orbax and TensorStore are
+    replaced at their entry points by recorders that do the work on the local folder.
+    """
+    import orbax.checkpoint as ocp
+    import tensorstore as ts
+    from etils import epath
+
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+
+    def local(path) -> str:
+        return os.fspath(path).replace("gs://bucket", str(bucket))
+
+    reached = []
+    real_save, real_restore, real_open = (
+        ocp.Checkpointer.save,
+        ocp.StandardCheckpointHandler.restore,
+        ts.KvStore.open,
+    )
+
+    def orbax_save(self, directory, *args, **kwargs):
+        reached.append(os.fspath(directory))
+        return real_save(self, local(directory), *args, **kwargs)
+
+    def orbax_restore(self, directory, *args, **kwargs):
+        reached.append(os.fspath(directory))
+        return real_restore(self, epath.Path(local(directory)), *args, **kwargs)
+
+    def kvstore_open(spec, *args, **kwargs):
+        if not (isinstance(spec, dict) and spec.get("base", "").startswith("gs://")):
+            return real_open(spec, *args, **kwargs)  # Orbax's own use, on local paths
+        reached.append(spec["base"])
+        return real_open({**spec, "base": "file://" + local(spec["base"])}, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.Checkpointer, "save", orbax_save)
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "restore", orbax_restore)
+    monkeypatch.setattr(ts.KvStore, "open", kvstore_open)
+    monkeypatch.chdir(tmp_path)
+    with epath.testing.mock_epath(
+        exists=lambda fn, path: os.path.exists(local(path)),
+        isdir=lambda fn, path: os.path.isdir(local(path)),
+        makedirs=lambda fn, path, *a, **k: os.makedirs(local(path), exist_ok=True),
+        listdir=lambda fn, path: os.listdir(local(path)),
+        rename=lambda fn, path, dst: os.rename(local(path), local(dst)),
+        rmtree=lambda fn, path: shutil.rmtree(local(path)),
+        open=lambda fn, path, *a, **k: open(local(path), *a, **k),
+    ):
+        written = storage.save("gs://bucket/run/ckpt", {"w": jnp.ones(2)})
+        restored = storage.restore("gs://bucket/run/ckpt")
+    assert os.fspath(written) == "gs://bucket/run/ckpt"
+    assert reached[0].startswith("gs://bucket/run/.ckpt.pz_flax-"), reached
+    assert reached[1:] == ["gs://bucket/run/ckpt/arrays", "gs://bucket/run/ckpt/arrays"]
+    assert _leaves_equal(restored, {"w": jnp.ones(2)})
+    assert not (tmp_path / "gs:").exists()
+    assert sorted(p.name for p in (bucket / "run").iterdir()) == ["ckpt"]
+
+
+def test_unreachable_remote_filesystem_is_a_clear_error():
+    # No gcsfs or TensorFlow in this environment: Google Storage cannot be reached.
+    with pytest.raises(errors.CheckpointStorageError, match=r"gs://no-bucket/ckpt.*cannot be reached"):
+        storage.save("gs://no-bucket/ckpt", {"w": jnp.ones(2)})
+    with pytest.raises(errors.CheckpointStorageError, match="cannot be reached"):
+        storage.restore("gs://no-bucket/ckpt")
+
+
+#### Multi-process layout ####
+
+
+def test_every_process_gets_the_same_staging_name_from_the_primary(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    broadcasts, staged = [], []
+    real_broadcast = ocp.multihost.broadcast_one_to_all
+
+    def broadcast(value, *args, **kwargs):
+        broadcasts.append(np.asarray(value).copy())
+        return real_broadcast(value, *args, **kwargs)
+
+    real_save = ocp.Checkpointer.save
+
+    def orbax_save(self, directory, *args, **kwargs):
+        staged.append(os.fspath(directory))
+        return real_save(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.multihost, "broadcast_one_to_all", broadcast)
+    monkeypatch.setattr(ocp.Checkpointer, "save", orbax_save)
+    storage.save(tmp_path / "ckpt", {"w": jnp.ones(2)})
+    token = "".join(f"{int(part) & 0xFFFFFFFF:08x}" for part in broadcasts[0])
+    assert staged == [str(tmp_path / f".ckpt.pz_flax-{token}")]
+    assert str(os.getpid()) not in staged[0].rsplit("-", 1)[-1]
+    assert len(broadcasts) == 2  # the token, then the primary's publishing outcome
+
+
+def test_default_sharding_is_a_local_device():
+    assert storage.default_sharding().device_set == {jax.local_devices()[0]}
+
+
+#### Stored array metadata ####
+
+
+def _edit_stored_zarr_metadata(checkpoint: pathlib.Path, key: str, **changes) -> None:
+    """Rewrites one array's zarr metadata inside Orbax's OCDBT store, as an attacker could."""
+    import tensorstore as ts
+
+    store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{checkpoint / 'arrays'}"}).result()
+    metadata = json.loads(store.read(f"{key}/.zarray").result().value)
+    metadata.update(changes)
+    store.write(f"{key}/.zarray", json.dumps(metadata).encode()).result()
+
+
+@pytest.mark.parametrize(
+    "changes, reported",
+    [
+        ({"dtype": "<i4"}, "stored dtype '<i4'"),
+        ({"dtype": "<u4"}, "stored dtype '<u4'"),
+        ({"dtype": ">f4"}, "stored dtype '>f4'"),
+        ({"order": "F"}, "stored in a transposed (Fortran) order"),
+        ({"shape": [4, 2]}, "stored shape [4, 2]"),
+    ],
+)
+def test_edited_stored_array_metadata_is_caught_with_and_without_target(
+    tmp_path, changes, reported
+):
+    model = {"w": jnp.arange(8.0).reshape(2, 4), "b": jnp.ones(3)}
+    storage.save(tmp_path / "ckpt", model)
+    _edit_stored_zarr_metadata(tmp_path / "ckpt", "w", **changes)
+    for target in (None, model, jax.eval_shape(lambda: model)):
+        with pytest.raises(errors.CorruptCheckpointError, match=rf"w: {re.escape(reported)}"):
+            storage.restore(tmp_path / "ckpt", target)
