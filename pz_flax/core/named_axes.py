@@ -1707,7 +1707,7 @@ def _constructed(
 def full(
     named_shape: Mapping[AxisName, int],
     fill_value: jax.typing.ArrayLike,
-    dtype: np.DTypeLike | None = None,
+    dtype: jax.typing.DTypeLike | None = None,
 ) -> NamedArray:
     """Creates a named array filled with one value.
 
@@ -1722,7 +1722,9 @@ def full(
     return _constructed("full", named_shape, lambda shape: jnp.full(shape, fill_value, dtype))
 
 
-def zeros(named_shape: Mapping[AxisName, int], dtype: np.DTypeLike | None = None) -> NamedArray:
+def zeros(
+    named_shape: Mapping[AxisName, int], dtype: jax.typing.DTypeLike | None = None
+) -> NamedArray:
     """Creates a named array of zeros.
 
     Args:
@@ -1735,7 +1737,9 @@ def zeros(named_shape: Mapping[AxisName, int], dtype: np.DTypeLike | None = None
     return _constructed("zeros", named_shape, lambda shape: jnp.zeros(shape, dtype))
 
 
-def ones(named_shape: Mapping[AxisName, int], dtype: np.DTypeLike | None = None) -> NamedArray:
+def ones(
+    named_shape: Mapping[AxisName, int], dtype: jax.typing.DTypeLike | None = None
+) -> NamedArray:
     """Creates a named array of ones.
 
     Args:

@@ -26,6 +26,7 @@ parameters, and a model rebuilt by ``apply`` shares its untouched variables with
 
 from __future__ import annotations
 
+import builtins
 import collections
 import dataclasses
 import functools
@@ -699,7 +700,7 @@ class Selection(Generic[SelectedSubtree], struct.Struct):
     @staticmethod
     def _locate_accessed_nodes(
         subtree: Any, accessor_fn: Callable[[Any], Any], multiple: bool | None
-    ) -> set[KeyPath]:
+    ) -> builtins.set[KeyPath]:  # builtins: inside Selection, `set` is the method
         """Runs an ``at`` accessor on a uniquely-labelled copy; returns its results' key paths."""
         try:
             labelled_copy = jax.tree_util.tree_map(_UniqueLeaf, subtree, is_leaf=_has_no_children)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Any
+from typing import TypeAlias
 
 import jax
 
-PyTreeDef = jax.tree_util.PyTreeDef
+PyTreeDef: TypeAlias = jax.tree_util.PyTreeDef
 
 # Keys that step into an attribute of an object (rather than an item of a container). A
 # readable path names the object's type before such a step, e.g. ``Linear.weights``.

@@ -168,7 +168,8 @@ class StatefulTrainer(struct.Struct):
         root_rng: PRNGKeyArray,
         model: ModelPyTree,
         optimizer_def: optax.GradientTransformation,
-        loss_fn: LossFunction,
+        # A protocol with **kwargs matches no function with named batch arguments, hence Callable.
+        loss_fn: LossFunction | Callable[..., tuple[jax.Array, LossStatePyTree, AuxOutPyTree]],
         initial_loss_fn_state: LossStatePyTree = None,
         jit: bool = True,
         donate_states: bool = False,

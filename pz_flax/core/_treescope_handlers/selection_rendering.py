@@ -15,6 +15,7 @@ the top of the rendering instead of being silently dropped).
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any
 
 import jax
@@ -62,7 +63,7 @@ class SelectionBoundaryLayoutMark:
 
 def _box_selected_node(
     node: Any, path: str | None, node_renderer: renderers.TreescopeSubtreeRenderer
-) -> rendering_parts.RenderableAndLineAnnotations | type(NotImplemented):
+) -> rendering_parts.RenderableAndLineAnnotations | types.NotImplementedType:
     """Treescope wrapper hook: renders selected nodes marked (and boxed) and others as usual."""
     state = _active_state.get()
     if state is None or path is None or path not in state.selected_paths:

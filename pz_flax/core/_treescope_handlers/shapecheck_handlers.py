@@ -17,6 +17,7 @@ field. A `Wildcard` shows as ``*`` or ``<description>``.
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any
 
 import numpy as np
@@ -91,7 +92,7 @@ def handle_arraystructures(
 ) -> (
     rendering_parts.RenderableTreePart
     | rendering_parts.RenderableAndLineAnnotations
-    | type(NotImplemented)
+    | types.NotImplementedType
 ):
     """Renders an `ArraySpec` or a `Wildcard`; NotImplemented for anything else.
 
