@@ -555,7 +555,8 @@ def _check_hashable(owner: str, what: str, value: Any):
         ) from exc
 
 
-class LabeledVariable(nnx.Variable[T], AbstractVariable, metaclass=_VariableMeta):
+# mypy cannot follow _VariableMeta's dynamic base, type(nnx.Variable), hence the ignore.
+class LabeledVariable(nnx.Variable[T], AbstractVariable, metaclass=_VariableMeta):  # type: ignore[metaclass]
     """A mutable variable with a label, a value and a metadata dictionary, stored NNX-style.
 
     This is the shared implementation of ``Parameter`` and ``StateVariable``. The NNX raw value
@@ -684,6 +685,28 @@ class LabeledVariable(nnx.Variable[T], AbstractVariable, metaclass=_VariableMeta
             return
         super().set_value(value, index=index)
 
+    def copy(self, value: Any = MISSING, **updates: Any) -> LabeledVariable[T]:
+        """NNX's copy (also ``replace``), which also accepts a ``NamedArray`` value.
+
+        A ``NamedArray`` (passed positionally or as ``value=``) is stored like ``value`` stores
+        it: its data array as the raw value and its names as the ``axis_names`` entry, so the
+        copy reads back the same named array.
+
+        Args:
+            value: The new value; a raw value keeps the axis names, a ``NamedArray`` sets them.
+            **updates: Metadata entries to change, as in ``nnx.Variable.copy``.
+
+        Returns:
+            A new variable of the same class.
+        """
+        if value is MISSING and "value" in updates:
+            value = updates.pop("value")
+        if isinstance(value, named_axes.NamedArrayBase):
+            value, updates[_AXIS_NAMES_KEY] = _split_value(value)
+        return super().copy(value, **updates)
+
+    replace = copy
+
     def update(self, new_frozen_value: LabeledVariableValue):
         """Copies the value of a frozen snapshot of this same variable into it.
 
@@ -714,16 +737,9 @@ class LabeledVariable(nnx.Variable[T], AbstractVariable, metaclass=_VariableMeta
     __str__ = __repr__
 
     def __treescope_repr__(self, path: str | None, subtree_renderer: Any):
-        from treescope import repr_lib
+        from pz_flax.core._treescope_handlers import variable_handlers
 
-        return repr_lib.render_object_constructor(
-            type(self),
-            {"label": self.label, "value": self.value, "metadata": self.metadata},
-            path,
-            subtree_renderer,
-            roundtrippable=False,
-            color=self.treescope_color(),
-        )
+        return variable_handlers.render_labeled_variable(self, path, subtree_renderer)
 
 
 @struct.pytree_dataclass
@@ -746,7 +762,7 @@ class LabeledVariableValue(AbstractVariableValue, Generic[T]):
 #### Parameters ####
 
 
-class Parameter(LabeledVariable[T], nnx.Param):
+class Parameter(LabeledVariable[T], nnx.Param):  # type: ignore[metaclass]
     """A model parameter: updated by optimizers, read (not written) by the model.
 
     A subclass of ``flax.nnx.Param``, so NNX filters (``nnx.state(model, nnx.Param)``,

@@ -35,6 +35,7 @@ from pz_flax.interop import registry
 from pz_flax.interop import wrappers
 from pz_flax.nn import basic_ops
 from pz_flax.nn import layer as layer_base
+from pz_flax.nn import layer_stack
 
 
 def _describe(value: Any) -> str:
@@ -103,6 +104,8 @@ def from_nnx(
         else registry.IdentityMemo()
     )
 
+    stacks = _StackDetector()
+
     def convert(obj: Any, path: tuple[Hashable, ...]) -> Any:
         # Modules are converted once; a shared one at the path nnx.state lists it under.
         # Functions hold no state, so each occurrence is converted with its own naming.
@@ -111,14 +114,132 @@ def from_nnx(
             return memo.get(obj)
         if is_module:
             path = memo.first_paths.get(id(obj), path)
-        converted = _convert_from_nnx(
-            obj, path, base_naming, checked_overrides, strict, convert, memo
-        )
+        stack_size = stacks.stack_size(obj) if is_module else None
+        if stack_size is not None:
+            naming = naming_lib.resolve_naming(base_naming, checked_overrides, type(obj), path)
+            converted = _convert_stacked(obj, path, stack_size, naming.stack, convert, memo)
+        else:
+            converted = _convert_from_nnx(
+                obj, path, base_naming, checked_overrides, strict, convert, memo
+            )
         if is_module:
             memo.put(obj, converted)
         return converted
 
     return convert(module, ())
+
+
+class _StackDetector:
+    """Recognises modules created by ``nnx.vmap``: stacks of identically built layers.
+
+    A module is a stack of ``n`` layers when every variable below it has a leading axis of size
+    ``n`` and some module below it with a registered mapping has one axis too many for that
+    mapping (its variables are per-layer stacks of the arrays the mapping expects). The stack
+    is the outermost such module that is not a mere holder of one stacked child (a module
+    with no variables of its own and a single child with variables is not itself stacked:
+    its code is what runs the stack, e.g. with ``nnx.scan``).
+    """
+
+    def __init__(self):
+        self._leading: dict[int, int | None] = {}
+        self._over_ranked: dict[int, bool] = {}
+
+    def stack_size(self, module: nnx.Module) -> int | None:
+        """The number of stacked layers ``module`` is, or None if it is not a stack."""
+        if isinstance(module, nnx.List | nnx.Dict):
+            return None
+        size = self._common_leading_size(module)
+        if size is None:
+            return None
+        own_variables, children = _own_variables_and_children(module)
+        if not own_variables and len(children) == 1:
+            return None
+        if not any(self._is_over_ranked(node) for _, node in nnx.iter_graph(module)):
+            return None
+        return size
+
+    def _common_leading_size(self, node: Any) -> int | None:
+        if id(node) in self._leading:
+            return self._leading[id(node)]
+        own_variables, children = _own_variables_and_children(node)
+        sizes = set()
+        for variable in own_variables:
+            for leaf in jax.tree_util.tree_leaves(variable.get_raw_value()):
+                sizes.add(leaf.shape[0] if getattr(leaf, "ndim", 0) else None)
+        for child in children:
+            sizes.add(self._common_leading_size(child))
+        result = sizes.pop() if len(sizes) == 1 else None
+        self._leading[id(node)] = result
+        return result
+
+    def _is_over_ranked(self, node: Any) -> bool:
+        if not isinstance(node, nnx.Module) or id(node) in self._over_ranked:
+            return self._over_ranked.get(id(node), False)
+        mapping = registry.get_mapping(type(node))
+        over_ranked = False
+        if mapping is not None and mapping.verify_round_trip:
+            trial = registry.FromNNXContext(
+                naming=naming_lib.DEFAULT_NAMING, path=(), convert_child=lambda child, path: None
+            )
+            try:
+                mapping.to_pz(node, trial)
+            except registry.AxisCountMismatch:
+                over_ranked = True
+            except Exception:  # any other refusal is not about stacking
+                over_ranked = False
+        self._over_ranked[id(node)] = over_ranked
+        return over_ranked
+
+
+def _own_variables_and_children(node: Any) -> tuple[list[nnx.Variable], list[Any]]:
+    """The variables and the child graph nodes held directly in a module's attributes."""
+    own, children = [], []
+    items = node.items() if isinstance(node, nnx.Dict) else vars(node).items()
+    if isinstance(node, nnx.List):
+        items = enumerate(node)
+    for name, value in items:
+        if isinstance(name, str) and name.startswith("_pytree__"):
+            continue
+        if isinstance(value, nnx.Variable):
+            own.append(value)
+        elif isinstance(value, nnx.Pytree):
+            children.append(value)
+    return own, children
+
+
+def _convert_stacked(module, path, size, stack_axis, convert, memo) -> Any:
+    """Converts a stack of ``size`` layers into a ``LayerStack`` over ``stack_axis``.
+
+    The first layer is converted like any module; its pz_flax variables then take the whole
+    stacked arrays (no copy), named with ``stack_axis`` in front.
+    """
+    graphdef, state = nnx.split(module)
+    first_layer = nnx.merge(graphdef, jax.tree_util.tree_map(lambda array: array[0], state))
+    converted = convert(first_layer, path)
+    stacked_by_path = dict(nnx.to_flat_state(state))
+    for layer_path, layer_variable in nnx.to_flat_state(nnx.state(first_layer)):
+        pz_variable = memo.get(layer_variable)
+        if pz_variable is None:
+            continue
+        stacked = stacked_by_path[layer_path].get_raw_value()
+        value = pz_variable.value
+        if named_axes.is_namedarray(value):
+            names = tuple(value.named_shape)
+            positional = [
+                f"{stack_axis}_dim{index}" for index in range(len(value.positional_shape))
+            ]
+            names = (*positional, *names)
+        else:
+            names = tuple(f"{stack_axis}_dim{index}" for index in range(stacked.ndim - 1))
+        type(pz_variable).value.fset(pz_variable, named_axes.wrap(stacked).tag(stack_axis, *names))
+        if isinstance(pz_variable, variables.StateVariable):
+            pz_variable.metadata = {
+                **pz_variable.metadata,
+                "layerstack_axes": {stack_axis: layer_stack.LayerStackVarBehavior.PER_LAYER},
+            }
+    return layer_stack.LayerStack(
+        stacked_sublayers=converted, stack_axis=stack_axis, stack_axis_size=size
+    )
 
 
 def _is_plain_callable(value: Any) -> bool:
@@ -139,6 +260,7 @@ def _convert_from_nnx(obj, path, base_naming, overrides, strict, convert, memo):
         context = registry.FromNNXContext(
             naming=naming, path=path, convert_child=convert, memo=memo
         )
+        wrapped_because = ""
         if mapping is not None:
             mark = memo.mark()
             try:
@@ -146,13 +268,14 @@ def _convert_from_nnx(obj, path, base_naming, overrides, strict, convert, memo):
             except registry.MappingNotApplicable as exc:
                 # The module is wrapped instead: what the attempt converted must not be reused.
                 memo.rollback(mark)
+                wrapped_because = f"{type(mapping).__name__}: {exc}"
                 if strict:
                     where = "/".join(map(str, path)) or "<root>"
                     raise ValueError(
                         f"Cannot convert {type(obj).__qualname__} at {where} with"
                         f" {type(mapping).__name__}: {exc}"
                     ) from exc
-        return wrap_module(obj, context)
+        return wrap_module(obj, context, wrapped_because)
     naming = naming_lib.resolve_naming(base_naming, overrides, None, path)
     if _is_plain_callable(obj):
         return _convert_function(obj, naming)
@@ -175,12 +298,41 @@ def _apply_mapping(mapping: registry.LayerMapping, module: Any, context) -> Any:
             )
         if nnx.graphdef(rebuilt) != nnx.graphdef(module):
             raise registry.MappingNotApplicable(
-                "the module has settings its pz_flax form does not capture (rebuilding it from"
-                " the pz_flax form gives a different graph definition)."
+                "the module has settings its pz_flax form does not capture"
+                f" ({_differing_settings(module, rebuilt)}; rebuilding it from the pz_flax form"
+                " gives a different graph definition)."
             )
     if not mapping.callable_result:
         return converted
     return wrappers.FromNNX(layer=converted, nnx_type=type(module), nnx_config=config)
+
+
+def _differing_settings(module: nnx.Module, rebuilt: nnx.Module) -> str:
+    """Names the attributes (or variable metadata) where two modules of one class differ."""
+    differences = []
+    for name in sorted(set(vars(module)) | set(vars(rebuilt))):
+        if name.startswith("_pytree__"):
+            continue
+        mine, theirs = vars(module).get(name), vars(rebuilt).get(name)
+        if isinstance(mine, nnx.Variable) and isinstance(theirs, nnx.Variable):
+            mine, theirs = mine.get_metadata(), theirs.get_metadata()
+            if mine != theirs:
+                changed = sorted(
+                    key for key in set(mine) | set(theirs) if mine.get(key) != theirs.get(key)
+                )
+                differences.append(f"metadata {changed} of variable {name!r}")
+        elif isinstance(mine, nnx.Module) or isinstance(theirs, nnx.Module):
+            continue
+        elif type(mine) is not type(theirs) or not _same_setting(mine, theirs):
+            differences.append(f"{name}={mine!r}")
+    return ", ".join(differences) or "a difference in its children or structure"
+
+
+def _same_setting(first: Any, second: Any) -> bool:
+    try:
+        return bool(first == second)
+    except Exception:  # values without a plain equality (arrays)
+        return first is second
 
 
 def _convert_function(fn: Any, naming: naming_lib.NNXNaming) -> Any:
@@ -196,7 +348,9 @@ def _convert_function(fn: Any, naming: naming_lib.NNXNaming) -> Any:
     )
 
 
-def wrap_module(module: nnx.Module, context: registry.FromNNXContext) -> wrappers.NNXWrapper:
+def wrap_module(
+    module: nnx.Module, context: registry.FromNNXContext, wrapped_because: str = ""
+) -> wrappers.NNXWrapper:
     """Wraps an NNX module so that it runs its own code inside a pz_flax model.
 
     Child modules (attributes holding ``nnx.Module`` objects, including ``nnx.List`` and
@@ -207,6 +361,7 @@ def wrap_module(module: nnx.Module, context: registry.FromNNXContext) -> wrapper
     Args:
         module: The module.
         context: Naming and path of the module.
+        wrapped_because: Why its class's mapping did not apply, if it has one.
 
     Returns:
         The wrapper layer.
@@ -246,15 +401,13 @@ def wrap_module(module: nnx.Module, context: registry.FromNNXContext) -> wrapper
         if names is not None:
             value = named_axes.wrap(value).tag(*names)
         label = context.variable_label(original, *path)
-        metadata = registry.user_metadata(nnx_variable)
-        if isinstance(nnx_variable, nnx.Param):
-            wrapped_variables[key] = variables.Parameter(
-                value=value, label=label, metadata=metadata
-            )
-        else:
-            wrapped_variables[key] = variables.StateVariable(value, label=label, metadata=metadata)
+        pz_class = (
+            variables.Parameter if isinstance(nnx_variable, nnx.Param) else variables.StateVariable
+        )
+        wrapped_variables[key] = registry.pz_variable_like(nnx_variable, pz_class, value, label)
         context.memo.put(original, wrapped_variables[key])
     naming = context.naming
+    required_input_axes = wrappers.wrapped_input_axes(module, naming)
     return wrappers.NNXWrapper(
         variables=wrapped_variables,
         children=children,
@@ -262,10 +415,31 @@ def wrap_module(module: nnx.Module, context: registry.FromNNXContext) -> wrapper
         module_type=type(module),
         shell=wrappers.ModuleShell(shell_graphdef),
         variable_paths=variable_paths,
-        input_axes=naming.input_axes or (naming.features,),
+        input_axes=naming.input_axes or (*required_input_axes, naming.features),
         output_axes=naming.output_axes,
+        call_signature=wrappers.CallSignature.of(type(module)),
+        required_input_axes=() if naming.input_axes else required_input_axes,
         feature_axis=naming.features,
+        vocabulary_axis=_vocabulary_axis(module, naming),
+        wrapped_because=wrapped_because,
     )
+
+
+def _vocabulary_axis(module: nnx.Module, naming: naming_lib.NNXNaming) -> tuple[int, str] | None:
+    """``(size, name)`` of the vocabulary of the one embedding table inside ``module``.
+
+    None when there is no such table, several, or one whose vocabulary is as large as its
+    feature axis (then an output axis of that size could be either).
+    """
+    tables = {
+        (node.num_embeddings, node.features)
+        for _, node in nnx.iter_graph(module)
+        if isinstance(node, nnx.Embed)
+    }
+    sizes = {vocabulary for vocabulary, features in tables if vocabulary != features}
+    if len(sizes) != 1 or len(tables) != 1:
+        return None
+    return (sizes.pop(), naming.vocabulary)
 
 
 def rebuild_wrapped_module(
@@ -426,6 +600,8 @@ def _convert_to_nnx(layer: Any, context: registry.ToNNXContext) -> Any:
         return wrappers.PzModule(layer, naming=context.naming)
     if isinstance(layer, wrappers.NNXWrapper):
         return _rebuild(layer, context)
+    if isinstance(layer, layer_stack.LayerStack) and not context.native:
+        return _stacked_to_nnx(layer, context)
     if isinstance(layer, wrappers.WrappedCallable):
         return layer.fn
     if isinstance(layer, list | tuple):
@@ -440,6 +616,48 @@ def _convert_to_nnx(layer: Any, context: registry.ToNNXContext) -> Any:
     if _is_pz_layer(layer):
         return wrappers.PzModule(layer, naming=context.naming)
     raise TypeError(f"to_nnx cannot convert {_describe(layer)}.")
+
+
+def _stacked_to_nnx(layer: layer_stack.LayerStack, context: registry.ToNNXContext) -> Any:
+    """Builds the ``nnx.vmap``-style NNX module of a ``LayerStack``: one module, stacked arrays.
+
+    The stack's first layer is converted (from copies of its variables holding slice 0), and
+    every variable of the result then takes the whole stacked array of the variable it came
+    from, so the module has exactly the layout ``nnx.vmap`` creates.
+    """
+    stack_axis = layer.stack_axis
+    pure, stacked_variables = variables.unbind_variables(layer.stacked_sublayers)
+    originals_by_slice = {}
+    slices = []
+    for variable in stacked_variables:
+        value = variable.value
+        if not (named_axes.is_namedarray(value) and stack_axis in value.named_shape):
+            slices.append(variable)
+            continue
+        first = value[{stack_axis: 0}]
+        names = tuple(first.named_shape)
+        if all(name.startswith(f"{stack_axis}_dim") for name in names):
+            first = first.unwrap(*names)
+        metadata = {
+            key: entry for key, entry in variable.metadata.items() if key != "layerstack_axes"
+        }
+        copy = type(variable)(value=first, label=variable.label, metadata=metadata)
+        originals_by_slice[id(copy.get_raw_value())] = variable
+        slices.append(copy)
+    first_mark = None if context.bindings is None else len(context.bindings)
+    module = context.convert(variables.bind_variables(pure, slices))
+    for _, nnx_variable in nnx.to_flat_state(nnx.state(module)):
+        original = originals_by_slice.get(id(nnx_variable.get_raw_value()))
+        if original is not None:
+            nnx_variable.set_value(original.get_raw_value())
+    if first_mark is not None:
+        # State written back after a call must reach the stacked variables, not the slices.
+        by_copy = {id(copy): original for copy, original in zip(slices, stacked_variables)}
+        context.bindings[first_mark:] = [
+            (by_copy.get(id(variable), variable), built, path)
+            for variable, built, path in context.bindings[first_mark:]
+        ]
+    return module
 
 
 def _as_function(layer: Any, naming: naming_lib.NNXNaming) -> Any:

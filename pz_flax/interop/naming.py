@@ -54,6 +54,7 @@ class NNXNaming:
         lora_rank: Name of the inner (rank) axis of a LoRA adapter.
         spatial: Names of the spatial axes of 2-D convolutions, outermost first.
         batch: Name given to a leading positional axis when one must be invented.
+        stack: Name of the stack axis of layers created with ``nnx.vmap`` (see ``from_nnx``).
         label_prefix: Prefix of every converted variable's label (joined with ``/``).
         input_axes: For modules that are wrapped rather than mapped: the named axes moved, in
             this order, to the end of the positional array the module receives (default:
@@ -72,6 +73,7 @@ class NNXNaming:
     lora_rank: str = "lora_rank"
     spatial: tuple[str, ...] = ("height", "width")
     batch: str = "batch"
+    stack: str = "layers"
     label_prefix: str = ""
     input_axes: tuple[str, ...] | None = None
     output_axes: tuple[str, ...] | None = None

@@ -48,6 +48,14 @@ class MappingNotApplicable(Exception):
     """
 
 
+class AxisCountMismatch(MappingNotApplicable, ValueError):
+    """A variable has a different number of axes than the names its mapping gives it.
+
+    The usual cause is a stack of layers (``nnx.vmap``-created modules, whose variables have an
+    extra leading axis); ``from_nnx`` then converts the stack as a whole (see ``from_nnx``).
+    """
+
+
 class IdentityMemo:
     """The converted form of each object met during one conversion, by the object's identity.
 
@@ -271,7 +279,7 @@ class FromNNXContext:
                     f" {stored_names}, not a Parameter with axis names {wanted_names}."
                 )
             return existing
-        parameter = variables.Parameter(value=value, label=label, metadata=user_metadata(variable))
+        parameter = pz_variable_like(variable, variables.Parameter, value, label)
         self.memo.put(variable, parameter)
         return parameter
 
@@ -431,7 +439,13 @@ class ToNNXContext:
             if shared is not None:
                 flat.append((path, shared))
                 continue
-            new_var = abstract_var.replace(value=array)
+            if isinstance(source, variables.LabeledVariable):
+                # The rebuilt variable is (not) eagerly sharded exactly as the converted one was.
+                new_var = abstract_var.replace(
+                    array, eager_sharding=source.get_metadata().get("eager_sharding", True)
+                )
+            else:
+                new_var = abstract_var.replace(value=array)
             if source is not None and isinstance(source, variables.LabeledVariable):
                 for name, entry in source.metadata.items():
                     new_var.set_metadata(name, entry)
@@ -481,6 +495,33 @@ def _abstract_module(nnx_class, args, kwargs):
     return result
 
 
+def pz_variable_like(
+    source: nnx.Variable, pz_class: type[Any], value: Any, label: str
+) -> variables.LabeledVariable:
+    """A pz_flax variable holding an NNX variable's array, with its metadata and sharding mode.
+
+    The array is already placed where it belongs, so creating the pz_flax variable must not
+    place it again: its metadata (sharding annotations included) is attached after creation,
+    which NNX never turns into a resharding, and the variable keeps the source's
+    ``eager_sharding`` setting so that modules rebuilt from it have the same graph definition.
+    Conversion therefore needs no mesh context, just as running the NNX model needs none.
+
+    Args:
+        source: The NNX variable.
+        pz_class: ``Parameter`` or ``StateVariable``.
+        value: The value, the source's array possibly named.
+        label: The label.
+
+    Returns:
+        The new pz_flax variable.
+    """
+    with nnx.use_eager_sharding(bool(source.get_metadata().get("eager_sharding", True))):
+        created = pz_class(value=value, label=label)
+    for key, entry in user_metadata(source).items():
+        created.set_metadata(key, entry)
+    return created
+
+
 def user_metadata(variable: nnx.Variable) -> dict[str, Any]:
     """The metadata of an NNX variable that pz_flax should carry.
 
@@ -511,7 +552,7 @@ def _named_value(variable: nnx.Variable, axis_names: Sequence[str] | None, label
     if axis_names is None:
         return raw
     if len(axis_names) != raw.ndim:
-        raise ValueError(
+        raise AxisCountMismatch(
             f"Variable {label!r} has shape {raw.shape}, which cannot take the axis names"
             f" {tuple(axis_names)}."
         )

@@ -248,7 +248,9 @@ class NNXWrapper(layer_base.Layer):
         who = f"NNX module {_type_name(self.module_type)}"
         keyword_arguments = self.call_signature.select(side_inputs, who)
         if isinstance(argument, named_axes.NamedArrayBase):
-            missing = [name for name in self.required_input_axes if name not in argument.named_shape]
+            missing = [
+                name for name in self.required_input_axes if name not in argument.named_shape
+            ]
             if missing:
                 raise ValueError(
                     f"{who} (variables {sorted(self.variables)}) needs the input axes"
@@ -474,7 +476,7 @@ def _kept_input_axes(argument, leading, output, probe):
         shape[index] = fresh_size
         try:
             probed = probe(jax.ShapeDtypeStruct(tuple(shape), positional.dtype))
-        except Exception:  # noqa: BLE001 - any failure means the module needs this axis's size
+        except Exception:  # any failure: the module needs this axis size
             continue
         probed_shapes = dict(jax.tree_util.tree_leaves_with_path(probed))
         for path, names in tracked.items():
@@ -614,6 +616,8 @@ def wrapped_input_axes(module: Any, naming: naming_lib.NNXNaming) -> tuple[str, 
     if isinstance(module, nnx.Conv | nnx.ConvTranspose):
         return naming.spatial_axes(len(module.kernel_size))
     return ()
+
+
 for _norm_type in (nnx.BatchNorm, nnx.GroupNorm, nnx.InstanceNorm):
     register_wrapped_axis_names(_norm_type, _feature_vector_axis_names)
 

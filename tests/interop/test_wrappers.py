@@ -85,14 +85,23 @@ def test_wrapper_output_naming_rules_and_errors():
     images = helpers.named(
         helpers.random_input((2, 4, 4, 3)), "batch", "height", "width", "features"
     )
+    # Which input axes survive the pooling is found by resizing them one at a time.
+    assert dict(convert.from_nnx(Pool())(images).named_shape) == {"batch": 2, "features": 3}
     with pytest.raises(ValueError, match="fewer axes than the 0 positional and 3 batch axes"):
-        convert.from_nnx(Pool())(images)
+        convert.from_nnx(PoolTransposed())(images)
     pooled = convert.from_nnx(Pool(), input_axes=("height", "width", "features"))
     assert dict(pooled(images).named_shape) == {"batch": 2, "features": 3}
     renamed = convert.from_nnx(
         Pool(), input_axes=("height", "width", "features"), output_axes=("channels",)
     )
     assert dict(renamed(images).named_shape) == {"batch": 2, "channels": 3}
+
+
+class PoolTransposed(nnx.Module):
+    """Pools, then puts the batch axis last: the kept axis is not where pz_flax can name it."""
+
+    def __call__(self, x):
+        return jnp.mean(x, axis=(1, 2)).T
 
 
 class Masked(nnx.Module):
@@ -106,16 +115,35 @@ class Masked(nnx.Module):
         return out if mask is None else jnp.where(mask, out, 0.0)
 
 
-def test_forwarded_side_inputs_become_keyword_arguments():
+class NeedsPositions(nnx.Module):
+    """Takes a required argument, an optional one and ``**kwargs``."""
+
+    def __init__(self):
+        self.offset = nnx.Param(jnp.ones((3,)))
+
+    def __call__(self, x, positions, *, scale=1.0, **extra):
+        return (x + self.offset[...] + positions) * scale + sum(extra.values())
+
+
+def test_side_inputs_named_like_call_parameters_become_keyword_arguments():
     layer = convert.from_nnx(Masked())
-    forwarding = type(layer).from_attributes(
-        **{**layer.attributes_dict(), "forwarded_side_inputs": ("mask",)}
-    )
+    assert layer.call_signature == wrappers.CallSignature(("mask",), (), False)
     x = helpers.named(jnp.ones((2, 3)), "batch", "features")
     mask = jnp.array([[True, False, True], [False, True, True]])
-    result = forwarding(x, mask=mask, unrelated=1).unwrap("batch", "features")
+    result = layer(x, mask=mask, unrelated=1).unwrap("batch", "features")
     np.testing.assert_array_equal(result, jnp.where(mask, 2.0, 0.0))
-    np.testing.assert_array_equal(layer(x, mask=mask).unwrap("batch", "features"), 2.0)
+    np.testing.assert_array_equal(layer(x).unwrap("batch", "features"), 2.0)
+
+
+def test_missing_required_call_argument_is_an_error_and_kwargs_take_everything():
+    layer = convert.from_nnx(NeedsPositions())
+    x = helpers.named(jnp.ones((2, 3)), "batch", "features")
+    with pytest.raises(
+        TypeError, match=r"NeedsPositions needs the call argument\(s\) \['positions'\]"
+    ):
+        layer(x, scale=2.0)
+    result = layer(x, positions=1.0, scale=2.0, bonus=3.0).unwrap("batch", "features")
+    np.testing.assert_array_equal(result, (1.0 + 1.0 + 1.0) * 2.0 + 3.0)
 
 
 def test_wrapped_callable_names_output():
