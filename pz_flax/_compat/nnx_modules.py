@@ -31,7 +31,7 @@ def _broken(what: str) -> RuntimeError:
     )
 
 
-def module_attributes(module: nnx.Module) -> list[tuple[str, Any, bool]]:
+def module_attributes(module: nnx.Pytree) -> list[tuple[str, Any, bool]]:
     """``(name, value, is_data)`` for each of the module's own attributes, in order.
 
     Raises:
@@ -47,11 +47,11 @@ def module_attributes(module: nnx.Module) -> list[tuple[str, Any, bool]]:
     ]
 
 
-def empty_module_with(cls: type, attributes: list[tuple[str, Any, bool]]) -> nnx.Module:
+def empty_module_with(cls: type, attributes: list[tuple[str, Any, bool]]) -> nnx.Pytree:
     """A module of class ``cls`` holding ``attributes``, built without running ``__init__``.
 
     Args:
-        cls: An ``nnx.Module`` subclass.
+        cls: An ``nnx.Pytree`` subclass (an ``nnx.Module``, an ``nnx.RngStream``, ...).
         attributes: ``(name, value, is_data)`` triples, as ``module_attributes`` gives them.
 
     Raises:

@@ -45,6 +45,7 @@ _NAMESPACES = ("jax.nn", "jax.numpy", "jax.lax", "jax.scipy.special", "flax.nnx.
 # Literal types a partial may bind.
 PARTIAL_ARGUMENT_TYPES = (type(None), bool, int, float, str)
 
+
 @functools.cache
 def _known_functions() -> dict[str, Callable[..., Any]]:
     """Every allow-listed library function by each public name that finds it."""

@@ -149,7 +149,8 @@ class ArrayEntry:
     def _validated(cls, data: Any) -> ArrayEntry:
         expect(isinstance(data, dict), "an entry is an object")
         expect(
-            {"path", "key", "shape", "dtype", "axis_names", "label"} <= data.keys()
+            {"path", "key", "shape", "dtype", "axis_names", "label"}
+            <= data.keys()
             <= {"path", "key", "shape", "dtype", "axis_names", "label", "prng_impl"},
             f"unexpected keys {messages.bounded_repr(sorted(data))}",
         )
@@ -176,7 +177,8 @@ class ArrayEntry:
         expect(label is None or isinstance(label, str), "label is a string or null")
         prng_impl = data.get("prng_impl")
         expect(
-            prng_impl is None or prng_impl in _PRNG_IMPLEMENTATIONS,
+            prng_impl is None
+            or (isinstance(prng_impl, str) and prng_impl in _PRNG_IMPLEMENTATIONS),
             f"unknown PRNG implementation {messages.bounded_repr(prng_impl)}",
         )
         return cls(
@@ -233,8 +235,8 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
-def parse_manifest_json(text: str, source: str) -> Any:
-    """Parses a manifest file's text, refusing what strict JSON refuses.
+def parse_manifest_json(text: str | bytes, source: str) -> Any:
+    """Parses a manifest file's contents (UTF-8), refusing what strict JSON refuses.
 
     ``NaN``/``Infinity`` constants, integers longer than ``static_codec.MAX_INT_DIGITS``
     digits and nesting deep enough to exhaust the parser are all damage, not data.
@@ -243,12 +245,14 @@ def parse_manifest_json(text: str, source: str) -> Any:
         CorruptCheckpointError: If ``text`` is not such JSON; names ``source``.
     """
     try:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8")
         return json.loads(text, parse_constant=_refuse_constant, parse_int=_bounded_int)
     except Corrupt as exc:
         raise _corrupt(source, f"the manifest is damaged ({exc}).") from None
     except RecursionError:
         raise _corrupt(source, "the manifest is damaged (nested too deeply).") from None
-    except ValueError as exc:  # json.JSONDecodeError is a ValueError.
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors.
         raise _corrupt(
             source, f"the manifest is damaged (not valid JSON: {messages.bounded_text(str(exc))})."
         ) from None
@@ -311,7 +315,9 @@ def read_entries(manifest: Any, source: str | None = None) -> list[ArrayEntry]:
             entry = ArrayEntry._validated(item)
             expect(entry.key not in keys, f"the key {messages.bounded_repr(entry.key)} repeats")
         except Corrupt as exc:
-            raise _corrupt(source, f"manifest path arrays/{i}: malformed array entry: {exc}") from None
+            raise _corrupt(
+                source, f"manifest path arrays/{i}: malformed array entry: {exc}"
+            ) from None
         keys.add(entry.key)
         entries.append(entry)
     return entries
@@ -358,6 +364,11 @@ def _fits(value: Any, hint: Any) -> bool | None:
         else:
             return None if not args else False
         return False if False in verdicts else None
+    if isinstance(hint, type) and origin is None:
+        try:
+            return isinstance(value, hint)
+        except TypeError:  # A protocol or other class that isinstance cannot check.
+            return None
     return None
 
 
@@ -573,9 +584,7 @@ class _LiteralKind(_NodeKind):
     def decode(self, decoder, data, path, at):
         expect(data.keys() == {"literal"}, "a literal node has only the key 'literal'")
         value = static_codec.decode(data["literal"], decoder.context(path, f"{at}/literal"))
-        expect(
-            isinstance(value, self._TYPES), "a literal is a boolean, number, string or scalar"
-        )
+        expect(isinstance(value, self._TYPES), "a literal is a boolean, number, string or scalar")
         return value
 
     def compare(self, comparer, a, b, path):
@@ -703,9 +712,11 @@ class _VariableKind(_NodeKind):
     def decode(self, decoder, data, path, at):
         if "variable_ref" in data:
             expect(data.keys() == {"variable_ref"}, "a variable reference has one key")
-            variable = decoder.variables.get(data["variable_ref"]) if type(
-                data["variable_ref"]
-            ) is int else None
+            variable = (
+                decoder.variables.get(data["variable_ref"])
+                if type(data["variable_ref"]) is int
+                else None
+            )
             expect(variable is not None, "the variable reference names no earlier variable")
             return variable
         expect(
@@ -721,9 +732,7 @@ class _VariableKind(_NodeKind):
         context = decoder.context(path, at)
         cls = context.resolve(data["variable"], "variable")
         static_codec.check_variable_class(cls)
-        metadata = static_codec.decode_variable_metadata(
-            data["metadata"], context.at("metadata")
-        )
+        metadata = static_codec.decode_variable_metadata(data["metadata"], context.at("metadata"))
         value = decoder.node(data["value"], path, f"{at}/value")
         _check_variable_metadata(metadata, value)
         metadata.setdefault("hijax", False)
@@ -1084,13 +1093,20 @@ def decode(
         expect(not unused, f"the array table lists arrays the model never uses: {unused[:5]}")
     except Corrupt as exc:
         raise _corrupt(source, str(exc)) from None
+    except (errors.CorruptCheckpointError, errors.UntrustedTypeError) as exc:
+        # Raised by name resolution, which knows the model path but not the checkpoint.
+        if source is None:
+            raise
+        raise type(exc)(f"{source}: {exc}") from None
     return model
 
 
 class _Comparer:
     """Walks a checkpoint's manifest and a target's side by side, listing differences."""
 
-    def __init__(self, saved: dict[str, Any], target: dict[str, Any], saved_entries, target_entries):
+    def __init__(
+        self, saved: dict[str, Any], target: dict[str, Any], saved_entries, target_entries
+    ):
         self.saved_entries = saved_entries
         self.target_entries = target_entries
         self.problems: list[str] = []

@@ -13,8 +13,9 @@ module instead, as NNX users know it::
                     {"name": "in_features", "data": false, "value": 5}, ...]}
 
 that is: the class by its public name; each attribute with whether NNX treats it as data, and
-either its variable (class and metadata; the arrays live in the wrapper's ``variables``) or
-its static value (``static_codec``). Restoring builds the module from that without running
+either its variable (class and metadata; the arrays live in the wrapper's ``variables``), a
+module it keeps inside the shell (``"module"``: described the same way) or its static value
+(``static_codec``). Restoring builds the module from that without running
 its ``__init__`` and takes the graph definition of the result.
 """
 
@@ -48,10 +49,13 @@ def encode_shell(shell: Any, path: str) -> dict[str, Any]:
     """Describes a ``ModuleShell`` by its module's class and attributes.
 
     Raises:
-        UnsupportedValueError: If an attribute is neither static, a variable nor None (a
-            nested module or array the wrapper does not convert).
+        UnsupportedValueError: If an attribute is none of: a static value, a variable, None,
+            or a module (described the same way).
     """
-    module = nnx_modules.module_of_graphdef(shell.graphdef)
+    return _describe(nnx_modules.module_of_graphdef(shell.graphdef), path)
+
+
+def _describe(module: nnx.Pytree, path: str) -> dict[str, Any]:
     attributes = []
     for name, value, is_data in nnx_modules.module_attributes(module):
         where = f"{path} (attribute {name})"
@@ -61,10 +65,14 @@ def encode_shell(shell: Any, path: str) -> dict[str, Any]:
                 type(value), what="variable class", path=where
             )
             entry["metadata"] = static_codec.encode_variable_metadata(value.get_metadata(), where)
+        elif isinstance(value, nnx.Pytree):
+            # An NNX object the wrapper keeps inside the shell (an ``nnx.Rngs`` stream, say).
+            entry["module"] = _describe(value, where)
         elif is_data and value is not None:
             raise errors.UnsupportedValueError(
                 f"{where}: cannot save the wrapped {type(module).__name__}: its data attribute"
-                f" {name} holds a {type(value).__name__}, which is neither a variable nor None."
+                f" {name} holds a {type(value).__name__}, which is neither a variable, a module"
+                " nor None."
             )
         else:
             entry["value"] = static_codec.encode(value, where)
@@ -84,9 +92,16 @@ def decode_shell(data: dict[str, Any], context: static_codec.DecodeContext) -> A
     """
     from pz_flax.interop import wrappers
 
-    payload = data[TAG]
-    cls = context.resolve(payload, "type")
-    expect(issubclass(cls, nnx.Module), f"{cls.__qualname__} is not an NNX module class")
+    return wrappers.ModuleShell(nnx.graphdef(_build(data, context)))
+
+
+def _build(data: Any, context: static_codec.DecodeContext) -> nnx.Pytree:
+    expect(
+        isinstance(data, dict) and data.keys() == {TAG, "attributes"},
+        f"a module description has the keys {TAG} and attributes",
+    )
+    cls = context.resolve(data[TAG], "type")
+    expect(issubclass(cls, nnx.Pytree), f"{cls.__qualname__} is not an NNX module class")
     attributes = []
     seen: set[str] = set()
     entries = static_codec.expect_list(data["attributes"], "a module's attributes")
@@ -97,12 +112,14 @@ def decode_shell(data: dict[str, Any], context: static_codec.DecodeContext) -> A
         expect(
             isinstance(name, str)
             and name.isidentifier()
+            and not name.startswith("__")
             and name not in nnx_modules.BOOKKEEPING_ATTRIBUTES
             and name not in seen,
             f"bad or repeated module attribute name {messages.bounded_repr(name)}",
         )
         seen.add(name)
-        expect(isinstance(entry.get("data"), bool), f"attribute {name}: data must be a boolean")
+        is_data = entry.get("data")
+        expect(isinstance(is_data, bool), f"attribute {name}: data must be a boolean")
         if "variable" in entry:
             expect(entry.keys() == {"name", "data", "variable", "metadata"}, "bad variable entry")
             variable_cls = at.resolve(entry["variable"], "variable")
@@ -110,13 +127,15 @@ def decode_shell(data: dict[str, Any], context: static_codec.DecodeContext) -> A
             metadata = static_codec.decode_variable_metadata(entry["metadata"], at.at("metadata"))
             metadata.setdefault("hijax", False)
             value = variable_cls.from_metadata(_PLACEHOLDER, metadata)
+        elif "module" in entry:
+            expect(entry.keys() == {"name", "data", "module"}, "bad module entry")
+            value = _build(entry["module"], at.at("module"))
         else:
             expect(entry.keys() == {"name", "data", "value"}, "bad attribute entry")
             value = static_codec.decode(entry["value"], at.at("value"))
             expect(
-                not entry["data"] or value is None,
-                f"attribute {name}: a data attribute is a variable or None",
+                not is_data or value is None,
+                f"attribute {name}: a data attribute is a variable, a module or None",
             )
-        attributes.append((name, value, entry["data"]))
-    module = nnx_modules.empty_module_with(cls, attributes)
-    return wrappers.ModuleShell(nnx.graphdef(module))
+        attributes.append((name, value, is_data))
+    return nnx_modules.empty_module_with(cls, attributes)

@@ -244,7 +244,10 @@ def _mapping_kind(tag: str, cls: type) -> _Kind:
 
 def _decode_float(data, context):
     text = data["float"]
-    expect(text in _NON_FINITE_FLOATS, f"a float must be 'inf', '-inf' or 'nan', not {text!r}")
+    expect(
+        isinstance(text, str) and text in _NON_FINITE_FLOATS,
+        f"a float must be 'inf', '-inf' or 'nan', not {messages.bounded_repr(text)}",
+    )
     return _NON_FINITE_FLOATS[text]
 
 
@@ -403,7 +406,9 @@ def _decode_mesh(data, context):
     expect(all(isinstance(name, str) for name in names), "mesh axis names are strings")
     expect(all(type(size) is int and 0 < size < 2**31 for size in sizes), "bad mesh axis size")
     members = jax.sharding.AxisType.__members__
-    expect(all(name in members for name in types), "unknown mesh axis type")
+    expect(
+        all(isinstance(name, str) and name in members for name in types), "unknown mesh axis type"
+    )
     return jax.sharding.AbstractMesh(
         tuple(sizes), tuple(names), axis_types=tuple(members[name] for name in types)
     )

@@ -174,12 +174,12 @@ def _check_kind(obj: Any, kind: Kind) -> bool:
 
 
 def _is_public_library_class(obj: Any, kind: Kind) -> bool:
-    """What a public library namespace may provide: NNX module/variable classes, enums."""
+    """What a public library namespace may provide: NNX object/variable classes, enums."""
     if not isinstance(obj, type):
         return False
     if kind == "variable":
         return issubclass(obj, nnx.Variable)
-    return kind == "type" and issubclass(obj, (nnx.Module, nnx.Variable, enum.Enum))
+    return kind == "type" and issubclass(obj, (nnx.Pytree, nnx.Variable, enum.Enum))
 
 
 def check_name_syntax(name: Any, path: str) -> None:

@@ -1,0 +1,138 @@
+"""Malformed manifests give a bounded ``CorruptCheckpointError`` naming the checkpoint's manifest
+file and the manifest path, with and without a target (findings 9 and 10 of issue 10).
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pz_flax.checkpoint import errors
+from pz_flax.checkpoint import storage
+from tests.checkpoint import sample_models
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("malformed") / "ckpt"
+    model = sample_models.build_stateful()
+    storage.save(directory, model)
+    return directory, model
+
+
+def _write(checkpoint, text):
+    (checkpoint / "manifest" / "metadata").write_text(text)
+
+
+def _edited(saved, edit):
+    checkpoint, _ = saved
+    manifest = json.loads((checkpoint / "manifest" / "metadata").read_text())
+    edit(manifest)
+    return manifest
+
+
+def _restore_both_ways(saved):
+    checkpoint, model = saved
+    for target in (None, model):
+        with pytest.raises(errors.CorruptCheckpointError) as caught:
+            storage.restore(checkpoint, target)
+        message = str(caught.value)
+        assert "manifest/metadata" in message, message
+        assert len(message) < 3000
+        yield message
+
+
+def _deep(depth):
+    return "[" * depth + "]" * depth
+
+
+@pytest.mark.parametrize(
+    "mutate, where",
+    [
+        (lambda m: m["root"]["dict"][0].__setitem__(1, json.loads(_deep(500))), "root/dict/0"),
+        (lambda m: m["arrays"][0].__setitem__("shape", [float("inf"), 2]), None),
+        (lambda m: m["arrays"][0].__setitem__("dtype", []), "arrays/0"),
+        (lambda m: m["arrays"][0].__setitem__("prng_impl", 3), "arrays/0"),
+        (lambda m: m["arrays"][0].__setitem__("prng_impl", {"a": 1}), "arrays/0"),
+        (lambda m: m["root"]["dict"][0][1].__setitem__("struct", 7), "root/dict/0"),
+        (
+            lambda m: m["root"]["dict"][0][1]["static"].__setitem__(
+                "x", {"treedef": {"type": {"class": "mymodels:Unregistered"}}}
+            ),
+            "root/dict/0",
+        ),
+        (lambda m: m.__setitem__("format_version", 10**30), None),
+        (lambda m: m.pop("root"), None),
+        (lambda m: m["root"].__setitem__("dict", "nope"), "root"),
+    ],
+)
+def test_malformed_manifests_are_corrupt_checkpoint_errors(saved, mutate, where):
+    checkpoint, _ = saved
+    original = (checkpoint / "manifest" / "metadata").read_text()
+    try:
+        _write(checkpoint, json.dumps(_edited(saved, mutate)))
+        for message in _restore_both_ways(saved):
+            if where is not None:
+                assert f"manifest path {where}" in message, message
+    finally:
+        _write(checkpoint, original)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[" * 100_000 + "]" * 100_000,  # deeper than the JSON parser's recursion
+        '{"format": "pz_flax.checkpoint", "format_version": ' + "9" * 5000 + "}",
+        '{"format": "pz_flax.checkpoint", "format_version": 2, "x": Infinity}',
+        '{"format": "pz_flax.checkpoint", "format_version": NaN}',
+        "\xff\xfe not json",
+    ],
+)
+def test_unparsable_manifests(saved, text):
+    checkpoint, _ = saved
+    original = (checkpoint / "manifest" / "metadata").read_text()
+    try:
+        _write(checkpoint, text)
+        for message in _restore_both_ways(saved):
+            assert "damaged" in message
+    finally:
+        _write(checkpoint, original)
+
+
+def test_not_a_manifest_names_the_file(saved):
+    checkpoint, _ = saved
+    original = (checkpoint / "manifest" / "metadata").read_text()
+    try:
+        _write(checkpoint, json.dumps({"format": "something else"}))
+        for message in _restore_both_ways(saved):
+            assert "not a pz_flax checkpoint manifest" in message
+    finally:
+        _write(checkpoint, original)
+
+
+def test_huge_values_give_bounded_messages(saved):
+    checkpoint, _ = saved
+    original = (checkpoint / "manifest" / "metadata").read_text()
+
+    def huge(manifest):
+        manifest["arrays"][0]["label"] = {"x" * 10_000_000: 1}
+        manifest["root"]["dict"][0][1]["struct"] = "m" * 10_000_000 + ":X"
+
+    try:
+        _write(checkpoint, json.dumps(_edited(saved, huge)))
+        list(_restore_both_ways(saved))
+    finally:
+        _write(checkpoint, original)
+
+
+def test_mismatch_reports_are_bounded(tmp_path):
+    many = {f"w{i}": jnp.ones(2) for i in range(500)}
+    storage.save(tmp_path / "ckpt", many)
+    other = {f"w{i}": jnp.ones(3) for i in range(500)}
+    with pytest.raises(errors.CheckpointMismatchError) as caught:
+        storage.restore(tmp_path / "ckpt", jax.eval_shape(lambda: other))
+    assert len(caught.value.mismatches) == 500
+    assert all(len(line) < 600 for line in caught.value.mismatches)
