@@ -2,9 +2,11 @@
 
 ``save(path, model)`` writes the model's arrays with Orbax plus a JSON structure manifest
 (layer classes, static fields, labels, axis names), so that ``restore(path)`` rebuilds the
-exact model in a process that never imported the code that built it. Restoring never runs
-code a checkpoint names: classes resolve only through pz_flax's own types, registered types
-and the modules the caller passes in ``allow_modules``.
+exact model in a process that never imported the code that built it. Restoring (and using
+the restored model) never runs code a checkpoint chose: classes resolve only through pz_flax's
+own types, NNX's public classes, registered types and the modules the caller passes in
+``allow_modules``; functions only through a closed allow-list of pure array functions,
+``register_function`` and ``allow_modules``.
 
 * ``save`` / ``restore``: single checkpoints; atomic writes; restore into an existing or
   abstract target with a report of every mismatching path; restore into shardings.
@@ -24,6 +26,7 @@ from pz_flax.checkpoint.errors import CheckpointStorageError
 from pz_flax.checkpoint.errors import CorruptCheckpointError
 from pz_flax.checkpoint.errors import UnsupportedValueError
 from pz_flax.checkpoint.errors import UntrustedTypeError
+from pz_flax.checkpoint.functions import register_function
 from pz_flax.checkpoint.inspection import CheckpointSummary
 from pz_flax.checkpoint.inspection import inspect_checkpoint
 from pz_flax.checkpoint.manager import CheckpointManager
@@ -56,6 +59,7 @@ __all__ = [
     "load_nnx_module",
     "read_manifest",
     "read_nnx_checkpoint",
+    "register_function",
     "register_type",
     "restore",
     "save",

@@ -632,6 +632,9 @@ def decode_variable_metadata(data: Any, context: DecodeContext) -> dict[str, Any
         )
         expect(key not in metadata, f"the metadata key {messages.bounded_repr(key)} repeats")
         metadata[key] = decode(value, context.at(i, 1))
+    # NNX hashes variable metadata into graph definitions: an unhashable entry would fail on
+    # first use, far from the checkpoint.
+    _hashable(metadata.values(), "the variable's metadata")
     for key in ("hijax", "ref"):
         expect(isinstance(metadata.get(key, False), bool), f"metadata {key} must be a boolean")
     return metadata

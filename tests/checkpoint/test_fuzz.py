@@ -4,7 +4,9 @@ Each round takes a saved checkpoint's manifest, replaces one node somewhere in i
 mutation (junk of every JSON type, deep nesting, huge numbers, gadgets: partials over
 trusted-namespace functions, pz_flax internals, hooks), and restores it with and without a
 target. Every outcome must be a restored model or a ``CheckpointError`` with a short
-message; the marker file that the gadgets would write must never appear.
+message; the marker file that the gadgets would write must never appear, and a restored model
+must hold, at every path it shares with the saved one, exactly the saved array. A second test
+does the same with Orbax's per-array (zarr) metadata: dtype, byte order, order, shape.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import copy
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -156,3 +159,41 @@ def test_fuzzed_manifests_never_run_code_or_crash(saved):
             assert not marker.exists()
     manifest_file.write_text(json.dumps(original))
     assert outcomes["refused"] > _ROUNDS
+
+
+_ZARR_MUTATIONS = {
+    "dtype": ["<i4", "<u4", ">f4", "<f8", "|b1", "<f2", "bogus", 7, None],
+    "order": ["F", "X", None],
+    "shape": [[1], [2, 2, 2], [10**12], [-1], "8", None],
+    "chunks": [[1], [10**9], None],
+    "fill_value": ["NaN", 10**400, [1]],
+    "zarr_format": [3, "2", None],
+}
+
+
+def test_fuzzed_stored_array_metadata_never_restores_wrong_values(saved, tmp_path):
+    from tests.checkpoint.test_storage import _edit_stored_zarr_metadata
+
+    directory, model = saved
+    expected_arrays = _arrays_by_path(model)
+    entries = manifest.encode(model).entries
+    rng = random.Random(99)
+    refused = 0
+    for round_index in range(_ROUNDS // 10):
+        copy_dir = tmp_path / f"round{round_index}"
+        shutil.copytree(directory / "ckpt", copy_dir)
+        entry = rng.choice(entries)
+        field = rng.choice(sorted(_ZARR_MUTATIONS))
+        _edit_stored_zarr_metadata(
+            copy_dir, ".".join(entry.key), **{field: rng.choice(_ZARR_MUTATIONS[field])}
+        )
+        for target in (None, model):
+            try:
+                restored = storage.restore(copy_dir, target)
+            except errors.CheckpointError as exc:
+                refused += 1
+                assert len(str(exc)) < _MAX_MESSAGE, str(exc)[:500]
+            else:
+                _assert_no_array_moved(restored, expected_arrays)
+        shutil.rmtree(copy_dir)
+    assert refused > _ROUNDS // 10
