@@ -1,4 +1,4 @@
-"""What every training example shares: running as one process or as a multi-process JAX job.
+"""What the examples share: flag checks, and running alone or as a multi-process JAX job.
 
 The same script runs unchanged in both settings. Launched alone it is a one-process job over
 the local devices. Launched once per process with ``JAX_COORDINATOR_ADDRESS``,
@@ -11,8 +11,8 @@ manager JAX recognises, it joins the job in `join` and then:
 * prints, shows progress bars and writes side files on process 0 only (`log`, `progress`,
   `is_primary`).
 
-This module imports nothing heavy at the top, so that an example can answer ``--help`` before
-JAX is imported.
+This module imports nothing heavy at the top, so that an example can import it, and check its
+flags with `require_positive`, before JAX is imported.
 """
 
 from __future__ import annotations
@@ -23,6 +23,13 @@ from typing import Any
 
 # Batches are split over the mesh's only axis by their "batch" axis: data parallelism.
 DATA_PARALLEL = {"batch": "data"}
+
+
+def require_positive(parser, args, flags) -> None:
+    """Stops with a usage error naming the first of ``flags`` (attribute names) that is < 1."""
+    for flag in flags:
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
 
 
 def join() -> None:
@@ -128,8 +135,11 @@ def replicated(model: Any, mesh) -> Any:
         local = np.asarray(array)
         return jax.make_array_from_process_local_data(everywhere, local, local.shape)
 
+    # Arrays outside pz_flax variables (an nnx.State's, say) stay in the skeleton.
     skeleton, frozen = pz.unbind_variables(model, freeze=True)
-    return pz.bind_variables(skeleton, jax.tree.map(place, frozen), unfreeze_as_copy=True)
+    return pz.bind_variables(
+        jax.tree.map(place, skeleton), jax.tree.map(place, frozen), unfreeze_as_copy=True
+    )
 
 
 def host_local(model: Any) -> Any:
@@ -146,5 +156,7 @@ def host_local(model: Any) -> Any:
     from pz_flax import pz
 
     skeleton, frozen = pz.unbind_variables(model, freeze=True)
-    gathered = multihost_utils.process_allgather(frozen, tiled=True)
-    return pz.bind_variables(skeleton, jax.tree.map(jnp.asarray, gathered), unfreeze_as_copy=True)
+    gathered = jax.tree.map(
+        jnp.asarray, multihost_utils.process_allgather((skeleton, frozen), tiled=True)
+    )
+    return pz.bind_variables(*gathered, unfreeze_as_copy=True)

@@ -40,6 +40,8 @@ from __future__ import annotations
 import argparse
 import pathlib
 
+import _job
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -60,9 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.pretrain_steps, args.steps = 40, 40
-    for flag in ("pretrain_steps", "steps", "rank", "features", "hidden", "outputs"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be positive")
+    _job.require_positive(
+        parser, args, ("pretrain_steps", "steps", "rank", "features", "hidden", "outputs")
+    )
     return args
 
 
@@ -71,7 +73,6 @@ if __name__ == "__main__":
 
 import functools
 
-import _job
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -24,6 +24,8 @@ from __future__ import annotations
 import argparse
 import pathlib
 
+import _job
+
 # Sizes of the full run and of --quick (a smoke test): features, heads, hidden, seq, batch, steps.
 DEFAULTS = dict(features=32, heads=4, hidden=64, seq=8, batch=16, steps=50)
 QUICK = dict(features=8, heads=2, hidden=16, seq=4, batch=4, steps=4)
@@ -58,8 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in flags:
         if getattr(args, flag) is None:
             setattr(args, flag, sizes[flag])
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag} must be positive, got {getattr(args, flag)}")
+    _job.require_positive(parser, args, flags)
     if args.features % args.heads:
         parser.error(f"--heads {args.heads} must divide --features {args.features}")
     return args

@@ -28,6 +28,8 @@ from __future__ import annotations
 import argparse
 import pathlib
 
+import _job
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -58,9 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.epochs = 8 if args.quick else 30
     if args.hidden is None:
         args.hidden = 64 if args.quick else 128
-    for flag in ("epochs", "batch_size", "hidden"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    _job.require_positive(parser, args, ("epochs", "batch_size", "hidden"))
     return args
 
 
@@ -72,7 +72,6 @@ import subprocess
 import sys
 import textwrap
 
-import _job
 import jax
 import jax.numpy as jnp
 import numpy as np

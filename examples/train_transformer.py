@@ -27,6 +27,8 @@ from __future__ import annotations
 import argparse
 import pathlib
 
+import _job
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     """The example's settings; ``--quick`` shrinks the model, the corpus and the run."""
@@ -63,9 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 30 if args.quick else 400
-    for flag in ("steps", "batch_size", "seq_len", "sample_chars", "num_samples"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    _job.require_positive(
+        parser, args, ("steps", "batch_size", "seq_len", "sample_chars", "num_samples")
+    )
     if not args.prompt:
         parser.error("--prompt must contain at least one character")
     return args
@@ -77,7 +79,6 @@ if __name__ == "__main__":
 import dataclasses
 import json
 
-import _job
 import jax
 import numpy as np
 import optax

@@ -170,6 +170,12 @@ def name_to_name_device_put(
     Like any JAX transformation of a pytree, this returns a new tree: its variables are new
     objects (same labels and metadata) holding the sharded arrays; the originals are untouched.
 
+    In a multi-process job every process must pass the same whole value, and JAX checks that
+    on every call by gathering the value from every process (a blocking collective per array,
+    moving the process count times its size). That is fine for placing a model once; for input
+    batches use `name_to_name_make_array_from_process_local_data`, which takes each process's
+    own rows and moves nothing between processes.
+
     Args:
         tree: A pytree of NamedArrays and/or variables; typically a whole model.
         mesh: The device mesh.

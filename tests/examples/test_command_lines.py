@@ -22,6 +22,7 @@ def recording(self, *args, **kwargs):
     return original(self, *args, **kwargs)
 argparse.ArgumentParser.parse_args = recording
 sys.argv = [sys.argv[1], "--help"]
+sys.path.insert(0, sys.argv[0].rsplit("/", 1)[0])  # as running the script does
 try:
     runpy.run_path(sys.argv[0], run_name="__main__")
 except SystemExit:
