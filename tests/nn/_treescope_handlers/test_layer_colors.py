@@ -1,25 +1,30 @@
 """Layer colours in treescope match penzai's for every type the two libraries share."""
 
+import importlib
 import inspect
 import re
 
 import jax
-import penzai.models.simple_mlp
-import penzai.models.transformer.model_parts
 import pytest
 import treescope
 from penzai import pz as penzai_pz
 
-import pz_flax.models.simple_mlp
-import pz_flax.models.transformer.model_parts
 from pz_flax import pz
 from pz_flax.core import struct
 from pz_flax.core._treescope_handlers import struct_handler
 
-_MODULE_PAIRS = [
-    (penzai_pz.nn, pz.nn),
-    (penzai.models.simple_mlp, pz_flax.models.simple_mlp),
-    (penzai.models.transformer.model_parts, pz_flax.models.transformer.model_parts),
+_MODULE_PAIRS = [(penzai_pz.nn, pz.nn)] + [
+    (
+        importlib.import_module(f"penzai.models.{name}"),
+        importlib.import_module(f"pz_flax.models.{name}"),
+    )
+    for name in (
+        "simple_mlp",
+        "transformer.model_parts",
+        "transformer.sampling_mode",
+        "transformer.variants.llamalike_common",
+        "transformer.variants.gpt_neox",
+    )
 ]
 # Types whose colour depends on a field; they get built instances below.
 _FIELD_COLOURED = {"Elementwise", "NamedGroup"}
