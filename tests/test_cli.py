@@ -76,7 +76,8 @@ def test_factory_from_a_python_file_and_progress_bar(nnx_checkpoint, tmp_path, c
         capsys, nnx_checkpoint, tmp_path / "pz", "--progress", model=f"{factory_file}:build"
     )
     assert status == 0
-    assert "\r[" in err and "4/4 done" in err and err.endswith("\n")
+    # Not a terminal: rich prints the finished bar once, with bytes, and no carriage returns.
+    assert "\r" not in err and "done" in err and "bytes" in err, repr(err)
     assert storage.restore(tmp_path / "pz").nnx_type is nnx.Sequential
 
 
@@ -84,8 +85,10 @@ def test_inspect_prints_the_table(nnx_checkpoint, tmp_path, capsys):
     storage.save(tmp_path / "pz", sample_models.build_mlp())
     status, out, err = _run(capsys, "inspect", str(tmp_path / "pz"))
     assert (status, err) == (0, "")
-    assert "sublayers/0/sublayers/0/weights  (features, hidden)  (4, 8)" in out
-    assert out.strip().endswith("5 arrays, 88 elements, 352 B")
+    assert ["sublayers/0/sublayers/0/weights", "(features,", "hidden)", "(4,", "8)"] in [
+        line.split()[:5] for line in out.splitlines()
+    ]
+    assert out.strip().endswith("5 arrays, 88 elements, 352 Bytes")
     status, out, _ = _run(capsys, "inspect", str(nnx_checkpoint))
     assert status == 0 and "layers/0/kernel/value" in out and out.startswith("orbax checkpoint")
 
@@ -186,44 +189,32 @@ def test_corrupt_and_untrusted_sources(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_usage_errors_exit_2(capsys):
+def test_usage_errors_exit_2_in_one_line(capsys):
+    for argv in (["nnx-to-pz", "--in", "x"], [], ["convert-everything"], ["inspect", "a", "b"]):
+        status, _, err = _run(capsys, *argv)
+        assert status == 2, argv
+        assert len(err.strip().splitlines()) == 1, err
+        assert err.startswith("pz-flax-convert: error: ") and "--help" in err, err
     status, _, err = _run(capsys, "nnx-to-pz", "--in", "x")
-    assert status == 2 and "required" in err
-    status, _, err = _run(capsys)
-    assert status == 2
+    assert "required" in err
 
 
-def test_progress_bar_draws_stages():
+def test_progress_counts_bytes_of_finished_stages_only():
     stream = io.StringIO()
-    progress = cli.Progress(2, enabled=True, stream=stream, width=4)
-    progress.stage("first")
-    progress.advance()
-    progress.stage("second")
-    progress.advance()
-    assert stream.getvalue().split("\r")[1:] == [
-        "[....] 0/2 first                       ",
-        "[##..] 1/2 second                      ",
-        "[####] 2/2 done                        \n",
-    ]
+    progress = cli.Progress(enabled=True, stream=stream)
+    with progress.running(2048):
+        with progress.step("first", 1024):
+            pass
+        with pytest.raises(RuntimeError, match="boom"), progress.step("second", 1024):
+            raise RuntimeError("boom")
+        assert progress._bar.tasks[0].completed == 1024
+    assert "1.0/2.0 KiB" in stream.getvalue() and "\r" not in stream.getvalue()
     silent = io.StringIO()
-    quiet = cli.Progress(1, enabled=False, stream=silent)
-    quiet.stage("x")
-    quiet.advance()
-    assert silent.getvalue() == ""
-
-
-def test_progress_step_counts_only_stages_that_finish():
-    stream = io.StringIO()
-    progress = cli.Progress(2, enabled=True, stream=stream, width=4)
-    with progress.step("first"):
+    quiet = cli.Progress(enabled=False, stream=silent)
+    with quiet.running(10), quiet.step("x", 10):
         pass
-    with pytest.raises(RuntimeError, match="boom"), progress.step("second"):
-        raise RuntimeError("boom")
-    assert progress.done == 1
-    assert stream.getvalue().split("\r")[1:] == [
-        "[....] 0/2 first                       ",
-        "[##..] 1/2 second                      ",
-    ]
+    quiet.finish()
+    assert silent.getvalue() == ""
 
 
 def test_runs_as_a_script_without_traceback(tmp_path):
@@ -270,3 +261,194 @@ def test_version_prints_the_package_version(capsys):
     status, out, _ = _run(capsys, "--version")
     assert status == 0
     assert out == f"pz-flax-convert {pz_flax.__version__}\n"
+
+
+def test_success_prints_one_line_saying_what_was_written_where(nnx_checkpoint, tmp_path, capsys):
+    status, out, err = _nnx_to_pz(capsys, nnx_checkpoint, tmp_path / "pz")
+    assert (status, err) == (0, "")
+    assert out.count("\n") == 1
+    assert out.startswith(f"pz-flax-convert: wrote the pz_flax checkpoint {tmp_path / 'pz'} (")
+    assert f"from {nnx_checkpoint}" in out and "arrays" in out
+    status, out, _ = _pz_to_nnx(capsys, tmp_path / "pz", tmp_path / "nnx")
+    assert status == 0 and f"wrote the NNX checkpoint {tmp_path / 'nnx'}" in out
+
+
+_USER_MODELS = """
+import sys
+from tests.checkpoint.sample_models import make_nnx_model
+
+def make():
+    return make_nnx_model()
+
+def make_and_exit():
+    sys.exit(0)
+"""
+
+
+@pytest.fixture
+def user_project(tmp_path, monkeypatch):
+    """A folder holding the user's ``mymodels.py``, as the current directory."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "mymodels.py").write_text(_USER_MODELS)
+    monkeypatch.chdir(project)
+    monkeypatch.syspath_prepend(str(REPO_ROOT))  # for the sample models the user file imports
+    yield project
+    sys.modules.pop("mymodels", None)
+
+
+def test_module_factory_from_the_current_directory(nnx_checkpoint, user_project, capsys):
+    assert str(user_project) not in sys.path
+    status, _, err = _nnx_to_pz(capsys, nnx_checkpoint, user_project / "pz", model="mymodels:make")
+    assert (status, err) == (0, ""), err
+    assert str(user_project) not in sys.path  # importable only while the factory runs
+    assert storage.restore(user_project / "pz").nnx_type is nnx.Sequential
+
+
+def test_factory_calling_sys_exit_is_an_error(nnx_checkpoint, user_project, capsys):
+    status, out, err = _nnx_to_pz(
+        capsys, nnx_checkpoint, user_project / "pz", model="mymodels:make_and_exit"
+    )
+    assert status == 1 and out == ""
+    _assert_short_error(err, "mymodels:make_and_exit called sys.exit(0)", "nothing was written")
+    assert not (user_project / "pz").exists()
+
+
+def test_a_model_file_parsing_sys_argv_sees_none_of_ours(nnx_checkpoint, tmp_path, capsys):
+    models = tmp_path / "argv_models.py"
+    models.write_text(
+        "import argparse\n"
+        "from tests.checkpoint.sample_models import make_nnx_model\n"
+        "FLAGS = argparse.ArgumentParser(prog='train.py').parse_args()\n"
+        "def make():\n"
+        "    return make_nnx_model()\n"
+    )
+    status, _, err = _nnx_to_pz(capsys, nnx_checkpoint, tmp_path / "pz", model=f"{models}:make")
+    assert (status, err) == (0, "")
+    strict = tmp_path / "strict_models.py"
+    strict.write_text(
+        "import argparse\n"
+        "argparse.ArgumentParser(prog='train.py').add_argument('--data', required=True)\n"
+        "FLAGS = None\n"
+        "parser = argparse.ArgumentParser(prog='train.py')\n"
+        "parser.add_argument('--data', required=True)\n"
+        "FLAGS = parser.parse_args()\n"
+    )
+    status, _, err = _nnx_to_pz(capsys, nnx_checkpoint, tmp_path / "pz2", model=f"{strict}:make")
+    assert status == 2
+    assert "called sys.exit(2)" in err.splitlines()[-1] and "usage: train.py" in err
+    assert not (tmp_path / "pz2").exists()
+
+
+def test_allow_module_from_the_current_directory(user_project, capsys):
+    from pz_flax import checkpoint
+
+    (user_project / "mylayers.py").write_text(
+        "import dataclasses\n"
+        "from pz_flax.core import struct\n"
+        "from pz_flax.nn import layer\n"
+        "@struct.pytree_dataclass\n"
+        "class Scale(layer.Layer):\n"
+        "    weight: object\n"
+        "    def __call__(self, x, **side_inputs):\n"
+        "        return x * self.weight\n"
+    )
+    sys.path.insert(0, str(user_project))
+    try:
+        import mylayers
+
+        checkpoint.save(user_project / "pz", mylayers.Scale(weight=jnp.full(3, 2.0)))
+    finally:
+        sys.path.remove(str(user_project))
+        sys.modules.pop("mylayers", None)
+    status, _, err = _run(
+        capsys, "pz-to-nnx", "--in", "pz", "--out", "nnx", "--allow-module", "mylayers"
+    )
+    # The class resolves from the current directory: no "No module named 'mylayers'".
+    assert (status, err) == (0, "")
+    assert str(user_project) not in sys.path
+    sys.modules.pop("mylayers", None)
+
+
+@pytest.mark.parametrize("destination", ["", ".", "..", "source", "source/.."])
+def test_force_never_deletes_the_working_or_input_directory(
+    nnx_checkpoint, tmp_path, monkeypatch, capsys, destination
+):
+    work = tmp_path / "work"
+    work.mkdir()
+    source = work / "source"
+    import shutil
+
+    shutil.copytree(nnx_checkpoint, source)
+    monkeypatch.chdir(work)
+    status, _, err = _nnx_to_pz(capsys, "source", destination, "--force")
+    assert status == 1
+    _assert_short_error(err, "pz-flax-convert: error: ")
+    assert "empty" in err or "Refusing to replace" in err, err
+    assert source.is_dir() and sorted(p.name for p in work.iterdir()) == ["source"]
+
+
+def test_interrupt_leaves_no_staging_directory_and_says_so(
+    nnx_checkpoint, tmp_path, capsys, monkeypatch
+):
+    import orbax.checkpoint as ocp
+
+    def interrupted_save(self, directory, *args, **kwargs):
+        pathlib.Path(f"{directory}.orbax-checkpoint-tmp", "arrays").mkdir(parents=True)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ocp.Checkpointer, "save", interrupted_save)
+    status, _, err = _nnx_to_pz(capsys, nnx_checkpoint, tmp_path / "pz")
+    assert status == 130
+    assert err.strip() == f"pz-flax-convert: interrupted; nothing was written to {tmp_path / 'pz'}."
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_names_leftovers_when_some_remain(tmp_path, capsys, monkeypatch):
+    leftover = tmp_path / ".pz.pz_flax-00ff.orbax-checkpoint-tmp"
+    leftover.mkdir()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_pz_to_nnx", interrupted)
+    status, _, err = _run(capsys, "pz-to-nnx", "--in", "x", "--out", str(tmp_path / "pz"))
+    assert status == 130 and str(leftover) in err and "remain" in err
+
+
+def test_naming_overrides_from_flags_and_a_file(nnx_checkpoint, tmp_path, capsys):
+    status, _, err = _nnx_to_pz(
+        capsys, nnx_checkpoint, tmp_path / "flags", "--naming", "features=embedding"
+    )
+    assert (status, err) == (0, "")
+    axis_names = {
+        name
+        for entry in storage.read_manifest(tmp_path / "flags")["arrays"]
+        for name in (entry["axis_names"] or ())
+    }
+    assert "embedding" in axis_names and "features" not in axis_names
+    naming_file = tmp_path / "naming.toml"
+    naming_file.write_text('features = "channels"\n[overrides."layers/0"]\nfeatures = "hidden"\n')
+    status, _, err = _nnx_to_pz(
+        capsys, nnx_checkpoint, tmp_path / "file", "--naming-file", str(naming_file)
+    )
+    assert (status, err) == (0, "")
+    from pz_flax.checkpoint import inspection
+
+    table = inspection.inspect_checkpoint(tmp_path / "file").format_table()
+    assert "hidden" in table and "channels" in table
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (["--naming", "colour=red"], "Unknown naming option"),
+        (["--naming", "no-equals"], "OPTION=VALUE"),
+        (["--naming-file", "/nonexistent/naming.json"], "cannot read"),
+    ],
+)
+def test_bad_naming_options_are_usage_errors(nnx_checkpoint, tmp_path, capsys, options, fragment):
+    status, _, err = _nnx_to_pz(capsys, nnx_checkpoint, tmp_path / "pz", *options)
+    assert status == 2
+    _assert_short_error(err, fragment)
+    assert not (tmp_path / "pz").exists()

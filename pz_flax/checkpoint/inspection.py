@@ -7,28 +7,47 @@ plain Orbax checkpoints such as NNX ones (paths, shapes and dtypes from Orbax's 
 from __future__ import annotations
 
 import dataclasses
-import os
-import pathlib
+import io
+import re
 
+import humanize
 import numpy as np
+import rich.box
+import rich.console
+import rich.table
+from etils import epath
 
 from pz_flax.checkpoint import errors
 from pz_flax.checkpoint import manifest as manifest_lib
 from pz_flax.checkpoint import storage
 
 
+def natural_key(path: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key that orders the numbers inside paths by value: ``layers/2`` before ``layers/10``."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", path) if part
+    )
+
+
+def format_bytes(size: int) -> str:
+    """A human-readable byte count in binary units (``"352 Bytes"``, ``"1.5 KiB"``), by humanize."""
+    return humanize.naturalsize(size, binary=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointSummary:
     """The contents of a checkpoint, array by array.
+
+    Renders as its table in rich consoles and notebooks (``rich.print(summary)``).
 
     Attributes:
         path: The checkpoint directory.
         kind: ``"pz_flax"`` (with a structure manifest) or ``"orbax"`` (arrays only, e.g. NNX).
         root_class: The model's top-level class (pz_flax checkpoints only).
-        entries: One entry per array.
+        entries: One entry per array, in the checkpoint's order.
     """
 
-    path: pathlib.Path
+    path: epath.Path
     kind: str
     root_class: str | None
     entries: tuple[manifest_lib.ArrayEntry, ...]
@@ -38,32 +57,55 @@ class CheckpointSummary:
         """The size of all arrays, in bytes."""
         return sum(entry.nbytes for entry in self.entries)
 
-    def format_table(self) -> str:
-        """A plain-text table: path, axis names, shape, dtype, size; then a total line."""
-        header = ("path", "axis names", "shape", "dtype", "size")
-        rows = [
-            (
+    def title(self) -> str:
+        """What the table is of: kind, path and model class."""
+        model = f" (model: {self.root_class})" if self.root_class else ""
+        return f"{self.kind} checkpoint {self.path}{model}"
+
+    def totals(self) -> str:
+        """The line under the table: arrays, elements and bytes in all."""
+        elements = sum(entry.size for entry in self.entries)
+        return (
+            f"{len(self.entries)} arrays, {elements:,} elements, {format_bytes(self.total_bytes)}"
+        )
+
+    def table(self, *, titled: bool = True) -> rich.table.Table:
+        """A ``rich`` table: path, axis names, shape, dtype, size; paths sorted naturally.
+
+        Args:
+            titled: Put ``title()`` above and ``totals()`` below it.
+        """
+        table = rich.table.Table(
+            title=self.title() if titled else None,
+            caption=self.totals() if titled else None,
+            box=rich.box.SIMPLE_HEAD,
+            title_justify="left",
+            caption_justify="left",
+        )
+        for header in ("path", "axis names", "shape", "dtype"):
+            table.add_column(header, overflow="fold")
+        table.add_column("size", justify="right")
+        for entry in sorted(self.entries, key=lambda entry: natural_key(entry.path)):
+            table.add_row(
                 entry.path,
                 _axis_names_text(entry.axis_names),
                 repr(entry.shape),
                 entry.dtype,
                 format_bytes(entry.nbytes),
             )
-            for entry in self.entries
-        ]
-        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines = [
-            f"{self.kind} checkpoint {self.path}"
-            + (f" (model: {self.root_class})" if self.root_class else ""),
-            "  ".join(text.ljust(width) for text, width in zip(header, widths)).rstrip(),
-            "  ".join("-" * width for width in widths),
-        ]
-        lines += ["  ".join(t.ljust(w) for t, w in zip(row, widths)).rstrip() for row in rows]
-        lines.append(
-            f"{len(self.entries)} arrays, {sum(e.size for e in self.entries):,} elements,"
-            f" {format_bytes(self.total_bytes)}"
+        return table
+
+    def format_table(self, width: int = 120) -> str:
+        """The title line, the table (``width`` columns at most) and the totals, as plain text."""
+        console = rich.console.Console(
+            file=io.StringIO(), width=width, color_system=None, force_terminal=False
         )
-        return "\n".join(lines)
+        console.print(self.table(titled=False))
+        lines = [line.rstrip() for line in console.file.getvalue().splitlines()]
+        return "\n".join([self.title(), *(line for line in lines if line), self.totals()])
+
+    def __rich__(self) -> rich.table.Table:
+        return self.table()
 
 
 def _axis_names_text(axis_names: tuple[str | None, ...] | None) -> str:
@@ -72,17 +114,7 @@ def _axis_names_text(axis_names: tuple[str | None, ...] | None) -> str:
     return "(" + ", ".join("_" if name is None else str(name) for name in axis_names) + ")"
 
 
-def format_bytes(size: int) -> str:
-    """A human-readable byte count: ``"512 B"``, ``"1.5 KiB"``, ``"3.2 MiB"``."""
-    value = float(size)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def inspect_checkpoint(path: str | os.PathLike) -> CheckpointSummary:
+def inspect_checkpoint(path: storage.PathLike) -> CheckpointSummary:
     """Lists the arrays of a pz_flax or plain Orbax checkpoint without reading them.
 
     Args:
@@ -95,14 +127,14 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointSummary:
         CheckpointNotFoundError: If ``path`` is not a checkpoint directory.
         CorruptCheckpointError: If its manifest or Orbax metadata cannot be read.
     """
-    path = pathlib.Path(path).absolute()
+    path = storage.checkpoint_dir(path)
     if storage.is_pz_checkpoint(path):
         manifest = storage.read_manifest(path)
         root = manifest["root"]
         root_class = root.get("struct") if isinstance(root, dict) else None
         entries = tuple(manifest_lib.read_entries(manifest))
         return CheckpointSummary(path, "pz_flax", root_class, entries)
-    if not storage.is_orbax_checkpoint(storage.checkpoint_dir(path)):
+    if not storage.is_orbax_checkpoint(path):
         raise errors.CheckpointNotFoundError(
             f"{path} is neither a pz_flax nor an Orbax checkpoint."
         )
@@ -114,7 +146,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointSummary:
             shape=tuple(int(dim) for dim in getattr(metadata, "shape", ())),
             dtype=np.dtype(metadata.dtype).name,
         )
-        for key, metadata in sorted(stored.items())
+        for key, metadata in sorted(stored.items(), key=lambda item: natural_key("/".join(item[0])))
     )
     if not entries:
         raise errors.CorruptCheckpointError(f"The Orbax checkpoint at {path} lists no arrays.")

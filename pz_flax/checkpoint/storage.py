@@ -249,8 +249,10 @@ def check_destination(
     with storage_errors(path, "look at"):
         found = directory_kind(path) if path.is_dir() else None
     if found is not kind:
-        holds = "a file" if found is None and not path.is_dir() else (
-            f"a {found.value}" if found else "a directory that is not a checkpoint"
+        holds = (
+            "a file"
+            if found is None and not path.is_dir()
+            else (f"a {found.value}" if found else "a directory that is not a checkpoint")
         )
         raise errors.CheckpointPathError(
             f"Refusing to replace {path}: it holds {holds}, and force=True replaces only an"
@@ -305,6 +307,14 @@ def _siblings(path: epath.Path) -> list[_Sibling]:
         found.append(_Sibling(candidate, token, is_old, complete))
     # For one token, the new copy (not old) is the newer one.
     return sorted(found, key=lambda sibling: (sibling.token, not sibling.is_old))
+
+
+def staging_leftovers(path: PathLike) -> list[epath.Path]:
+    """The hidden directories that saves of ``path`` left beside it (none after a clean save)."""
+    path = checkpoint_path(path)
+    if not path.parent.is_dir():
+        return []
+    return [sibling.path for sibling in _siblings(path)]
 
 
 def _interrupted_swaps(siblings: list[_Sibling]) -> dict[str, list[_Sibling]]:
@@ -438,9 +448,7 @@ def _all_processes_agree(succeeded: bool) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_directory(
-    path: PathLike, *, kind: CheckpointKind, force: bool
-) -> Iterator[epath.Path]:
+def atomic_directory(path: PathLike, *, kind: CheckpointKind, force: bool) -> Iterator[epath.Path]:
     """Publishes a checkpoint directory at ``path`` all at once, or not at all.
 
     Every process enters it with the same ``path``. The body writes the yielded staging path
@@ -566,9 +574,7 @@ def checkpoint_dir(path: PathLike) -> epath.Path:
         if path.is_dir():
             return path
         if path.exists():
-            raise errors.CheckpointNotFoundError(
-                f"{path} is a file, not a checkpoint directory."
-            )
+            raise errors.CheckpointNotFoundError(f"{path} is a file, not a checkpoint directory.")
         if path.parent.is_dir() and (copy := recoverable_copy(path)) is not None:
             return copy
     raise errors.CheckpointNotFoundError(f"No checkpoint at {path}: the path does not exist.")
@@ -605,8 +611,7 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
         if not manifest_file.is_file():
             if (path / ARRAYS_ITEM).is_dir():
                 raise errors.CorruptCheckpointError(
-                    f"The checkpoint at {path} has lost its manifest ({manifest_file} is"
-                    " missing)."
+                    f"The checkpoint at {path} has lost its manifest ({manifest_file} is missing)."
                 )
             if is_orbax_checkpoint(path):
                 raise errors.CheckpointNotFoundError(
@@ -715,9 +720,7 @@ def check_stored_arrays(checkpoint: epath.Path, entries: list[manifest_lib.Array
     arrays_dir = checkpoint / ARRAYS_ITEM
     try:
         store = ts.KvStore.open(_array_kvstore_spec(arrays_dir)).result()
-        names = {
-            entry.path: _ARRAY_NAME_SEPARATOR.join(entry.key) for entry in entries
-        }
+        names = {entry.path: _ARRAY_NAME_SEPARATOR.join(entry.key) for entry in entries}
         zarr2 = {path: store.read(f"{name}/.zarray") for path, name in names.items()}
         found = {path: read.result().value for path, read in zarr2.items()}
         missing = [path for path, raw in found.items() if not raw]

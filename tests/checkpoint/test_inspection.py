@@ -34,9 +34,39 @@ def test_pz_checkpoint_summary(tmp_path):
         "8)",
         "float32",
         "128",
-        "B",
+        "Bytes",
     ]
-    assert lines[-1] == "5 arrays, 88 elements, 352 B"
+    assert lines[-1] == "5 arrays, 88 elements, 352 Bytes"
+    assert all(line == line.rstrip() for line in lines)
+
+
+def test_summary_renders_as_a_rich_table(tmp_path):
+    import io
+
+    import rich.console
+    import rich.table
+
+    storage.save(tmp_path / "ckpt", {"w": jnp.ones(2)})
+    summary = inspection.inspect_checkpoint(tmp_path / "ckpt")
+    assert isinstance(summary.__rich__(), rich.table.Table)
+    console = rich.console.Console(file=io.StringIO(), width=80, color_system=None)
+    console.print(summary)
+    assert "8 Bytes" in console.file.getvalue()
+
+
+def test_paths_are_sorted_naturally(tmp_path):
+    layers = {str(i): jnp.full(1, float(i)) for i in (10, 2, 1)}
+    storage.save(tmp_path / "pz", {"layers": layers})
+    rows = [
+        line.split()[0]
+        for line in inspection.inspect_checkpoint(tmp_path / "pz").format_table().splitlines()[3:-1]
+    ]
+    assert rows == ["layers/1", "layers/2", "layers/10"]
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp_path / "orbax", {"layers": layers})
+    entries = inspection.inspect_checkpoint(tmp_path / "orbax").entries
+    assert [entry.path for entry in entries] == ["layers/1", "layers/2", "layers/10"]
+    assert inspection.natural_key("a/2/b") < inspection.natural_key("a/10/b")
 
 
 def test_plain_orbax_checkpoint_summary(tmp_path):
@@ -48,7 +78,9 @@ def test_plain_orbax_checkpoint_summary(tmp_path):
         ("bias/value", (4,), None),
         ("kernel/value", (3, 4), None),
     ]
-    assert "bias/value    -           (4,)" in summary.format_table()
+    assert ["bias/value", "-", "(4,)", "float32", "16", "Bytes"] in [
+        line.split() for line in summary.format_table().splitlines()
+    ]
 
 
 def test_not_a_checkpoint(tmp_path):
@@ -62,11 +94,11 @@ def test_not_a_checkpoint(tmp_path):
 @pytest.mark.parametrize(
     "size, text",
     [
-        (0, "0 B"),
-        (1023, "1023 B"),
+        (0, "0 Bytes"),
+        (1023, "1023 Bytes"),
         (1536, "1.5 KiB"),
         (5 * 2**20, "5.0 MiB"),
-        (3 * 2**40, "3072.0 GiB"),
+        (3 * 2**40, "3.0 TiB"),
     ],
 )
 def test_format_bytes(size, text):

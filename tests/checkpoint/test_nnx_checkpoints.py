@@ -44,7 +44,7 @@ def test_nnx_to_pz_to_nnx_is_bit_identical(nnx_checkpoint, tmp_path):
     module, path = nnx_checkpoint
     layer = nnx_checkpoints.read_nnx_checkpoint(path, sample_models.make_nnx_model)
     x = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
-    out = layer(named_axes.wrap(x).tag("batch", "features")).unwrap("batch", "features")
+    out = layer(named_axes.wrap(x).tag("seq", "features")).unwrap("seq", "features")
     np.testing.assert_allclose(out, module(x), rtol=1e-6)
 
     storage.save(tmp_path / "pz", layer)
@@ -143,9 +143,9 @@ def test_nnx_checkpoint_with_prng_key_arrays_reads_back(tmp_path):
         tmp_path / "nnx", lambda: _ModelWithRngs(nnx.Rngs(1))
     )
     converted_keys = [
-        leaf for leaf in jax.tree_util.tree_leaves(layer) if jax.dtypes.issubdtype(
-            leaf.dtype, jax.dtypes.prng_key
-        )
+        leaf
+        for leaf in jax.tree_util.tree_leaves(layer)
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
     ]
     assert len(converted_keys) == len(original_keys)
 
