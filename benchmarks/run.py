@@ -28,7 +28,7 @@ from typing import Any
 
 import jax
 
-BENCHMARKS = ("train_step", "named_ops", "conversion", "checkpoint_bench")
+BENCHMARKS = ("train_step", "named_ops", "conversion", "checkpoint_bench", "import_time")
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 
 # Why a target misses, from profiling the hot path (cProfile); printed beside a missed target.
@@ -355,6 +355,20 @@ def _checkpoint_targets(rows: list[dict]) -> list[dict[str, str]]:
     return targets
 
 
+def _import_time_targets(rows: list[dict]) -> list[dict[str, str]]:
+    bare = _find(rows, statement=_is("import pz_flax"))
+    if bare is None:
+        return []
+    return [
+        _target(
+            "import pz_flax <= 1.1x import flax.nnx",
+            f"{bare['ratio_to_flax_nnx']:.2f}x ({bare['s']:.2f} s)",
+            bare["ratio_to_flax_nnx"] <= 1.1,
+            "a subpackage is imported eagerly again; pz_flax/__init__.py must import none",
+        )
+    ]
+
+
 def evaluate_targets(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, str]]:
     """Compares the measured rows with the project's performance targets.
 
@@ -368,6 +382,7 @@ def evaluate_targets(results: dict[str, list[dict[str, Any]]]) -> list[dict[str,
     targets += _train_step_targets(results.get("train_step", []))
     targets += _conversion_targets(results.get("conversion", []))
     targets += _checkpoint_targets(results.get("checkpoint_bench", []))
+    targets += _import_time_targets(results.get("import_time", []))
     return targets
 
 

@@ -1,5 +1,6 @@
 """README's promises: the two set-up commands, and Python examples that run as printed."""
 
+import codeop
 import os
 import pathlib
 import re
@@ -35,6 +36,39 @@ def test_ci_runs_the_readme_test_command_and_ruff():
     matches = [line for line in README.splitlines() if re.match(pattern, line)]
     assert matches[0] == TESTS
     assert "ruff check ." in ci_script
+
+
+def repl_syntax_errors(block: str) -> list[tuple[int, str]]:
+    """Lines of ``block`` that raise SyntaxError when pasted into Python's interactive prompt.
+
+    The classic REPL (Python 3.11, 3.12) compiles each statement as soon as it is complete and
+    ends an indented block only at a blank line, so a statement right after a ``for`` or
+    ``def`` body without a blank line in between is a SyntaxError there, though it runs as a
+    script. ``codeop.compile_command`` is the REPL's own compiler.
+    """
+    pending: list[str] = []
+    errors = []
+    for number, line in enumerate(block.splitlines(), start=1):
+        pending.append(line)
+        try:
+            complete = codeop.compile_command("\n".join(pending), "<README>", "single")
+        except SyntaxError:
+            errors.append((number, line))
+            pending = []
+            continue
+        if complete is not None:
+            pending = []
+    return errors
+
+
+def test_repl_syntax_errors_finds_a_statement_glued_to_a_loop():
+    assert repl_syntax_errors("for i in range(2):\n    x = i\nprint(x)\n") == [(3, "print(x)")]
+    assert repl_syntax_errors("for i in range(2):\n    x = i\n\nprint(x)\n") == []
+
+
+def test_python_examples_paste_into_the_interactive_prompt():
+    for block in code_blocks("python"):
+        assert repl_syntax_errors(block) == [], block
 
 
 def test_python_examples_run_as_printed(tmp_path):

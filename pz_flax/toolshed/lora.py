@@ -94,8 +94,8 @@ class LowRankAdapter(grouping.Sequential):
                 derive ``name`` from the layer's location (``loraify_linears_in_selection``
                 uses ``"LoRA:" + pz.pretty_keystr(keypath, model)``) or its weight label.
             init_base_rng: Base PRNG key for the new parameters (each one folds its own label
-                into it, as ``Linear.from_config`` does), or None to leave ``ParameterSlot``s
-                to be bound later.
+                into it, as ``Linear.from_config`` does), or None to leave ``ParameterSlot``
+                placeholders to be bound later.
             rank: Size of the low-rank axis.
             lowrank_axis: Name of the low-rank axis between ``lora_a`` and ``lora_b``. It must
                 not be a parallel axis of ``linear``; if it is an input or output axis, the
