@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import math
@@ -258,6 +259,7 @@ def parse_manifest_json(text: str | bytes, source: str) -> Any:
         ) from None
 
 
+@functools.cache
 def _writer_versions() -> dict[str, str]:
     versions = {}
     for distribution in _WRITER_DISTRIBUTIONS:
@@ -782,6 +784,14 @@ class _VariableKind(_NodeKind):
 _EMPTY_STATIC_VALUES = (None, {"tuple": []}, {"list": []}, {"dict": []})
 
 
+@functools.cache
+def _field_layout(cls: type) -> tuple[tuple[dataclasses.Field, ...], frozenset, frozenset]:
+    """A struct class's fields, and the names of its child and of its static fields."""
+    fields = dataclasses.fields(cls)
+    node_fields = frozenset(field.name for field in fields if struct.is_pytree_node_field(field))
+    return fields, node_fields, frozenset(field.name for field in fields) - node_fields
+
+
 def _matched_fields(
     cls: type, children: dict[str, Any], static: dict[str, Any]
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -796,9 +806,7 @@ def _matched_fields(
         ``(children, static, defaults)``: the node's child and static fields to decode, and
         the default values of fields the checkpoint lacks.
     """
-    fields = dataclasses.fields(cls)
-    node_fields = {field.name for field in fields if struct.is_pytree_node_field(field)}
-    static_fields = {field.name for field in fields} - node_fields
+    fields, node_fields, static_fields = _field_layout(cls)
     lost = {
         name: value
         for name, value in static.items()
@@ -1044,7 +1052,8 @@ class _Decoder:
         try:
             expect(len(path) < static_codec.MAX_DEPTH, "the model is nested too deeply")
             kind = _node_kind(data)
-            expect(kind is not None, f"malformed model node {messages.bounded_repr(data)}")
+            if kind is None:
+                raise Corrupt(f"malformed model node {messages.bounded_repr(data)}")
             return kind.decode(self, data, path, at)
         except _Located:
             raise

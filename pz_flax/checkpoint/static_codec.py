@@ -50,7 +50,8 @@ def expect(condition: Any, problem: str) -> None:
 
 def expect_list(value: Any, what: str, length: int | None = None) -> list[Any]:
     """``value`` checked to be a JSON array (of ``length`` items, if given)."""
-    expect(isinstance(value, list), f"{what} must be a list, not {messages.bounded_repr(value)}")
+    if not isinstance(value, list):
+        raise Corrupt(f"{what} must be a list, not {messages.bounded_repr(value)}")
     if length is not None:
         expect(len(value) == length, f"{what} must have {length} items, not {len(value)}")
     return value
@@ -69,7 +70,8 @@ def valid_dtype(name: Any) -> np.dtype:
     Raises:
         Corrupt: If ``name`` is not the name of such a dtype.
     """
-    expect(isinstance(name, str) and len(name) <= 32, f"bad dtype {messages.bounded_repr(name)}")
+    if not (isinstance(name, str) and len(name) <= 32):
+        raise Corrupt(f"bad dtype {messages.bounded_repr(name)}")
     try:
         dtype = np.dtype(name)
     except TypeError:
@@ -110,8 +112,8 @@ class DecodeContext:
         """The context one level down, at ``parts`` of the manifest."""
         expect(self.depth < MAX_DEPTH, f"values are nested deeper than {MAX_DEPTH} levels")
         suffix = "/".join(str(part) for part in parts)
-        return dataclasses.replace(
-            self, json_path=f"{self.json_path}/{suffix}", depth=self.depth + 1
+        return DecodeContext(
+            self.allow_modules, self.model_path, f"{self.json_path}/{suffix}", self.depth + 1
         )
 
     def where(self) -> str:
@@ -181,16 +183,18 @@ def decode(data: Any, context: DecodeContext) -> Any:
     """
     if is_primitive(data):
         return data
-    expect(isinstance(data, dict) and data, f"malformed static value {messages.bounded_repr(data)}")
+    if not (isinstance(data, dict) and data):
+        raise Corrupt(f"malformed static value {messages.bounded_repr(data)}")
     tag = next(iter(data))
     kind = _KINDS_BY_TAG.get(tag)
-    expect(kind is not None, f"unknown static value kind {messages.bounded_repr(tag)}")
+    if kind is None:
+        raise Corrupt(f"unknown static value kind {messages.bounded_repr(tag)}")
     expected_keys = {tag} if kind.extra_key is None else {tag, kind.extra_key}
-    expect(
-        data.keys() == expected_keys,
-        f"a {tag} value has the keys {messages.bounded_repr(sorted(data))}, not"
-        f" {sorted(expected_keys)}",
-    )
+    if data.keys() != expected_keys:
+        raise Corrupt(
+            f"a {tag} value has the keys {messages.bounded_repr(sorted(data))}, not"
+            f" {sorted(expected_keys)}"
+        )
     return kind.decode(data, context.at(tag))
 
 
@@ -630,7 +634,8 @@ def decode_variable_metadata(data: Any, context: DecodeContext) -> dict[str, Any
             f"the variable has the NNX hook {messages.bounded_repr(key)}; checkpoints never hold"
             " hooks (refusing to restore it)",
         )
-        expect(key not in metadata, f"the metadata key {messages.bounded_repr(key)} repeats")
+        if key in metadata:
+            raise Corrupt(f"the metadata key {messages.bounded_repr(key)} repeats")
         metadata[key] = decode(value, context.at(i, 1))
     # NNX hashes variable metadata into graph definitions: an unhashable entry would fail on
     # first use, far from the checkpoint.
@@ -642,5 +647,10 @@ def decode_variable_metadata(data: Any, context: DecodeContext) -> dict[str, Any
 
 def check_variable_class(cls: type) -> None:
     """Refuses a variable class that defines hooks of its own."""
-    hooks = [name for name in dir(cls) if is_hook_key(name) and getattr(cls, name, None)]
+    hooks = _class_hooks(cls)
     expect(not hooks, f"the variable class {cls.__qualname__} defines the NNX hooks {hooks}")
+
+
+@functools.cache
+def _class_hooks(cls: type) -> list[str]:
+    return [name for name in dir(cls) if is_hook_key(name) and getattr(cls, name, None)]

@@ -4,6 +4,7 @@ file and the manifest path, with and without a target (findings 9 and 10 of issu
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import jax
@@ -23,8 +24,16 @@ def saved(tmp_path_factory):
     return directory, model
 
 
-def _write(checkpoint, text):
-    (checkpoint / "manifest" / "metadata").write_text(text)
+@contextlib.contextmanager
+def _manifest_text(saved, text):
+    """The saved checkpoint with its manifest file replaced by ``text`` for the duration."""
+    manifest_file = saved[0] / "manifest" / "metadata"
+    original = manifest_file.read_text()
+    manifest_file.write_text(text)
+    try:
+        yield
+    finally:
+        manifest_file.write_text(original)
 
 
 def _edited(saved, edit):
@@ -70,15 +79,10 @@ def _deep(depth):
     ],
 )
 def test_malformed_manifests_are_corrupt_checkpoint_errors(saved, mutate, where):
-    checkpoint, _ = saved
-    original = (checkpoint / "manifest" / "metadata").read_text()
-    try:
-        _write(checkpoint, json.dumps(_edited(saved, mutate)))
+    with _manifest_text(saved, json.dumps(_edited(saved, mutate))):
         for message in _restore_both_ways(saved):
             if where is not None:
                 assert f"manifest path {where}" in message, message
-    finally:
-        _write(checkpoint, original)
 
 
 @pytest.mark.parametrize(
@@ -92,40 +96,24 @@ def test_malformed_manifests_are_corrupt_checkpoint_errors(saved, mutate, where)
     ],
 )
 def test_unparsable_manifests(saved, text):
-    checkpoint, _ = saved
-    original = (checkpoint / "manifest" / "metadata").read_text()
-    try:
-        _write(checkpoint, text)
+    with _manifest_text(saved, text):
         for message in _restore_both_ways(saved):
             assert "damaged" in message
-    finally:
-        _write(checkpoint, original)
 
 
 def test_not_a_manifest_names_the_file(saved):
-    checkpoint, _ = saved
-    original = (checkpoint / "manifest" / "metadata").read_text()
-    try:
-        _write(checkpoint, json.dumps({"format": "something else"}))
+    with _manifest_text(saved, json.dumps({"format": "something else"})):
         for message in _restore_both_ways(saved):
             assert "not a pz_flax checkpoint manifest" in message
-    finally:
-        _write(checkpoint, original)
 
 
 def test_huge_values_give_bounded_messages(saved):
-    checkpoint, _ = saved
-    original = (checkpoint / "manifest" / "metadata").read_text()
-
     def huge(manifest):
         manifest["arrays"][0]["label"] = {"x" * 10_000_000: 1}
         manifest["root"]["dict"][0][1]["struct"] = "m" * 10_000_000 + ":X"
 
-    try:
-        _write(checkpoint, json.dumps(_edited(saved, huge)))
+    with _manifest_text(saved, json.dumps(_edited(saved, huge))):
         list(_restore_both_ways(saved))
-    finally:
-        _write(checkpoint, original)
 
 
 def test_mismatch_reports_are_bounded(tmp_path):
