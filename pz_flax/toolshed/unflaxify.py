@@ -5,9 +5,11 @@ example call) and returns an `InterceptedFlaxModuleMethod` layer that makes that
 module is put into ``flax.nnx.bridge.ToNNX`` holding the given variables, and that NNX module
 goes through ``pz_flax.from_nnx`` like any other NNX model: its parameters become labelled
 ``pz.Parameter`` objects (``Dense_0/kernel``), its other collections ``pz.StateVariable``
-objects, and the result converts back with ``pz_flax.to_nnx``, saves with
-``pz_flax.checkpoint`` and can be selected into and patched. The layer is called as penzai's
-is, with the call's arguments packed in an `ArgsAndKwargs`::
+objects, and the result converts back with ``pz_flax.to_nnx`` (``layer.body``) and can be
+selected into and patched. (``pz_flax.checkpoint.save`` refuses it: the Linen module and the
+dicts ``ToNNX`` keeps its variables in are not things a checkpoint manifest can describe;
+save the arrays instead.) The layer is
+called as penzai's is, with the call's arguments packed in an `ArgsAndKwargs`::
 
     layer = unflaxify.unflaxify_apply(linen_mlp, variables, x)
     y = layer(unflaxify.ArgsAndKwargs.capture(x))          # == linen_mlp.apply(variables, x)
@@ -38,6 +40,8 @@ from pz_flax.interop import wrappers
 from pz_flax.nn import layer as layer_base
 
 _PARAMS_COLLECTION = "params"
+# The RNG stream Linen initialisers draw from; applying a module does not use it.
+_INIT_RNG_STREAM = "params"
 
 
 @struct.pytree_dataclass
@@ -148,10 +152,22 @@ def _mutable_collections(mutable: Any, collections: Sequence[str]) -> tuple[str,
 def _rng_names(rngs: Any) -> frozenset[str]:
     """The streams a Linen ``rngs=`` argument provides, apart from initialisation's."""
     if rngs is None or isinstance(rngs, jax.Array):
-        # A single key is Linen's shorthand for the ``params`` stream, which applying a
-        # module (as opposed to initialising it) does not draw from.
+        # A single key is Linen's shorthand for the initialisation stream.
         return frozenset()
-    return frozenset(name for name in rngs if name != _PARAMS_COLLECTION)
+    return frozenset(name for name in rngs if name != _INIT_RNG_STREAM)
+
+
+def _method_name(module: linen.Module, method: Callable[..., Any] | str | None) -> str:
+    """The name of the method ``module.apply(..., method=method)`` would call."""
+    if method is None:
+        name = "__call__"
+    elif isinstance(method, str):
+        name = method
+    else:
+        name = method.__name__
+    if not callable(getattr(type(module), name, None)):
+        raise ValueError(f"{type(module).__name__} has no method {name!r}.")
+    return name
 
 
 def unflaxify_apply(
@@ -191,11 +207,7 @@ def unflaxify_apply(
             f" module.apply, but got a {type(variables).__name__}."
         )
     variables = dict(variables)
-    method_name = (
-        "__call__" if method is None else method if isinstance(method, str) else method.__name__
-    )
-    if not callable(getattr(type(module), method_name, None)):
-        raise ValueError(f"{type(module).__name__} has no method {method_name!r}.")
+    method_name = _method_name(module, method)
     mutable_collections = _mutable_collections(mutable, tuple(variables))
 
     # Fail here, not at the first call, if the variables or the call do not fit the module.

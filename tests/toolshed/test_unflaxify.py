@@ -183,3 +183,14 @@ def test_bad_inputs_fail_at_construction():
 def test_args_and_kwargs_capture():
     captured = unflaxify.ArgsAndKwargs.capture(1, 2, train=True)
     assert captured.args == (1, 2) and captured.kwargs == {"train": True}
+
+
+def test_checkpoint_save_refuses_linen_layers_with_a_clear_error(tmp_path):
+    from pz_flax import checkpoint
+
+    x = jnp.ones((2, 4))
+    module = _DenseStack()
+    layer = unflaxify.unflaxify_apply(module, _init(module, x), x)
+    with pytest.raises(checkpoint.UnsupportedValueError, match="cannot save"):
+        checkpoint.save(tmp_path / "ckpt", layer)
+    assert not (tmp_path / "ckpt").exists()
