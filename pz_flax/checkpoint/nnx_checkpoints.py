@@ -27,6 +27,7 @@ from etils import epath
 from flax import nnx
 
 from pz_flax.checkpoint import errors
+from pz_flax.checkpoint import manifest as manifest_lib
 from pz_flax.checkpoint import storage
 
 
@@ -111,12 +112,21 @@ def load_nnx_module(
     problems = []
     expected_keys = set()
     placed = []
+    wanted = []
     for key_path, leaf in leaves:
         key = tuple(_key_text(part) for part in key_path)
         expected_keys.add(key)
         where = "/".join(key)
         found = stored.get(key)
         expected = _stored_form(leaf)
+        wanted.append(
+            manifest_lib.ArrayEntry(
+                path=where,
+                key=key,
+                shape=tuple(expected.shape),
+                dtype=np.dtype(expected.dtype).name,
+            )
+        )
         if found is None:
             problems.append(f"{where}: in the model, not in the checkpoint")
         else:
@@ -142,6 +152,8 @@ def load_nnx_module(
             f" difference{'s' if len(problems) != 1 else ''}):",
             problems,
         )
+    # Orbax casts what it reads to the requested dtype: check what is stored, byte order too.
+    storage.check_stored_arrays(path, wanted)
     try:
         restored = ocp.StandardCheckpointHandler().restore(
             path, args=ocp.args.StandardRestore(jax.tree_util.tree_unflatten(treedef, placed))

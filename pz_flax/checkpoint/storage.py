@@ -706,7 +706,7 @@ def _zarr_layout_problem(entry: manifest_lib.ArrayEntry, raw: bytes | None) -> s
     return "; ".join(problems) or None
 
 
-def check_stored_arrays(checkpoint: epath.Path, entries: list[manifest_lib.ArrayEntry]) -> None:
+def check_stored_arrays(arrays_dir: epath.Path, entries: list[manifest_lib.ArrayEntry]) -> None:
     """Checks each array's stored dtype (with byte order), shape and order against the manifest.
 
     Orbax casts what it reads to the requested dtype, so an edited stored dtype (``<f4`` made
@@ -714,10 +714,14 @@ def check_stored_arrays(checkpoint: epath.Path, entries: list[manifest_lib.Array
     stored metadata is a few hundred bytes per array, read concurrently from the same store
     the arrays come from.
 
+    Args:
+        arrays_dir: The directory Orbax wrote the arrays into (a checkpoint's ``arrays`` item,
+            or a whole plain Orbax checkpoint).
+        entries: What each array must be.
+
     Raises:
         CorruptCheckpointError: If any array's stored metadata disagrees with the manifest.
     """
-    arrays_dir = checkpoint / ARRAYS_ITEM
     try:
         store = ts.KvStore.open(_array_kvstore_spec(arrays_dir)).result()
         names = {entry.path: _ARRAY_NAME_SEPARATOR.join(entry.key) for entry in entries}
@@ -729,7 +733,7 @@ def check_stored_arrays(checkpoint: epath.Path, entries: list[manifest_lib.Array
             found.update({path: read.result().value for path, read in zarr3.items()})
     except Exception as exc:
         raise errors.CorruptCheckpointError(
-            f"Cannot read the arrays' metadata of the checkpoint at {checkpoint} (missing or"
+            f"Cannot read the arrays' metadata in {arrays_dir} (missing or"
             f" damaged files): {exception_summary(exc)}"
         ) from None
     problems = []
@@ -739,7 +743,7 @@ def check_stored_arrays(checkpoint: epath.Path, entries: list[manifest_lib.Array
             problems.append(f"{entry.path}: {problem}")
     if problems:
         raise errors.CorruptCheckpointError(
-            f"The checkpoint at {checkpoint} is inconsistent: {'; '.join(problems[:3])}"
+            f"The checkpoint arrays in {arrays_dir} are inconsistent: {'; '.join(problems[:3])}"
             + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
         )
 
@@ -801,7 +805,7 @@ def read_arrays(
             f"The checkpoint at {path} lists {len(entries)} arrays but its '{ARRAYS_ITEM}'"
             " directory is missing."
         )
-    check_stored_arrays(path, entries)
+    check_stored_arrays(path / ARRAYS_ITEM, entries)
     abstract = manifest_lib.shape_dtype_structs(entries, shardings)
     abstract_tree = manifest_lib.build_array_tree(entries, abstract)
     try:

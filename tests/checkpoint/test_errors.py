@@ -39,6 +39,8 @@ def saved(tmp_path_factory):
         (errors.CheckpointExistsError, FileExistsError),
         (errors.UnsupportedValueError, TypeError),
         (errors.CheckpointMismatchError, ValueError),
+        (errors.CheckpointPathError, ValueError),
+        (errors.CheckpointStorageError, OSError),
     ],
 )
 def test_errors_are_checkpoint_errors_and_the_expected_builtin(error_type, builtin_type):
@@ -52,6 +54,14 @@ def test_damage_and_distrust_are_not_mistaken_for_other_failures(error_type):
     # A damaged or untrusted checkpoint is there: not a missing file, nor a bad argument.
     for builtin_type in (OSError, ValueError, TypeError):
         assert not issubclass(error_type, builtin_type)
+
+
+def test_storage_error_keeps_its_path_and_message():
+    error = errors.CheckpointStorageError("Cannot write /x: permission denied.", path="/x")
+    assert error.path == "/x" and str(error) == "Cannot write /x: permission denied."
+    assert isinstance(error, OSError) and error.errno is None
+    assert pz_flax.checkpoint.CheckpointStorageError is errors.CheckpointStorageError
+    assert pz_flax.checkpoint.CheckpointPathError is errors.CheckpointPathError
 
 
 def test_checkpoint_error_is_a_plain_exception():

@@ -155,3 +155,22 @@ def test_read_defaults_to_this_process_first_local_device(nnx_checkpoint):
     loaded = nnx_checkpoints.load_nnx_module(path, sample_models.make_nnx_model)
     for leaf in jax.tree_util.tree_leaves(nnx.state(loaded)):
         assert leaf.sharding.device_set == {jax.local_devices()[0]}
+
+
+def test_edited_stored_dtype_of_an_nnx_checkpoint_is_caught(nnx_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    import tensorstore as ts
+
+    _, path = nnx_checkpoint
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    store = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{copy}"}).result()
+    key = "layers.0.kernel.value/.zarray"
+    metadata = json.loads(store.read(key).result().value)
+    store.write(key, json.dumps({**metadata, "dtype": ">f4"}).encode()).result()
+    with pytest.raises(
+        errors.CorruptCheckpointError, match=r"layers/0/kernel/value: stored dtype '>f4'"
+    ):
+        nnx_checkpoints.load_nnx_module(copy, sample_models.make_nnx_model)
