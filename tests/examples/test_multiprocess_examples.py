@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pz_flax import checkpoint
+from pz_flax import pz
 from tests.examples import helpers
 from tests.multiprocess import launcher
 
@@ -45,15 +46,8 @@ def test_train_transformer_as_a_two_process_job(tmp_path):
     assert "6/6" not in other
     samples = json.loads((out_dir / "samples.json").read_text())["samples"]
     assert len(samples) == 2 and all(text.startswith("the ") for text in samples)
-    restored = checkpoint.restore(out_dir / "checkpoint")
-    leaves = [np.asarray(leaf) for leaf in restored_arrays(restored)]
-    assert leaves and all(np.all(np.isfinite(leaf)) for leaf in leaves)
-
-
-def restored_arrays(model):
-    from pz_flax import pz
-
-    return [param.get_raw_value() for param in pz.unbind_params(model)[1]]
+    _, params = pz.unbind_params(checkpoint.restore(out_dir / "checkpoint"))
+    assert params and all(np.all(np.isfinite(p.get_raw_value())) for p in params)
 
 
 def test_quickstart_as_a_two_process_job(tmp_path):
