@@ -16,67 +16,29 @@ from penzai.models.transformer.variants import gemma as penzai_gemma
 from pz_flax import pz
 from pz_flax.models.transformer.variants import gemma
 from pz_flax.models.transformer.variants import llamalike_common
+from tests.models.transformer.variants import fake_gemma
 from tests.models.transformer.variants import oracle
 
-EMBED, PROJ, HIDDEN, VOCAB = 8, 4, 12, 17
-
-# Release name -> (layers, query heads, key/value heads, Gemma 2, gating stored transposed).
+# Release name -> a tiny checkpoint with that release's layout.
 LAYOUTS = {
-    "gemma_2b": (1, 4, 1, False, False),
-    "gemma_7b": (3, 3, 3, False, False),
-    "gemma2_2b": (2, 4, 2, True, False),
-    "gemma2_9b": (4, 4, 2, True, True),
+    "gemma_2b": fake_gemma.FakeGemma(layers=1, heads=4, kv_heads=1),
+    "gemma_7b": fake_gemma.FakeGemma(layers=3, heads=3, kv_heads=3),
+    "gemma2_2b": fake_gemma.FakeGemma(layers=2, heads=4, kv_heads=2, gemma2=True),
+    "gemma2_9b": fake_gemma.FakeGemma(
+        layers=4, heads=4, kv_heads=2, gemma2=True, transposed_gating=True
+    ),
 }
+EMBED, PROJ, HIDDEN = 8, 4, 12
 
 
-def fake_checkpoint(release: str, dtype=np.float32, seed: int = 0) -> dict:
-    """Random parameters named and laid out as in the released ``release`` checkpoint."""
-    layers, heads, kv_heads, gemma2, transposed_gating = LAYOUTS[release]
-    rng = np.random.default_rng(seed)
-
-    def w(*shape):
-        return {"w": (rng.standard_normal(shape) * 0.3).astype(dtype)}
-
-    def scale():
-        return {"scale": (rng.standard_normal(EMBED) * 0.1).astype(dtype)}
-
-    params = {
-        "transformer/embedder": {
-            "input_embedding": rng.standard_normal((VOCAB, EMBED)).astype(dtype)
-        },
-        "transformer/final_norm": scale(),
-    }
-    for i in range(layers):
-        layer = f"transformer/layer_{i}"
-        norms = ["pre_attention_norm", "pre_ffw_norm"]
-        if gemma2:
-            norms += ["post_attention_norm", "post_ffw_norm"]
-        params.update({f"{layer}/{norm}": scale() for norm in norms})
-        gating = (2, HIDDEN, EMBED) if transposed_gating else (2, EMBED, HIDDEN)
-        params[f"{layer}/mlp/gating_einsum"] = w(*gating)
-        params[f"{layer}/mlp/linear"] = w(HIDDEN, EMBED)
-        if heads == kv_heads:
-            params[f"{layer}/attn/qkv_einsum"] = w(3, heads, EMBED, PROJ)
-        else:
-            params[f"{layer}/attn/q_einsum"] = w(heads, EMBED, PROJ)
-            params[f"{layer}/attn/kv_einsum"] = w(2, kv_heads, EMBED, PROJ)
-        params[f"{layer}/attn/attn_vec_einsum"] = w(heads, PROJ, EMBED)
-    return params
+def fake_checkpoint(release: str, dtype=np.float32) -> dict:
+    return LAYOUTS[release].params(dtype)
 
 
 @pytest.fixture
 def tiny_penzai_presets(monkeypatch):
-    for release, (layers, heads, kv_heads, _, _) in LAYOUTS.items():
-        preset = dict(penzai_gemma._GEMMA_PRESETS[release])
-        preset.update(
-            num_decoder_blocks=layers,
-            vocab_size=VOCAB,
-            num_kv_heads=kv_heads,
-            query_head_multiplier=heads // kv_heads,
-            embedding_dim=EMBED,
-            projection_dim=PROJ,
-            mlp_hidden_dim=HIDDEN,
-        )
+    for release, layout in LAYOUTS.items():
+        preset = {**penzai_gemma._GEMMA_PRESETS[release], **layout.preset_sizes()}
         monkeypatch.setitem(penzai_gemma._GEMMA_PRESETS, release, preset)
 
 
