@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import warnings
 from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Any
@@ -39,11 +40,36 @@ _NON_ELEMENTWISE_ARRAY_FUNCTIONS = {
     "jax.numpy": ("einsum", "matmul", "dot", "tensordot"),
     "jax.lax": ("dot_general", "conv_general_dilated", "conv_transpose", "dot"),
     "flax.nnx.nn.dtypes": ("promote_dtype",),
+    # Rematerialisation policies (``Checkpointed.policy``): predicates over primitives.
+    "jax.checkpoint_policies": (
+        "checkpoint_dots",
+        "checkpoint_dots_with_no_batch_dims",
+        "dots_saveable",
+        "dots_with_no_batch_dims_saveable",
+        "everything_saveable",
+        "nothing_saveable",
+    ),
 }
 # Public namespaces that give a known function its checkpoint name, in order of preference.
-_NAMESPACES = ("jax.nn", "jax.numpy", "jax.lax", "jax.scipy.special", "flax.nnx.nn.dtypes")
+_NAMESPACES = (
+    "jax.nn",
+    "jax.numpy",
+    "jax.lax",
+    "jax.scipy.special",
+    "flax.nnx.nn.dtypes",
+    "jax.checkpoint_policies",
+)
 # Literal types a partial may bind.
 PARTIAL_ARGUMENT_TYPES = (type(None), bool, int, float, str)
+
+
+def _namespace(name: str) -> Any:
+    """The module or module attribute (``jax.checkpoint_policies``) called ``name``."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError:
+        parent, _, attribute = name.rpartition(".")
+        return getattr(_namespace(parent), attribute)
 
 
 @functools.cache
@@ -53,15 +79,20 @@ def _known_functions() -> dict[str, Callable[..., Any]]:
 
     functions = set(basic_ops.known_elementwise_functions())
     for module_name, names in _NON_ELEMENTWISE_ARRAY_FUNCTIONS.items():
-        module = importlib.import_module(module_name)
+        module = _namespace(module_name)
         functions.update(getattr(module, name) for name in names if hasattr(module, name))
+    by_id = {id(fn): fn for fn in functions}
     by_name: dict[str, Callable[..., Any]] = {}
-    for namespace in _NAMESPACES:
-        module = importlib.import_module(namespace)
-        for fn in functions:
-            public_name = getattr(fn, "__name__", None)
-            if isinstance(public_name, str) and getattr(module, public_name, None) is fn:
-                by_name.setdefault(f"{namespace}:{public_name}", fn)
+    for namespace_name in _NAMESPACES:
+        namespace = _namespace(namespace_name)
+        # By attribute name, not ``__name__``: some (JAX's remat policies) are callable objects.
+        # Reading every attribute touches deprecated ones too; their warnings are not news.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            attributes = {name: getattr(namespace, name, None) for name in dir(namespace)}
+        for attribute, value in attributes.items():
+            if by_id.get(id(value)) is value:
+                by_name.setdefault(f"{namespace_name}:{attribute}", value)
     return by_name
 
 

@@ -57,7 +57,10 @@ def encode_shell(shell: Any, path: str) -> dict[str, Any]:
 
 def _describe(module: nnx.Pytree, path: str) -> dict[str, Any]:
     attributes = []
-    for name, value, is_data in nnx_modules.module_attributes(module):
+    # Static attributes first: an unnameable function among them is the likelier problem,
+    # and the one worth reporting.
+    in_order = sorted(nnx_modules.module_attributes(module), key=lambda attribute: attribute[2])
+    for name, value, is_data in in_order:
         where = f"{path} (attribute {name})"
         entry: dict[str, Any] = {"name": name, "data": is_data}
         if isinstance(value, nnx.Variable):

@@ -210,3 +210,21 @@ def test_sharding_metadata_round_trips(tmp_path):
     assert restored["pspec"].get_metadata()["out_sharding"] == spec
     named = restored["named"].get_metadata()["out_sharding"]
     assert named.spec == spec and dict(named.mesh.shape) == {"model": 2}
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        jax.nn.gelu,
+        jax.nn.relu,
+        jnp.tanh,
+        jax.nn.softmax,
+        jax.lax.dot_general,
+        jax.lax.conv_general_dilated,
+        jax.checkpoint_policies.dots_saveable,
+    ],
+)
+def test_the_allow_list_covers_what_layers_hold(fn):
+    name = functions.function_name(fn, "p")
+    assert ":" in name and "._" not in name
+    assert functions.resolve_function(name, allow_modules=(), path="p") is fn
