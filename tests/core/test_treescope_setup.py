@@ -5,7 +5,8 @@ in for the treescope functions they delegate to, recording what renderer is
 active while they run.
 """
 
-import importlib.util
+import subprocess
+import sys
 from typing import Any
 
 import jax.numpy as jnp
@@ -17,8 +18,6 @@ from treescope import rendering_parts
 from pz_flax.core import named_axes as nx
 from pz_flax.core import treescope_setup
 from pz_flax.pz import ts
-
-HAS_IPYTHON = importlib.util.find_spec("IPython") is not None
 
 
 class LegacyRepr:
@@ -103,14 +102,31 @@ def test_global_setup_installs_legacy_hook(
     assert _render_with_active_renderer(LegacyRepr()) == "<drawn by __penzai_repr__>"
 
 
-@pytest.mark.skipif(HAS_IPYTHON, reason="checks the behaviour without IPython")
-def test_display_functions_need_ipython(restore_global_renderer):
-    with pytest.raises(RuntimeError, match="IPython"):
-        treescope_setup.show(1)
-    with pytest.raises(RuntimeError, match="IPython"):
-        treescope_setup.register_as_default()
-    with pytest.raises(RuntimeError, match="IPython"):
-        treescope_setup.basic_interactive_setup()
+_WITHOUT_IPYTHON = """
+import sys
+sys.modules["IPython"] = None  # makes ``import IPython`` fail, as if it were not installed
+from pz_flax.core import treescope_setup
+for call in (
+    lambda: treescope_setup.show(1),
+    treescope_setup.register_as_default,
+    treescope_setup.basic_interactive_setup,
+):
+    try:
+        call()
+    except RuntimeError as error:
+        assert "IPython" in str(error), error
+    else:
+        raise AssertionError("expected RuntimeError")
+print("ok")
+"""
+
+
+def test_display_functions_need_ipython():
+    # In a fresh interpreter, since treescope may have imported IPython here already.
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_IPYTHON], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 def test_interactive_context_switches():
