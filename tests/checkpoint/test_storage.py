@@ -425,7 +425,9 @@ def _assert_recovers(destination: pathlib.Path, allowed: set[float]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point", ["writing-arrays", "before-publish", "between-renames", "removing-old"])
+@pytest.mark.parametrize(
+    "point", ["writing-arrays", "before-publish", "between-renames", "removing-old"]
+)
 def test_forced_save_killed_at_each_step_keeps_a_complete_checkpoint(tmp_path, point):
     destination = tmp_path / "ckpt"
     storage.save(destination, {"w": jnp.full((256, 256), 0.0), "b": jnp.arange(7)})
@@ -556,9 +558,7 @@ def test_force_refuses_parents_of_the_current_directory_root_and_home(in_tmp_cwd
     for protected in (in_tmp_cwd.parent, pathlib.Path("/"), home, "~"):
         with pytest.raises(errors.CheckpointPathError, match="Refusing to replace") as caught:
             storage.save(protected, {"w": jnp.ones(2)}, force=True)
-        assert str(pathlib.Path(os.path.expanduser(str(protected))).absolute()) in str(
-            caught.value
-        )
+        assert str(pathlib.Path(os.path.expanduser(str(protected))).absolute()) in str(caught.value)
     assert (in_tmp_cwd / "precious.txt").exists()
 
 
@@ -579,7 +579,9 @@ def test_force_replaces_only_a_checkpoint_of_the_same_kind(tmp_path):
     assert storage.directory_kind(nnx_dir) is storage.CheckpointKind.NNX
     storage.save(tmp_path / "pz", {"w": jnp.ones(2)})
     with pytest.raises(errors.CheckpointPathError, match="pz_flax checkpoint"):
-        nnx_checkpoints.write_nnx_checkpoint(tmp_path / "pz", sample_models.make_nnx_model(), force=True)
+        nnx_checkpoints.write_nnx_checkpoint(
+            tmp_path / "pz", sample_models.make_nnx_model(), force=True
+        )
     storage.save(tmp_path / "pz", {"w": jnp.zeros(2)}, force=True)
     assert _leaves_equal(storage.restore(tmp_path / "pz"), {"w": jnp.zeros(2)})
 
@@ -637,7 +639,10 @@ def test_parent_that_is_a_file(tmp_path):
     [
         (PermissionError(13, "Permission denied"), "permission denied"),
         (OSError(30, "Read-only file system"), "read-only"),
-        (ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left"), "no space left"),
+        (
+            ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left"),
+            "no space left",
+        ),
     ],
 )
 def test_write_failures_name_the_path_and_cause_and_leave_nothing(
@@ -760,7 +765,9 @@ def test_remote_paths_reach_orbax_intact(tmp_path, monkeypatch):
 
 def test_unreachable_remote_filesystem_is_a_clear_error():
     # No gcsfs or TensorFlow in this environment: Google Storage cannot be reached.
-    with pytest.raises(errors.CheckpointStorageError, match=r"gs://no-bucket/ckpt.*cannot be reached"):
+    with pytest.raises(
+        errors.CheckpointStorageError, match=r"gs://no-bucket/ckpt.*cannot be reached"
+    ):
         storage.save("gs://no-bucket/ckpt", {"w": jnp.ones(2)})
     with pytest.raises(errors.CheckpointStorageError, match="cannot be reached"):
         storage.restore("gs://no-bucket/ckpt")
