@@ -597,7 +597,11 @@ def _convert_to_nnx(layer: Any, context: registry.ToNNXContext) -> Any:
                 return module
         if context.native:
             return _to_native(layer.layer, context)
-        return wrappers.PzModule(layer, naming=context.naming)
+        return wrappers.PzModule(
+            layer,
+            naming=context.naming,
+            input_names_for_rank=_input_names_for_rank(layer, mapping, context.naming),
+        )
     if isinstance(layer, wrappers.NNXWrapper):
         return _rebuild(layer, context)
     if isinstance(layer, layer_stack.LayerStack) and not context.native:
@@ -658,6 +662,14 @@ def _stacked_to_nnx(layer: layer_stack.LayerStack, context: registry.ToNNXContex
             for variable, built, path in context.bindings[first_mark:]
         ]
     return module
+
+
+def _input_names_for_rank(layer: wrappers.FromNNX, mapping, naming) -> Any:
+    """How the NNX class of an edited layer names its positional input, by input rank."""
+    if mapping is None:
+        return None
+    config = layer.nnx_config
+    return lambda ndim: mapping.input_names(config, config.get("naming", naming), ndim)
 
 
 def _as_function(layer: Any, naming: naming_lib.NNXNaming) -> Any:

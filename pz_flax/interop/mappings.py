@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -95,8 +96,41 @@ def _concrete_float(value: Any, fallback: Any) -> Any:
     return float(value)
 
 
+def _dtype_config(module: Any) -> dict[str, Any]:
+    """The module's explicit compute ``dtype``, recorded so that ``to_nnx`` sets it again."""
+    dtype = getattr(module, "dtype", None)
+    return {} if dtype is None else {"dtype": dtype}
+
+
+def _dtype_option(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``dtype=`` constructor argument recorded by ``_dtype_config``, if any."""
+    return {"dtype": config["dtype"]} if "dtype" in config else {}
+
+
+def _require_expressible_dtype(module: Any) -> None:
+    """Rejects a compute ``dtype`` that casts the weights, which the pz form does not do.
+
+    An explicit ``dtype`` equal to ``param_dtype`` (``dtype=jnp.float32`` on float32 weights)
+    changes nothing the pz form computes, so it is mapped and recorded; a different one makes
+    NNX cast the input and the weights before the product (e.g. bfloat16 compute on float32
+    weights), and the module is wrapped to keep that arithmetic.
+    """
+    dtype = getattr(module, "dtype", None)
+    param_dtype = getattr(module, "param_dtype", None)
+    if dtype is None or param_dtype is None or jnp.dtype(dtype) == jnp.dtype(param_dtype):
+        return
+    raise NotApplicable(
+        f"dtype={jnp.dtype(dtype).name} with param_dtype={jnp.dtype(param_dtype).name} casts"
+        " the input and weights before computing (a compute-dtype cast of the weights), which"
+        " its pz_flax form does not express."
+    )
+
+
 class _ReversibleMapping(registry.LayerMapping):
     """A mapping whose reverse is: extract arrays, build the module, check the structure."""
+
+    def config_for(self, module):
+        return _dtype_config(module)
 
     def to_nnx(self, layer, context, config):
         naming = config.get("naming", context.naming)
@@ -269,6 +303,7 @@ class LinearMapping(_ReversibleMapping):
     pz_types = (linear_and_affine.Affine, linear_and_affine.LinearInPlace)
 
     def to_pz(self, module, context):
+        _require_expressible_dtype(module)
         features = context.naming.features
         core = _linear_core(context, module.kernel, (features,), (features,))
         return _affine(core, _bias_layer(context, module.bias, "bias", (features,)))
@@ -288,6 +323,7 @@ class LinearMapping(_ReversibleMapping):
             use_bias=bias is not None,
             param_dtype=_param_dtype(kernel),
             variables_by_path=by_path,
+            **_dtype_option(config),
         )
 
 
@@ -298,6 +334,7 @@ class LinearGeneralMapping(_ReversibleMapping):
     pz_types = (linear_and_affine.Affine, linear_and_affine.LinearInPlace, linear_and_affine.Linear)
 
     def to_pz(self, module, context):
+        _require_expressible_dtype(module)
         if module.batch_axis:
             raise NotApplicable("batch_axis is not supported (no named form).")
         count_in = len(module.in_features)
@@ -326,6 +363,7 @@ class LinearGeneralMapping(_ReversibleMapping):
             use_bias=bias is not None,
             param_dtype=_param_dtype(kernel),
             variables_by_path=by_path,
+            **_dtype_option(config),
         )
 
 
@@ -374,6 +412,7 @@ class EinsumMapping(_ReversibleMapping):
         return contracted, new, rhs, in_names, out_names
 
     def to_pz(self, module, context):
+        _require_expressible_dtype(module)
         contracted, new, rhs, in_names, out_names = self._names(module.einsum_str, context.naming)
         in_tuple = tuple(in_names[letter] for letter in contracted)
         out_tuple = tuple(out_names[letter] for letter in new)
@@ -393,7 +432,17 @@ class EinsumMapping(_ReversibleMapping):
         return _affine(core, _bias_layer(context, module.bias, "bias", out_tuple))
 
     def config_for(self, module):
-        return {"einsum_str": module.einsum_str}
+        return {**super().config_for(module), "einsum_str": module.einsum_str}
+
+    def input_names(self, config, naming, ndim):
+        # The batch letters lead (named like any activation's leading axes), the contracted
+        # ones end the input, named as to_pz named them.
+        contracted, _, _, in_names, _ = self._names(config["einsum_str"], naming)
+        batch_count = ndim - len(contracted)
+        if batch_count < 0:
+            return None
+        leading = naming.default_axis_names(batch_count + 1)[:-1]
+        return (*leading, *(in_names[letter] for letter in contracted))
 
     def build(self, layer, context, naming, config):
         einsum_str = config.get("einsum_str")
@@ -411,6 +460,7 @@ class EinsumMapping(_ReversibleMapping):
             None if bias is None else tuple(bias.shape),
             param_dtype=_param_dtype(kernel),
             variables_by_path=by_path,
+            **_dtype_option(config),
         )
 
 
@@ -424,6 +474,7 @@ class EmbedMapping(_ReversibleMapping):
     pz_types = (embeddings.EmbeddingLookup,)
 
     def to_pz(self, module, context):
+        _require_expressible_dtype(module)
         naming = context.naming
         table = embeddings.EmbeddingTable(
             embeddings=context.parameter(
@@ -448,6 +499,7 @@ class EmbedMapping(_ReversibleMapping):
             array.shape[1],
             param_dtype=_param_dtype(array),
             variables_by_path={"embedding": (table.embeddings, array)},
+            **_dtype_option(config),
         )
 
 
@@ -495,6 +547,7 @@ class _NormMapping(_ReversibleMapping):
     supports_bias: bool
 
     def to_pz(self, module, context):
+        _require_expressible_dtype(module)
         if module.reduction_axes != -1 or module.feature_axes != -1:
             raise NotApplicable("only reduction_axes=-1, feature_axes=-1 have a named form.")
         features = context.naming.features
@@ -507,7 +560,11 @@ class _NormMapping(_ReversibleMapping):
         return pz_type(sublayers)
 
     def config_for(self, module):
-        return {"num_features": module.num_features, "epsilon": module.epsilon}
+        return {
+            **super().config_for(module),
+            "num_features": module.num_features,
+            "epsilon": module.epsilon,
+        }
 
     def build(self, layer, context, naming, config):
         (pz_type,) = self.pz_types
@@ -535,6 +592,7 @@ class _NormMapping(_ReversibleMapping):
             use_scale=scale is not None,
             param_dtype=registry.jnp_dtype_type(dtype),
             variables_by_path=by_path,
+            **_dtype_option(config),
         )
 
 
@@ -580,7 +638,11 @@ class DropoutMapping(_ReversibleMapping):
         return dropout.StochasticDropout(drop_rate=module.rate)
 
     def config_for(self, module):
-        return {"deterministic": module.deterministic, "rate": module.rate}
+        return {
+            **super().config_for(module),
+            "deterministic": module.deterministic,
+            "rate": module.rate,
+        }
 
     def build(self, layer, context, naming, config):
         if type(layer) is dropout.StochasticDropout:
@@ -617,6 +679,7 @@ class MultiHeadAttentionMapping(_ReversibleMapping):
     nnx_type = nnx.MultiHeadAttention
 
     def to_pz(self, module, context):
+        _require_expressible_dtype(module)
         if module.decode:
             raise NotApplicable("decode mode (KV cache) is not mapped.")
         if module.dropout_rate != 0 or module.rngs is not None:
@@ -682,6 +745,7 @@ class MultiHeadAttentionMapping(_ReversibleMapping):
 
     def config_for(self, module):
         return {
+            **super().config_for(module),
             "deterministic": module.deterministic,
             "decode": module.decode,
             "broadcast_dropout": module.broadcast_dropout,
@@ -735,6 +799,7 @@ class MultiHeadAttentionMapping(_ReversibleMapping):
             decode=config.get("decode"),
             broadcast_dropout=config.get("broadcast_dropout", True),
             variables_by_path=by_path,
+            **_dtype_option(config),
         )
 
 
@@ -844,6 +909,7 @@ class LoRAMapping(_ReversibleMapping):
         return {}
 
     def to_pz(self, module, context):
+        _require_expressible_dtype(module)
         lora = _lora_path(context, module, "")
         if module.base_module is None:
             return lora
@@ -869,6 +935,7 @@ class LoRAMapping(_ReversibleMapping):
             lora_b.shape[1],
             param_dtype=_param_dtype(lora_a),
             variables_by_path=by_path,
+            **_dtype_option(config),
         )
         if base is not None:
             module.base_module = nnx.data(context.convert(base))
@@ -903,6 +970,7 @@ class LoRALinearMapping(_ReversibleMapping):
             param_dtype=_param_dtype(kernel),
             lora_param_dtype=_param_dtype(lora_a),
             variables_by_path=by_path,
+            **_dtype_option(config),
         )
 
 

@@ -192,6 +192,26 @@ class LayerMapping(abc.ABC):
             native mode).
         """
 
+    def input_names(
+        self, config: Mapping[str, Any], naming: naming_lib.NNXNaming, ndim: int
+    ) -> tuple[str, ...] | None:
+        """Names for the positional input of a converted module of this class.
+
+        Used when an edited layer can no longer be rebuilt as the NNX class and is put back
+        into NNX code as a ``PzModule``: the positional arrays the NNX code passes it must be
+        named as the original layer named them.
+
+        Args:
+            config: What ``config_for`` recorded.
+            naming: The naming convention of the conversion.
+            ndim: The rank of the positional input.
+
+        Returns:
+            One name per axis, or None for the naming convention's defaults.
+        """
+        del config, naming, ndim
+        return None
+
     def config_for(self, module: Any) -> dict[str, Hashable]:
         """Static settings of ``module`` that its pz form cannot express but ``to_nnx`` needs.
 

@@ -270,6 +270,9 @@ class NNXWrapper(layer_base.Layer):
             output,
             who,
             probe=lambda probe_input: _probe_call(self, probe_input, keyword_arguments),
+            probe_key=(id(self), argument.dtype, tuple(argument.named_shape.items()))
+            if isinstance(argument, named_axes.NamedArrayBase)
+            else None,
         )
 
     def _module(self) -> tuple[nnx.Module, list[tuple[Any, Any, tuple[Hashable, ...]]]]:
@@ -326,13 +329,17 @@ def _bindings_current(bindings: list) -> bool:
 def _probe_call(wrapper: NNXWrapper, positional: Any, keyword_arguments: dict[str, Any]) -> Any:
     """The output shapes of the wrapped module on another input, computed abstractly.
 
-    The module is rebuilt inside the abstract evaluation, and NNX objects among the keyword
-    arguments (an ``nnx.Rngs``) are cloned, so nothing outside is changed.
+    The module is rebuilt inside the abstract evaluation from copies of the wrapper's state
+    variables (pz_flax layers inside it may record state, e.g. ``SaveIntermediate``), and NNX
+    objects among the keyword arguments (an ``nnx.Rngs``) are cloned, so nothing outside is
+    changed.
     """
     from pz_flax.interop import convert
 
     def call(probe_input):
-        module = convert.rebuild_wrapped_module(wrapper)
+        pure, state = variables.unbind_state_vars(wrapper, freeze=True)
+        isolated = variables.bind_variables(pure, state, unfreeze_as_copy=True)
+        module = convert.rebuild_wrapped_module(isolated)
         arguments = {
             name: nnx.clone(value) if isinstance(value, nnx.Pytree) else value
             for name, value in keyword_arguments.items()
@@ -383,6 +390,7 @@ def _name_output(
     output: Any,
     who: str,
     probe: Callable[[Any], Any] | None = None,
+    probe_key: Any = None,
 ) -> Any:
     """Names the output of a wrapped call; see ``NNXWrapper.output_axes`` for the rule.
 
@@ -396,6 +404,8 @@ def _name_output(
         who: Describes the wrapped callable in error messages.
         probe: Computes the output's shapes for another positional input, for naming an
             output with fewer axes than the input; None if that is not possible.
+        probe_key: Identifies the wrapper and input shape, so the probing runs once per
+            input shape rather than on every call.
 
     Returns:
         ``output`` with every array leaf named.
@@ -429,7 +439,15 @@ def _name_output(
             trailing = new_axis_names(leaf, extra)
         else:
             if kept_axes is None:
+                cached = _KEPT_AXES.get(probe_key) if probe_key is not None else None
+                if cached is not None and cached[0] is wrapper:
+                    kept_axes = cached[1]
+            if kept_axes is None:
                 kept_axes = _kept_input_axes(argument, leading, output, probe)
+                if probe_key is not None:
+                    _KEPT_AXES[probe_key] = (wrapper, kept_axes)
+                    while len(_KEPT_AXES) > _BUILT_MODULES_LIMIT:
+                        del _KEPT_AXES[next(iter(_KEPT_AXES))]
             names = kept_axes.get(path) if kept_axes else None
             if names is None:
                 raise ValueError(
@@ -447,6 +465,11 @@ def _name_output(
         return naming_lib.from_positional(leaf, leading, trailing, positional_rank, who)
 
     return jax.tree_util.tree_map_with_path(name_leaf, output)
+
+
+# Results of _kept_input_axes by (wrapper id, input dtype, input named shape); each entry
+# holds its wrapper, so the id stays unique while the entry lives.
+_KEPT_AXES: dict[Any, Any] = {}
 
 
 def _kept_input_axes(argument, leading, output, probe):
@@ -650,6 +673,7 @@ class PzModule(nnx.Module):
         *,
         input_names: tuple[str, ...] | None = None,
         naming: naming_lib.NNXNaming = naming_lib.DEFAULT_NAMING,
+        input_names_for_rank: Callable[[int], tuple[str, ...] | None] | None = None,
     ):
         """Wraps ``layer``.
 
@@ -657,10 +681,14 @@ class PzModule(nnx.Module):
             layer: A pz_flax layer (any callable pz_flax struct).
             input_names: Names for the positional input's axes, or None for the defaults.
             naming: The naming convention supplying default names.
+            input_names_for_rank: Without ``input_names``: gives the names for an input of a
+                given rank (None for the defaults); ``to_nnx`` passes the naming of the NNX
+                class an edited layer came from.
         """
         self.layer = layer
         self.input_names = None if input_names is None else tuple(input_names)
         self.naming = naming
+        self.input_names_for_rank = input_names_for_rank
 
     def __call__(self, x: Any, **side_inputs: Any) -> Any:
         """Runs the layer on ``x`` (named by the convention if positional).
@@ -674,7 +702,11 @@ class PzModule(nnx.Module):
         """
         if isinstance(x, named_axes.NamedArrayBase) or not isinstance(x, jax.Array):
             return self.layer(x, **side_inputs)
-        names = self.input_names or self.naming.default_axis_names(x.ndim)
+        names = self.input_names
+        if names is None and self.input_names_for_rank is not None:
+            names = self.input_names_for_rank(x.ndim)
+        if names is None:
+            names = self.naming.default_axis_names(x.ndim)
         named = naming_lib.name_positional_input(x, names, self.naming)
         return naming_lib.unname_output(self.layer(named, **side_inputs), names)
 

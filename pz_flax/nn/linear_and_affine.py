@@ -650,19 +650,32 @@ class AddBias(layer_base.Layer):
 
         Raises:
             ValueError: If an axis of the input has a different size than the same axis of
-                the bias; the message names the layer, the axis and both sizes.
+                the bias, or the input lacks a bias axis that is not in ``new_axis_names``
+                (adding it would silently broadcast a new axis in); the message names the
+                layer, the axis and both shapes.
         """
         bias = self.bias.value
         if isinstance(value, named_axes.NamedArrayBase):
             input_shape = value.named_shape
+            label = getattr(self.bias, "label", None)
+            layer = (
+                f"AddBias layer {label.removesuffix('.bias')!r}"
+                if isinstance(label, str)
+                else "AddBias layer"
+            )
+            missing = [
+                name
+                for name in bias.named_shape
+                if name not in input_shape and name not in self.new_axis_names
+            ]
+            if missing:
+                raise ValueError(
+                    f"{layer}: the input has no axis named {missing}, which the bias is over"
+                    f" (bias named shape {dict(bias.named_shape)}, input named shape"
+                    f" {dict(input_shape)}); list axes the bias should add in new_axis_names."
+                )
             for name, size in bias.named_shape.items():
                 if input_shape.get(name, size) != size:
-                    label = getattr(self.bias, "label", None)
-                    layer = (
-                        f"AddBias layer {label.removesuffix('.bias')!r}"
-                        if isinstance(label, str)
-                        else "AddBias layer"
-                    )
                     raise ValueError(
                         f"{layer}: input axis {name!r} has size {input_shape[name]}, but the"
                         f" bias has size {size} (bias named shape {dict(bias.named_shape)},"

@@ -631,3 +631,19 @@ def test_value_of_a_placeholder_raw_value_is_the_placeholder_and_renders():
     placeholder = jax.tree_util.tree_map(lambda _: "hole", param)
     assert placeholder.value == "hole"
     assert "hole" in treescope.render_to_text(placeholder)
+
+
+def test_parameter_replace_and_copy_store_a_named_array_like_value_does():
+    original = variables.Parameter(
+        value=named_axes.wrap(jnp.zeros((2, 3))).tag("a", "b"), label="w"
+    )
+    replacement = named_axes.wrap(jnp.ones((4, 5))).tag("c", "d")
+    for replaced in (original.replace(replacement), original.copy(value=replacement)):
+        assert type(replaced) is variables.Parameter
+        assert replaced.label == "w"
+        assert not named_axes.is_namedarray(replaced.get_raw_value())
+        assert replaced.get_raw_value().shape == (4, 5)
+        assert dict(replaced.value.named_shape) == {"c": 4, "d": 5}
+    # A raw value keeps the axis names, as set_value does.
+    kept = original.replace(jnp.full((2, 3), 7.0))
+    assert dict(kept.value.named_shape) == {"a": 2, "b": 3}

@@ -34,7 +34,7 @@ def assert_same_state(original, rebuilt):
 def pz_parameter_grads(layer, loss):
     """Gradients of ``loss(layer)`` by parameter label."""
     # One compiled function instead of many eagerly dispatched operations: faster on CPU.
-    grads = jax.jit(jax.grad(loss))(layer)
+    grads = jax.jit(jax.grad(loss, allow_int=True))(layer)
     is_parameter = lambda node: isinstance(node, variables.Parameter)  # noqa: E731
     return {
         leaf.label: leaf.get_value()

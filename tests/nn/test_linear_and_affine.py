@@ -393,8 +393,14 @@ class TestAddBiasAffine:
             r" size 3",
         ):
             layer(helpers.random_named(0, {"foo": 4}))
-        # A missing biased axis is broadcast in, as in penzai.
-        broadcast = layer(helpers.random_named(0, {"batch": 2}))
+        # A missing biased axis is an error (penzai broadcasts it in silently), unless the
+        # bias declares it as a new axis.
+        with pytest.raises(
+            ValueError, match=r"'block/bias': the input has no axis named \['foo'\]"
+        ):
+            layer(helpers.random_named(0, {"batch": 2}))
+        adding = la.AddBias(bias=layer.bias, new_axis_names=("foo",))
+        broadcast = adding(helpers.random_named(0, {"batch": 2}))
         assert dict(broadcast.named_shape) == {"batch": 2, "foo": 3}
 
     @pytest.mark.parametrize("config", LINEAR_CONFIGS)
