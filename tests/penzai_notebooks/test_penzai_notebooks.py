@@ -54,7 +54,6 @@ def notebook_dir(tmp_path_factory) -> pathlib.Path:
             "--no-deps",
             "--no-binary",
             ":all:",
-            "--no-build-isolation",
             "penzai==0.2.5",
             "-d",
             str(download),
