@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 from pz_flax import pz
+from pz_flax.checkpoint import errors
 from pz_flax.checkpoint import storage
 from pz_flax.core import named_axes
 from pz_flax.core import struct
@@ -389,8 +390,30 @@ def _restore_in_fresh_process(path, expected, case_name, tmp_path):
     assert "restored" in done.stdout
 
 
+# Models whose checkpoint save is a known limitation of the manifest's static codec; strict, so
+# the mark must go as soon as the limitation is lifted.
+_CHECKPOINT_LIMITATIONS = {
+    "birnn": "nnx.RNN keeps an nnx.StateAxes among its static attributes, which the "
+    "checkpoint manifest cannot describe yet",
+}
+CHECKPOINT_CASES = [
+    pytest.param(
+        case,
+        id=case.name,
+        marks=pytest.mark.xfail(
+            strict=True,
+            raises=errors.UnsupportedValueError,
+            reason=_CHECKPOINT_LIMITATIONS[case.name],
+        ),
+    )
+    if case.name in _CHECKPOINT_LIMITATIONS
+    else pytest.param(case, id=case.name)
+    for case in CASES
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("case", CHECKPOINT_CASES)
 def test_checkpoint_save_and_restore_in_a_fresh_process(case, tmp_path):
     module = case.make()
     module.eval()
