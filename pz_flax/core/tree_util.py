@@ -8,10 +8,13 @@ children, and turn a key path into a name a person can read. Those pieces live h
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 from typing import TypeAlias
 
 import jax
+from flax import nnx
 
 PyTreeDef: TypeAlias = jax.tree_util.PyTreeDef
 
@@ -37,6 +40,65 @@ class CustomGetAttrKey:
 
     def __str__(self) -> str:
         return f".{self.name}"
+
+
+#### Traversals that stop at variables ####
+
+# NNX variables (and pz_flax's variable values and slots) are pytree nodes whose children are
+# their raw arrays. Nearly every pz_flax traversal wants them whole, as leaves: this section is
+# the one place that says so.
+
+
+@functools.cache
+def _is_variable_type(node_type: type) -> bool:
+    # Checked by type and cached: ``isinstance(x, nnx.Variable)`` runs a Python-level
+    # metaclass hook on every call, which dominated the cost of traversing large models.
+    # Imported here because ``variables`` itself builds on this module.
+    from pz_flax.core import variables
+
+    return issubclass(
+        node_type,
+        (
+            nnx.Variable,
+            variables.AbstractVariable,
+            variables.AbstractVariableValue,
+            variables.AbstractVariableSlot,
+        ),
+    )
+
+
+def is_variable_node(node: Any) -> bool:
+    """Whether ``node`` is a variable: an ``nnx.Variable`` or a pz_flax variable value or slot.
+
+    This is the ``is_leaf`` for ``jax.tree_util`` traversals that treat variables as whole
+    leaves rather than descending into their arrays.
+    """
+    return _is_variable_type(type(node))
+
+
+def leaves_stopping_at_variables(tree: Any) -> list[Any]:
+    """``jax.tree_util.tree_leaves`` with every variable kept whole, as one leaf."""
+    return jax.tree_util.tree_leaves(tree, is_leaf=is_variable_node)
+
+
+def flatten_stopping_at_variables(tree: Any) -> tuple[list[Any], PyTreeDef]:
+    """``jax.tree_util.tree_flatten`` with every variable kept whole, as one leaf."""
+    return jax.tree_util.tree_flatten(tree, is_leaf=is_variable_node)
+
+
+def flatten_with_path_stopping_at_variables(tree: Any) -> tuple[list[tuple[Any, Any]], PyTreeDef]:
+    """``jax.tree_util.tree_flatten_with_path`` with every variable kept whole."""
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable_node)
+
+
+def map_stopping_at_variables(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """``jax.tree_util.tree_map`` that hands ``fn`` each variable whole."""
+    return jax.tree_util.tree_map(fn, tree, *rest, is_leaf=is_variable_node)
+
+
+def map_with_path_stopping_at_variables(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """``jax.tree_util.tree_map_with_path`` that hands ``fn`` each variable whole."""
+    return jax.tree_util.tree_map_with_path(fn, tree, *rest, is_leaf=is_variable_node)
 
 
 def tree_flatten_exactly_one_level(

@@ -161,3 +161,41 @@ def test_pretty_keystr_names_the_bad_step():
         tree_util.pretty_keystr((DictKey("a"), SequenceKey(0), GetAttrKey("x")), tree)
     with pytest.raises(ValueError, match="after the root"):
         tree_util.pretty_keystr((DictKey("b"),), tree)
+
+
+#### Traversals that stop at variables ####
+
+
+def test_is_variable_node_covers_nnx_and_pz_variables():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from pz_flax.core import variables
+
+    nnx_param = nnx.Param(jnp.ones(2))
+    pz_param = variables.Parameter(label="w", value=jnp.ones(2))
+    assert tree_util.is_variable_node(nnx_param)
+    assert tree_util.is_variable_node(pz_param)
+    assert tree_util.is_variable_node(pz_param.freeze())
+    assert tree_util.is_variable_node(variables.ParameterSlot("w"))
+    assert not tree_util.is_variable_node(jnp.ones(2))
+    assert not tree_util.is_variable_node({"a": nnx_param})
+
+
+def test_traversals_keep_variables_whole():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    param = nnx.Param(jnp.ones(2))
+    tree = {"a": param, "b": [jnp.zeros(1)]}
+    assert tree_util.leaves_stopping_at_variables(tree)[0] is param
+    leaves, treedef = tree_util.flatten_stopping_at_variables(tree)
+    assert leaves[0] is param and treedef.unflatten(leaves)["a"] is param
+    keyed, _ = tree_util.flatten_with_path_stopping_at_variables(tree)
+    assert jax.tree_util.keystr(keyed[0][0]) == "['a']" and keyed[0][1] is param
+    kinds = tree_util.map_stopping_at_variables(lambda leaf: type(leaf).__name__, tree)
+    assert kinds == {"a": "Param", "b": ["ArrayImpl"]}
+    paths = tree_util.map_with_path_stopping_at_variables(
+        lambda path, leaf: jax.tree_util.keystr(path), tree
+    )
+    assert paths == {"a": "['a']", "b": ["['b'][0]"]}
