@@ -26,12 +26,7 @@ DELIBERATELY_ABSENT = {
 }
 
 # Names other modules' owners have yet to add; this set shrinks to empty as they land.
-NOT_YET_IN_PZ_FLAX = {
-    # Type aliases penzai's sharding_util annotates with (all ``Any``).
-    ("toolshed.sharding_util", "PyTreeOfArrays"),
-    ("toolshed.sharding_util", "PyTreeOfNamedArrays"),
-    ("toolshed.sharding_util", "PyTreeOfShardings"),
-}
+NOT_YET_IN_PZ_FLAX: set[tuple[str, str]] = set()
 
 # Alias namespaces: everything they expose is public. The others are real modules, whose
 # public names are what they define at top level (not what they import).

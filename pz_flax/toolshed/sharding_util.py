@@ -40,6 +40,13 @@ from pz_flax.nn import layer as layer_base
 
 AxisNameToMeshName = Mapping[str, str | tuple[str, ...]]
 
+# Names for the trees the functions below take and return. They stay ``Any`` (as in penzai):
+# a model mixes NamedArrays, variables and plain leaves, which no static pytree type describes,
+# but the names say in each signature which kind of leaf is meant.
+PyTreeOfArrays = Any
+PyTreeOfNamedArrays = Any
+PyTreeOfShardings = Any
+
 
 def _partition_spec(
     data_axis_names: tuple[str | None, ...],
@@ -82,12 +89,12 @@ def _placed(shape_source: Any, sharding: jax.sharding.Sharding, as_shape_dtype_s
 
 
 def name_to_name_sharding(
-    tree: Any,
+    tree: PyTreeOfNamedArrays,
     mesh: jax.sharding.Mesh,
     axis_name_to_mesh_name: AxisNameToMeshName | None = None,
     ignore_unnamed_arrays: bool = False,
     as_shape_dtype_struct: bool = False,
-) -> Any:
+) -> PyTreeOfShardings:
     """Builds the ``NamedSharding`` tree that places each array by its axis names.
 
     Args:
@@ -161,10 +168,10 @@ def name_to_name_sharding(
 
 
 def name_to_name_device_put(
-    tree: Any,
+    tree: PyTreeOfNamedArrays,
     mesh: jax.sharding.Mesh,
     axis_name_to_mesh_name: AxisNameToMeshName | None = None,
-) -> Any:
+) -> PyTreeOfNamedArrays:
     """Moves every NamedArray (and pz_flax variable) in ``tree`` onto ``mesh`` by axis name.
 
     Like any JAX transformation of a pytree, this returns a new tree: its variables are new
@@ -265,11 +272,11 @@ def process_local_slice(
 
 
 def name_to_name_make_array_from_process_local_data(
-    local_tree: Any,
+    local_tree: PyTreeOfNamedArrays,
     mesh: jax.sharding.Mesh,
     axis_name_to_mesh_name: AxisNameToMeshName | None = None,
     global_axis_sizes: Mapping[str, int] | None = None,
-) -> Any:
+) -> PyTreeOfNamedArrays:
     """Builds global NamedArrays on ``mesh`` from the rows this process holds.
 
     The multi-process counterpart of `name_to_name_device_put` for input data: each process

@@ -1,5 +1,7 @@
 """Tests for pz_flax.toolshed.sharding_util, on 8 fake CPU devices (see tests/conftest.py)."""
 
+import typing
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -61,6 +63,15 @@ def test_named_data_axis_positions_are_respected(mesh):
     )
     assert as_struct.data_array.shape == (5, 8)
     assert as_struct.data_array.sharding.spec == P(None, "model")
+
+
+def test_tree_type_aliases_are_penzai_s_and_annotate_the_signatures():
+    penzai_sharding_util = pytest.importorskip("penzai.toolshed.sharding_util")
+    for alias in ("PyTreeOfArrays", "PyTreeOfNamedArrays", "PyTreeOfShardings"):
+        assert getattr(sharding_util, alias) is getattr(penzai_sharding_util, alias), alias
+    hints = typing.get_type_hints(sharding_util.name_to_name_sharding)
+    assert hints["tree"] is sharding_util.PyTreeOfNamedArrays
+    assert hints["return"] is sharding_util.PyTreeOfShardings
 
 
 def test_identity_mapping_by_default(mesh):
