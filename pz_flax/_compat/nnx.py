@@ -11,3 +11,281 @@ Rules for every entry in this module:
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import types
+import warnings
+from collections.abc import Hashable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.extend
+import numpy as np
+from flax import nnx
+
+#### NNX's bookkeeping attributes on module instances ####
+
+# NNX keeps its own bookkeeping in the instance dictionary of every ``nnx.Pytree`` (flax 0.12:
+# ``_pytree__state`` and ``_pytree__nodes``), next to the module's own attributes, and has no
+# public "the module's own attributes" API. Rather than copying those names, ask NNX: whatever
+# an empty module holds is bookkeeping, since an empty module has no attributes of its own.
+# The assumption (no further bookkeeping appears once a module is built, split, merged or
+# traced) holds since flax 0.12; ``tests/_compat/test_nnx_graph.py`` checks it.
+BOOKKEEPING_ATTRIBUTES: frozenset[str] = frozenset(vars(nnx.Module()))
+
+
+def is_bookkeeping_attribute(name: Any) -> bool:
+    """Whether an instance attribute called ``name`` is NNX's bookkeeping, not the module's."""
+    return name in BOOKKEEPING_ATTRIBUTES
+
+
+def own_attributes(node: nnx.Pytree) -> list[tuple[str, Any]]:
+    """``(name, value)`` for each attribute an NNX object holds itself, in definition order.
+
+    NNX's bookkeeping attributes are left out. For ``nnx.List`` and ``nnx.Dict`` the entries
+    are attributes too (named ``"0"``, ``"1"``, ... for a list); iterate those containers
+    themselves to see their entries as a list or a dict.
+
+    Args:
+        node: An NNX module, or any other ``nnx.Pytree``.
+
+    Returns:
+        The attributes, as a new list.
+    """
+    return [
+        (name, value) for name, value in vars(node).items() if name not in BOOKKEEPING_ATTRIBUTES
+    ]
+
+
+#### The class a graph definition describes ####
+
+# A wrapped module's shell is an ``nnx.GraphDef``, and describing one briefly (``repr``,
+# treescope) needs the class of its root module. NNX has no public accessor: the class is the
+# ``type`` of the first entry of the graph definition's ``nodes`` (flax 0.12: a ``NodeDef``).
+# When that layout changes, fall back to the public route of merging the graph definition
+# with placeholder leaves and asking the module for its class (slower, but exact).
+# ``tests/_compat/test_nnx_wrappers.py`` checks the layout.
+def graphdef_module_type(graphdef: Any) -> type[Any]:
+    """The class of the root module an ``nnx.GraphDef`` describes.
+
+    Args:
+        graphdef: A graph definition, as ``nnx.split`` or ``nnx.graphdef`` returns.
+
+    Returns:
+        The root module's class.
+    """
+    nodes = getattr(graphdef, "nodes", None)
+    root_type = getattr(nodes[0], "type", None) if nodes else None
+    if isinstance(root_type, type):
+        return root_type
+    from pz_flax._compat import nnx_modules  # the public-route fallback lives there
+
+    return type(nnx_modules.module_of_graphdef(graphdef))
+
+
+#### Variable classes that are also abstract base classes ####
+
+
+def _most_derived_metaclass(first: type, second: type) -> type:
+    # Python rejects a class whose metaclass is not a subclass of every base's metaclass, and
+    # also rejects ``class M(type, ABCMeta)`` (``type`` before its own subclass): when one
+    # metaclass already derives from the other, that one is the answer.
+    if issubclass(first, second):
+        return first
+    if issubclass(second, first):
+        return second
+    return type(f"{first.__name__}With{second.__name__}", (first, second), {})
+
+
+@functools.cache
+def variable_metaclass_with(metaclass: type) -> type:
+    """The metaclass for a class deriving from ``nnx.Variable`` and from a class of ``metaclass``.
+
+    ``nnx.Variable`` has its own metaclass since flax 0.12.1 (it turns hijax variables into
+    their traced form on construction); flax 0.12.0 uses plain ``type``. A variable class that
+    also implements an ``abc.ABC`` interface needs a metaclass deriving from both, which this
+    builds (once per ``metaclass``) whichever release is installed.
+
+    Args:
+        metaclass: The other base class's metaclass, e.g. ``abc.ABCMeta``.
+
+    Returns:
+        A metaclass that is a subclass of ``metaclass`` and of ``nnx.Variable``'s metaclass.
+    """
+    return _most_derived_metaclass(type(nnx.Variable), metaclass)
+
+
+#### Constructing plain variables ####
+
+# The constructor switches that would make a variable something other than a plain holder of a
+# pytree of arrays (a hijax variable, an array ref), all turned off. NNX has no public "plain
+# variable" option, and the switches were renamed twice: ``use_ref`` (flax 0.12.0),
+# ``is_hijax``/``has_ref`` (0.12.1-0.12.3), ``hijax``/``ref`` (0.12.4 onwards). They are looked up
+# in the installed constructor's signature; a release that has none of them gets its defaults
+# (plain variables unless the user configured otherwise), and the canary in
+# ``tests/_compat/test_nnx_variables.py`` names the missing switches.
+_PLAIN_VARIABLE_SWITCHES = ("hijax", "ref", "is_hijax", "has_ref", "use_ref")
+
+
+def _plain_variable_options() -> Mapping[str, bool]:
+    parameters = inspect.signature(nnx.Variable.__init__).parameters
+    return types.MappingProxyType(
+        {name: False for name in _PLAIN_VARIABLE_SWITCHES if name in parameters}
+    )
+
+
+PLAIN_VARIABLE_OPTIONS: Mapping[str, bool] = _plain_variable_options()
+"""Keyword arguments for ``nnx.Variable(...)`` that keep the variable a plain pytree holder."""
+
+
+#### Which metadata entries are NNX's own ####
+
+
+@dataclasses.dataclass(frozen=True)
+class NnxMetadataKeys:
+    """The names NNX itself uses in variable metadata, as the installed release spells them.
+
+    Attributes:
+        required: Entries NNX writes on every variable (``hijax``, ``ref``, ``eager_sharding``
+            in flax 0.12.4+; ``is_hijax``, ``has_ref``, ``is_mutable`` ... before).
+        sharding: Where this release keeps a variable's sharding annotation (its axis names):
+            ``out_sharding`` in flax 0.12.4+, ``sharding_names`` before.
+        sharding_aliases: Other spellings that NNX accepts and renames to ``sharding``.
+        sharding_context: Entries NNX reads next to the annotation when it shards a value
+            (the mesh and the logical-axis rules).
+    """
+
+    required: frozenset[str]
+    sharding: str
+    sharding_aliases: frozenset[str]
+    sharding_context: frozenset[str]
+
+    @property
+    def sharding_related(self) -> frozenset[str]:
+        """Every entry that describes how a variable is sharded, in any spelling."""
+        return frozenset({self.sharding}) | self.sharding_aliases | self.sharding_context
+
+    @property
+    def all(self) -> frozenset[str]:
+        """Every entry NNX owns: the required ones and the sharding-related ones."""
+        return self.required | self.sharding_related
+
+
+# The spellings NNX has used for a sharding annotation, and the entries it reads next to it.
+# NNX publishes no list of them, so the candidates are named here and NNX is asked (below)
+# which one it keeps and which ones it renames.
+_SHARDING_SPELLINGS = ("out_sharding", "sharding_names", "sharding")
+_SHARDING_CONTEXT = frozenset({"mesh", "sharding_rules"})
+
+
+def _metadata_of_probe(**metadata: Any) -> dict[str, Any]:
+    # A scalar NumPy value needs no JAX backend; eager sharding is off so that a probe
+    # annotation is only recorded, never applied.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        probe = nnx.Variable(np.zeros(()), eager_sharding=False, **metadata)
+        return dict(probe.get_metadata())
+
+
+@functools.cache
+def nnx_metadata_keys() -> NnxMetadataKeys:
+    """Asks the installed NNX which variable metadata entries are its own.
+
+    ``required`` is ``nnx.Variable.required_metadata`` (flax 0.12.1+) together with whatever
+    NNX writes on a variable created without metadata; the sharding key is the one NNX stores a
+    ``sharding=`` annotation under. Computed once per process.
+
+    Returns:
+        The names, as an `NnxMetadataKeys`.
+    """
+    required = frozenset(getattr(nnx.Variable, "required_metadata", ())) | frozenset(
+        _metadata_of_probe()
+    )
+    marker = ("pz_flax_probe_axis",)
+    stored_under = [
+        key for key, entry in _metadata_of_probe(sharding=marker).items() if entry == marker
+    ]
+    if len(stored_under) != 1:
+        raise RuntimeError(
+            "pz_flax cannot tell under which metadata key this flax release keeps a"
+            f" variable's sharding annotation (a `sharding=` annotation ended up under"
+            f" {stored_under}). pz_flax._compat.nnx.nnx_metadata_keys needs updating."
+        )
+    (sharding,) = stored_under
+    aliases = frozenset(
+        spelling
+        for spelling in _SHARDING_SPELLINGS
+        if spelling != sharding
+        and sharding in _metadata_of_probe(**{spelling: marker})
+        and spelling not in _metadata_of_probe(**{spelling: marker})
+    )
+    return NnxMetadataKeys(
+        required=required - {"eager_sharding"} | {"eager_sharding"} & required,
+        sharding=sharding,
+        sharding_aliases=aliases,
+        sharding_context=_SHARDING_CONTEXT,
+    )
+
+
+#### The JAX trace that NNX checks variable writes against ####
+
+
+def current_trace() -> Hashable:
+    """A token for the JAX trace active now; two tokens compare equal in the same trace.
+
+    NNX records this token (JAX's opaque trace state under the ``"nnx"`` convention, a public
+    ``jax.extend.core`` API) when it creates a variable and refuses writes from any other
+    trace. Code that writes variables without NNX's per-write check (see
+    `write_raw_values_unchecked`) compares tokens itself, once.
+    """
+    return jax.extend.core.get_opaque_trace_state(convention="nnx")
+
+
+#### Writing raw values without NNX's per-write trace check ####
+
+# NNX checks the JAX trace on every raw-value write (``set_raw_value`` checks, and then its
+# assignment passes through ``Variable.__setattr__``, which checks again): about 1.4 us per
+# write, a visible share of a small training step that writes every parameter. NNX has no
+# public unchecked write, so the value goes straight into the slot that ``get_raw_value()``
+# returns (``_raw_value``, flax 0.12.1+; flax 0.12.0 calls it ``raw_value``). Guard: on first
+# use a probe variable checks that a value stored this way is what ``get_raw_value()`` gives
+# back; if not, the public, checked ``set_raw_value`` is used (slower, still correct).
+_RAW_VALUE_SLOT = "_raw_value"
+_store_attribute = object.__setattr__
+
+
+@functools.cache
+def raw_value_slot_is_writable() -> bool:
+    """Whether `write_raw_values_unchecked` can use its fast route on this flax release."""
+    probe = nnx.Variable(np.zeros(()))
+    marker = np.ones(())
+    if not hasattr(probe, "get_raw_value"):
+        return False
+    try:
+        _store_attribute(probe, _RAW_VALUE_SLOT, marker)
+    except AttributeError:
+        return False
+    return probe.get_raw_value() is marker
+
+
+def write_raw_values_unchecked(variables: Iterable[nnx.Variable], values: Iterable[Any]) -> None:
+    """Stores each value as the raw value of the matching variable, without NNX's trace check.
+
+    Only for callers that have made sure, once, that the variables belong to the current
+    trace (compare `current_trace` tokens): otherwise a tracer could be stored in a variable
+    that outlives its trace.
+
+    Args:
+        variables: The variables to write.
+        values: Their new raw values, in the same order.
+    """
+    if raw_value_slot_is_writable():
+        for variable, value in zip(variables, values, strict=True):
+            _store_attribute(variable, _RAW_VALUE_SLOT, value)
+    else:
+        for variable, value in zip(variables, values, strict=True):
+            variable.set_raw_value(value)
