@@ -183,12 +183,15 @@ _SHARDING_CONTEXT = frozenset({"mesh", "sharding_rules"})
 
 
 def _metadata_of_probe(**metadata: Any) -> dict[str, Any]:
-    # A scalar NumPy value needs no JAX backend; eager sharding is off so that a probe
-    # annotation is only recorded, never applied.
+    # A scalar NumPy value needs no JAX backend. Deprecated spellings are probed on purpose.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        probe = nnx.Variable(np.zeros(()), eager_sharding=False, **metadata)
-        return dict(probe.get_metadata())
+        return dict(nnx.Variable(np.zeros(()), **metadata).get_metadata())
+
+
+def _metadata_of_sharding_probe(spelling: str, marker: tuple[str, ...]) -> dict[str, Any]:
+    # Eager sharding is off so that the probe annotation is only recorded, never applied.
+    return _metadata_of_probe(eager_sharding=False, **{spelling: marker})
 
 
 @functools.cache
@@ -207,7 +210,9 @@ def nnx_metadata_keys() -> NnxMetadataKeys:
     )
     marker = ("pz_flax_probe_axis",)
     stored_under = [
-        key for key, entry in _metadata_of_probe(sharding=marker).items() if entry == marker
+        key
+        for key, entry in _metadata_of_sharding_probe("sharding", marker).items()
+        if entry == marker
     ]
     if len(stored_under) != 1:
         raise RuntimeError(
@@ -216,17 +221,15 @@ def nnx_metadata_keys() -> NnxMetadataKeys:
             f" {stored_under}). pz_flax._compat.nnx.nnx_metadata_keys needs updating."
         )
     (sharding,) = stored_under
-    aliases = frozenset(
-        spelling
-        for spelling in _SHARDING_SPELLINGS
-        if spelling != sharding
-        and sharding in _metadata_of_probe(**{spelling: marker})
-        and spelling not in _metadata_of_probe(**{spelling: marker})
-    )
+    aliases = set()
+    for spelling in _SHARDING_SPELLINGS:
+        stored = _metadata_of_sharding_probe(spelling, marker)
+        if spelling != sharding and spelling not in stored and stored.get(sharding) == marker:
+            aliases.add(spelling)
     return NnxMetadataKeys(
-        required=required - {"eager_sharding"} | {"eager_sharding"} & required,
+        required=required,
         sharding=sharding,
-        sharding_aliases=aliases,
+        sharding_aliases=frozenset(aliases),
         sharding_context=_SHARDING_CONTEXT,
     )
 
