@@ -61,19 +61,26 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import MISSING
 
+from pz_flax._compat import nnx as nnx_compat
 from pz_flax.core import auto_order_types
 from pz_flax.core import named_axes
 from pz_flax.core import struct
+from pz_flax.core import tree_util
 
 T = TypeVar("T")
 
 VariableLabel: TypeAlias = Hashable
 
-# NNX metadata keys that carry structure rather than user metadata. ``label`` and
-# ``axis_names`` are ours; the other three are the entries NNX requires on every variable.
+# NNX metadata entries that carry structure rather than user metadata: ``label`` and
+# ``axis_names`` are ours, the rest are the entries NNX itself writes on every variable.
 _LABEL_KEY = "label"
 _AXIS_NAMES_KEY = "axis_names"
-_RESERVED_METADATA_KEYS = frozenset({_LABEL_KEY, _AXIS_NAMES_KEY, "hijax", "ref", "eager_sharding"})
+
+
+@functools.cache
+def _reserved_metadata_keys() -> frozenset[str]:
+    return frozenset({_LABEL_KEY, _AXIS_NAMES_KEY}) | nnx_compat.nnx_metadata_keys().required
+
 
 # The keyword argument ``variable_jit`` uses to smuggle frozen variables into the jitted
 # function. Kept identical to penzai's so that code passing ``donate_argnames`` keeps working.
@@ -164,11 +171,6 @@ class AbstractVariableSlot(struct.Struct, abc.ABC):
 #### Unbinding, binding and freezing ####
 
 
-def _is_variable_or_slot(node: Any) -> bool:
-    # NNX variables are pytree nodes, so traversal must stop at them explicitly.
-    return isinstance(node, (AbstractVariable, AbstractVariableSlot))
-
-
 @typing.overload
 def unbind_variables(
     tree: Any,
@@ -212,9 +214,7 @@ def unbind_variables(
         VariableConflictError: If two distinct variable objects have the same slot, or an
             extracted variable's slot already occurs in the tree.
     """
-    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(
-        tree, is_leaf=_is_variable_or_slot
-    )
+    leaves_with_paths, treedef = tree_util.flatten_with_path_stopping_at_variables(tree)
     existing_slots = {
         leaf for _, leaf in leaves_with_paths if isinstance(leaf, AbstractVariableSlot)
     }
@@ -277,7 +277,7 @@ def bind_variables(
             mutable variable is given, or (unless ``allow_unused``) if a variable matches no
             slot.
     """
-    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_variable_or_slot)
+    leaves, treedef = tree_util.flatten_stopping_at_variables(tree)
 
     by_slot: dict[AbstractVariableSlot, AbstractVariable | AbstractVariableValue] = {}
     for variable in variables:
@@ -334,7 +334,7 @@ def freeze_variables(
             return node.freeze()
         return node
 
-    return jax.tree_util.tree_map(freeze_if_selected, tree, is_leaf=_is_variable_or_slot)
+    return tree_util.map_stopping_at_variables(freeze_if_selected, tree)
 
 
 def variable_jit(fun, *, donate_variables: bool = False, **jit_kwargs):
@@ -430,8 +430,8 @@ def _as_name_tuple(names: str | Iterable[str]) -> tuple[str, ...]:
 #### Labelled variables, stored as NNX variables ####
 
 
-class _VariableMeta(type(nnx.Variable), abc.ABCMeta):
-    """Combines NNX's variable metaclass with ``ABCMeta`` (needed by ``AbstractVariable``)."""
+# ``AbstractVariable`` is an ABC, so labelled variables need a metaclass deriving from both.
+_VariableMeta = nnx_compat.variable_metaclass_with(abc.ABCMeta)
 
 
 def _split_value(value: Any) -> tuple[Any, tuple[Any, ...] | None]:
@@ -526,10 +526,10 @@ def _checked_user_metadata(owner: str, metadata: dict[Any, Any] | None) -> dict[
                 f"{owner} metadata keys must be strings (they become NNX variable metadata), got"
                 f" the key {key!r} of type {type(key).__name__}."
             )
-        if key in _RESERVED_METADATA_KEYS:
+        if key in _reserved_metadata_keys():
             raise ValueError(
                 f"{owner} metadata key {key!r} is reserved; the reserved keys are"
-                f" {sorted(_RESERVED_METADATA_KEYS)}."
+                f" {sorted(_reserved_metadata_keys())}."
             )
         frozen = _frozen_metadata_entry(entry)
         try:
@@ -555,7 +555,7 @@ def _check_hashable(owner: str, what: str, value: Any):
         ) from exc
 
 
-# mypy cannot follow _VariableMeta's dynamic base, type(nnx.Variable), hence the ignore.
+# mypy cannot follow _VariableMeta, a metaclass built at import time, hence the ignore.
 class LabeledVariable(nnx.Variable[T], AbstractVariable, metaclass=_VariableMeta):  # type: ignore[metaclass]
     """A mutable variable with a label, a value and a metadata dictionary, stored NNX-style.
 
@@ -595,7 +595,7 @@ class LabeledVariable(nnx.Variable[T], AbstractVariable, metaclass=_VariableMeta
             nnx_metadata[_AXIS_NAMES_KEY] = axis_names
         # Hijax variables and array refs would change what the raw value is; pz_flax relies on
         # it being a plain pytree of arrays.
-        super().__init__(raw, hijax=False, ref=False, **nnx_metadata)
+        super().__init__(raw, **nnx_compat.PLAIN_VARIABLE_OPTIONS, **nnx_metadata)
 
     # Identity semantics (penzai's), instead of NNX's elementwise comparison of raw values.
     __eq__ = object.__eq__
@@ -605,42 +605,37 @@ class LabeledVariable(nnx.Variable[T], AbstractVariable, metaclass=_VariableMeta
         # Without this, ``copy.deepcopy`` finds the raw array's ``__deepcopy__`` through NNX's
         # attribute forwarding and returns a bare array instead of a variable.
         duplicate = self.from_metadata(
-            copy.deepcopy(self._raw_value, memo), copy.deepcopy(self._var_metadata, memo)
+            copy.deepcopy(self.get_raw_value(), memo), copy.deepcopy(self.get_metadata(), memo)
         )
         memo[id(self)] = duplicate
         return duplicate
 
     @property
     def label(self) -> VariableLabel:
-        return self._var_metadata[_LABEL_KEY]
+        return self.get_metadata()[_LABEL_KEY]
 
     @label.setter
     def label(self, new_label: VariableLabel):
         _check_hashable(type(self).__name__, "label", new_label)
-        self._var_metadata = {**self._var_metadata, _LABEL_KEY: new_label}
+        self.set_metadata(**{_LABEL_KEY: new_label})
 
     @property
     def metadata(self) -> dict[str, Any]:
-        return {
-            key: entry
-            for key, entry in self._var_metadata.items()
-            if key not in _RESERVED_METADATA_KEYS
-        }
+        reserved = _reserved_metadata_keys()
+        return {key: entry for key, entry in self.get_metadata().items() if key not in reserved}
 
     @metadata.setter
     def metadata(self, new_metadata: dict[Any, Any]):
         checked = _checked_user_metadata(type(self).__name__, new_metadata)
-        structural = {
-            key: entry
-            for key, entry in self._var_metadata.items()
-            if key in _RESERVED_METADATA_KEYS
-        }
-        self._var_metadata = {**checked, **structural}
+        reserved = _reserved_metadata_keys()
+        structural = {key: entry for key, entry in self.get_metadata().items() if key in reserved}
+        # The whole-dict form of ``set_metadata`` lets NNX rename its own deprecated keys.
+        self.set_metadata({**checked, **structural})
 
     @property
     def value(self) -> T:
-        raw = self._raw_value
-        axis_names = self._var_metadata.get(_AXIS_NAMES_KEY)
+        raw = self.get_raw_value()
+        axis_names = self.get_metadata().get(_AXIS_NAMES_KEY)
         # A tree-mapped model can hold placeholders in place of arrays (selection holes,
         # shardings, None); they have no axes to name, so they are shown as they are.
         if axis_names is None or not hasattr(raw, "shape"):
@@ -659,13 +654,16 @@ class LabeledVariable(nnx.Variable[T], AbstractVariable, metaclass=_VariableMeta
     @value.setter
     def value(self, new_value: T):
         raw, axis_names = _split_value(new_value)
-        metadata = dict(self._var_metadata)
-        if axis_names is None:
-            metadata.pop(_AXIS_NAMES_KEY, None)
-        else:
-            metadata[_AXIS_NAMES_KEY] = axis_names
-        object.__setattr__(self, "_var_metadata", metadata)
-        object.__setattr__(self, "_raw_value", raw)
+        metadata = self.get_metadata()
+        # NNX checks the trace on each of these writes; the first one to refuse leaves the
+        # variable unchanged.
+        if axis_names is None and _AXIS_NAMES_KEY in metadata:
+            self.set_metadata(
+                {key: entry for key, entry in metadata.items() if key != _AXIS_NAMES_KEY}
+            )
+        elif axis_names is not None and metadata.get(_AXIS_NAMES_KEY) != axis_names:
+            self.set_metadata(**{_AXIS_NAMES_KEY: axis_names})
+        self.set_raw_value(raw)
 
     def set_value(self, value: Any, *, index: Any = MISSING):
         """NNX's raw-value setter, which also accepts a ``NamedArray`` (stored like ``value``).
@@ -680,8 +678,7 @@ class LabeledVariable(nnx.Variable[T], AbstractVariable, metaclass=_VariableMeta
                     f"Cannot assign a NamedArray to an index of {type(self).__name__}"
                     f" {self.label!r}; assign the whole value or index the raw array."
                 )
-            self._check_can_update()
-            type(self).value.fset(self, value)
+            self.value = value
             return
         super().set_value(value, index=index)
 

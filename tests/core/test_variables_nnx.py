@@ -1,11 +1,16 @@
 """Tests that pz_flax variables are genuine Flax NNX variables (state, split, Optimizer, Orbax)."""
 
+import copy as copy_lib
+import dataclasses
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
+from flax import errors as flax_errors
 from flax import nnx
 
 from pz_flax.core import named_axes
@@ -252,3 +257,118 @@ def test_vmapping_over_a_positional_prefix_keeps_the_named_axes(vmap):
 
     np.testing.assert_array_equal(vmap(row_sum)(stacked), [3.0, 12.0, 21.0, 30.0])
     assert seen_inside == [((), {"b": 3})]
+
+
+# ------------------------------------------- NNX's own metadata, asked of NNX
+
+
+def test_nnx_required_metadata_entries_are_reserved():
+    for key in nnx.Variable.required_metadata:
+        with pytest.raises(ValueError, match=f"{key!r} is reserved"):
+            variables.Parameter(label="p", value=jnp.zeros(2), metadata={key: False})
+
+
+def test_reserved_metadata_follow_the_vocabulary_nnx_reports(monkeypatch):
+    # A release that renamed its bookkeeping entries (flax 0.12.1-0.12.3 spelled them
+    # ``is_hijax``/``has_ref``/``is_mutable``) must get them reserved without a code change.
+    from pz_flax._compat import nnx as nnx_compat
+
+    renamed = dataclasses.replace(
+        nnx_compat.nnx_metadata_keys(), required=frozenset({"is_hijax", "has_ref"})
+    )
+    monkeypatch.setattr(nnx_compat, "nnx_metadata_keys", lambda: renamed)
+    variables._reserved_metadata_keys.cache_clear()
+    try:
+        with pytest.raises(ValueError, match="'is_hijax' is reserved"):
+            variables.Parameter(label="p", value=jnp.zeros(2), metadata={"is_hijax": True})
+    finally:
+        monkeypatch.undo()
+        variables._reserved_metadata_keys.cache_clear()
+    assert variables.Parameter(label="p", value=0.0, metadata={"is_hijax": 1}).metadata == {
+        "is_hijax": 1
+    }
+
+
+def test_metadata_assignment_goes_through_nnx_key_renaming():
+    from pz_flax._compat import nnx as nnx_compat
+
+    keys = nnx_compat.nnx_metadata_keys()
+    param = variables.Parameter(
+        label="w", value=named_axes.wrap(jnp.zeros((2, 3))).tag("a", "b"), metadata={"x": 1}
+    )
+    for alias in keys.sharding_aliases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            param.metadata = {alias: ("a", None), "y": 2}
+        assert param.metadata == {keys.sharding: ("a", None), "y": 2}
+        assert param.label == "w" and param.value.named_shape == {"a": 2, "b": 3}
+        # NNX's own reader of sharding annotations sees it.
+        spec = nnx.get_partition_spec(nnx.State({"w": param}))["w"].get_value()
+        assert spec == jax.sharding.PartitionSpec("a", None)
+
+
+# ------------------------------------------- writes go through NNX's public, checked API
+
+
+@pytest.mark.parametrize(
+    "assign",
+    [
+        lambda param, new: setattr(param, "value", new),
+        lambda param, new: param.set_value(new),
+    ],
+    ids=["value", "set_value"],
+)
+def test_renaming_write_from_another_trace_is_refused_and_changes_nothing(assign):
+    param = variables.Parameter(label="w", value=named_axes.wrap(jnp.zeros((2, 3))).tag("a", "b"))
+
+    @jax.jit
+    def write(x):
+        assign(param, named_axes.wrap(x).tag("c", "d"))
+        return x
+
+    with pytest.raises(flax_errors.TraceContextError):
+        write(jnp.ones((2, 3)))
+    assert param.value.named_shape == {"a": 2, "b": 3}
+    assert isinstance(param.get_raw_value(), jax.Array)
+    np.testing.assert_array_equal(param.get_raw_value(), np.zeros((2, 3)))
+
+
+def test_label_and_metadata_writes_from_another_trace_are_refused():
+    param = variables.Parameter(label="w", value=jnp.zeros(2), metadata={"x": 1})
+
+    @jax.jit
+    def relabel(x):
+        param.label = "v"
+        return x
+
+    @jax.jit
+    def remeta(x):
+        param.metadata = {"x": 2}
+        return x
+
+    for write in (relabel, remeta):
+        with pytest.raises(flax_errors.TraceContextError):
+            write(1.0)
+    assert param.label == "w" and param.metadata == {"x": 1}
+
+
+def test_variables_stay_plain_under_nnx_hijax_and_ref_defaults():
+    with nnx.var_defaults(hijax=True, ref=True):
+        param = variables.Parameter(label="w", value=named_axes.wrap(jnp.zeros(3)).tag("a"))
+        state = variables.StateVariable(jnp.zeros(()), label="s")
+    for variable in (param, state):
+        assert isinstance(variable, variables.LabeledVariable)
+        assert isinstance(variable.get_raw_value(), jax.Array)
+    assert param.value.named_shape == {"a": 3}
+
+
+def test_deepcopy_copies_raw_value_and_metadata():
+    param = variables.Parameter(
+        label="w", value=named_axes.wrap(jnp.arange(3.0)).tag("a"), metadata={"m": {"k": 1}}
+    )
+    duplicate = copy_lib.deepcopy(param)
+    assert type(duplicate) is variables.Parameter and duplicate is not param
+    assert duplicate.label == "w" and duplicate.metadata == {"m": {"k": 1}}
+    duplicate.value = named_axes.wrap(jnp.zeros(3)).tag("b")
+    assert param.value.named_shape == {"a": 3}
+    np.testing.assert_array_equal(param.get_raw_value(), np.arange(3.0))
