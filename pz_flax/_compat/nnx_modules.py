@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-# Attributes every NNX module has that are NNX's bookkeeping, not the module's own.
+from pz_flax._compat.nnx import BOOKKEEPING_ATTRIBUTES
+
+# The two bookkeeping attributes (see ``BOOKKEEPING_ATTRIBUTES``) this module reads and writes.
 _NODES_ATTRIBUTE = "_pytree__nodes"
 _STATE_ATTRIBUTE = "_pytree__state"
-BOOKKEEPING_ATTRIBUTES = frozenset({_NODES_ATTRIBUTE, _STATE_ATTRIBUTE})
 
 
 def _broken(what: str) -> RuntimeError:

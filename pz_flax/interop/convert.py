@@ -27,6 +27,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from pz_flax._compat import nnx as compat_nnx
 from pz_flax.core import named_axes
 from pz_flax.core import struct
 from pz_flax.core import variables
@@ -194,12 +195,13 @@ class _StackDetector:
 def _own_variables_and_children(node: Any) -> tuple[list[nnx.Variable], list[Any]]:
     """The variables and the child graph nodes held directly in a module's attributes."""
     own, children = [], []
-    items = node.items() if isinstance(node, nnx.Dict) else vars(node).items()
     if isinstance(node, nnx.List):
-        items = enumerate(node)
-    for name, value in items:
-        if isinstance(name, str) and name.startswith("_pytree__"):
-            continue
+        values = list(node)
+    elif isinstance(node, nnx.Dict):
+        values = list(node.values())
+    else:
+        values = [value for _, value in compat_nnx.own_attributes(node)]
+    for value in values:
         if isinstance(value, nnx.Variable):
             own.append(value)
         elif isinstance(value, nnx.Pytree):
@@ -310,10 +312,10 @@ def _apply_mapping(mapping: registry.LayerMapping, module: Any, context) -> Any:
 def _differing_settings(module: nnx.Module, rebuilt: nnx.Module) -> str:
     """Names the attributes (or variable metadata) where two modules of one class differ."""
     differences = []
-    for name in sorted(set(vars(module)) | set(vars(rebuilt))):
-        if name.startswith("_pytree__"):
-            continue
-        mine, theirs = vars(module).get(name), vars(rebuilt).get(name)
+    mine_by_name = dict(compat_nnx.own_attributes(module))
+    theirs_by_name = dict(compat_nnx.own_attributes(rebuilt))
+    for name in sorted(set(mine_by_name) | set(theirs_by_name)):
+        mine, theirs = mine_by_name.get(name), theirs_by_name.get(name)
         if isinstance(mine, nnx.Variable) and isinstance(theirs, nnx.Variable):
             mine, theirs = mine.get_metadata(), theirs.get_metadata()
             if mine != theirs:
@@ -368,9 +370,7 @@ def wrap_module(
     """
     children = {}
     pz_attributes = {}
-    for name, value in vars(module).items():
-        if name.startswith("_pytree__"):
-            continue
+    for name, value in compat_nnx.own_attributes(module):
         if isinstance(value, nnx.Module):
             children[name] = context.convert(value, name)
         elif wrappers.is_pz_object(value):
