@@ -28,7 +28,9 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 import optax
+from flax import errors as flax_errors
 
+from pz_flax._compat import nnx as nnx_compat
 from pz_flax.core import struct
 from pz_flax.core import variables
 
@@ -193,6 +195,7 @@ class StatefulTrainer(struct.Struct):
         skeleton, model_variables = variables.unbind_variables(model)
         trainable, frozen, state_vars = _split_variables(model_variables)
         templates = {**trainable, **frozen, **state_vars}
+        _check_writable_in_this_trace({**trainable, **state_vars})
         initial_opt_state = optimizer_def.init(
             {key: var.get_raw_value() for key, var in trainable.items()}
         )
@@ -228,6 +231,25 @@ class StatefulTrainer(struct.Struct):
             The loss function's auxiliary outputs.
         """
         return self.step_fn(self.root_rng, self.state, kwargs)
+
+
+def _check_writable_in_this_trace(written: dict[str, variables.AbstractVariable]):
+    """Refuses to build a trainer whose steps would write variables of another JAX trace.
+
+    Steps skip NNX's per-write trace check and compare the trace once instead (see
+    `_BoundStep`), which is only sound if, here, every variable the steps write may be written:
+    NNX's own check decides that, through a write of the value each variable already holds.
+    """
+    for key, variable in written.items():
+        try:
+            variable.set_raw_value(variable.get_raw_value())
+        except flax_errors.TraceContextError as exc:
+            raise flax_errors.TraceContextError(
+                f"StatefulTrainer.build was called inside a JAX transformation (jax.jit,"
+                f" jax.grad, ...) with a model whose variable {key!r} was created outside it;"
+                " the trainer's steps would leave tracers in that variable. Build the trainer"
+                " outside the transformation."
+            ) from exc
 
 
 def _placed_like_parameters(
@@ -272,13 +294,14 @@ def _spans_several_cpu_devices(model_variables: dict[str, variables.AbstractVari
     return False
 
 
-_store_raw = object.__setattr__
-
-
 class _BoundStep:
     """The per-step hot path: read raw arrays, one jitted call, write raw arrays back.
 
-    Holds the variable objects found at build time, so no step ever walks the model.
+    Holds the variable objects found at build time, so no step ever walks the model. NNX checks
+    the JAX trace on every variable write (twice per ``set_raw_value``, ~1.4 us), a visible
+    share of a small step that writes every parameter; a step instead compares the trace once,
+    with the trace the trainer was built in (where `_check_writable_in_this_trace` vouched for
+    every written variable), and then writes without NNX's checks.
     """
 
     def __init__(self, compiled, trainable, frozen, state_vars, wait_for_each_step):
@@ -286,28 +309,40 @@ class _BoundStep:
         self.trainable = tuple(trainable.items())
         self.frozen = tuple(frozen.items())
         self.state_vars = tuple(state_vars.items())
+        self.written_variables = (*trainable.values(), *state_vars.values())
+        self.trainable_keys = tuple(trainable)
+        self.state_var_keys = tuple(state_vars)
+        self.home_trace = nnx_compat.current_trace()
         # XLA's in-process CPU collectives can deadlock when many multi-device steps are queued
         # at once (each device runs on a shared thread pool); on CPU nothing is gained by
         # queueing, so such steps wait for the previous one.
         self.wait_for_each_step = wait_for_each_step
 
     def __call__(self, root_rng, trainer_state: variables.StateVariable, kwargs):
+        if nnx_compat.current_trace() != self.home_trace:
+            raise flax_errors.TraceContextError(
+                "StatefulTrainer.step was called inside a JAX transformation (jax.jit,"
+                " jax.grad, jax.vmap, ...) that the trainer was not built in. A step writes the"
+                " new parameters into the model's variables, which would then hold tracers that"
+                " outlive the transformation. Call step outside it: the step is compiled with"
+                " jax.jit already."
+            )
         aux, new_trainable, new_state_vars, new_internal_state = self.compiled(
             root_rng,
-            trainer_state._raw_value,
-            {key: var._raw_value for key, var in self.trainable},
-            {key: var._raw_value for key, var in self.frozen},
-            {key: var._raw_value for key, var in self.state_vars},
+            trainer_state.get_raw_value(),
+            {key: var.get_raw_value() for key, var in self.trainable},
+            {key: var.get_raw_value() for key, var in self.frozen},
+            {key: var.get_raw_value() for key, var in self.state_vars},
             kwargs,
         )
-        # NNX's ``set_raw_value`` verifies the JAX trace level twice per call (~1.4 us), which
-        # at small sizes is a visible share of a step. This code runs on the host after the
-        # jitted call returned, never under a trace, so the values are stored directly.
-        for key, var in self.trainable:
-            _store_raw(var, "_raw_value", new_trainable[key])
-        for key, var in self.state_vars:
-            _store_raw(var, "_raw_value", new_state_vars[key])
-        _store_raw(trainer_state, "_raw_value", new_internal_state)
+        nnx_compat.write_raw_values_unchecked(
+            (*self.written_variables, trainer_state),
+            (
+                *map(new_trainable.__getitem__, self.trainable_keys),
+                *map(new_state_vars.__getitem__, self.state_var_keys),
+                new_internal_state,
+            ),
+        )
         if self.wait_for_each_step:
             jax.block_until_ready(new_internal_state)
         return aux

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import errors as flax_errors
 
 from pz_flax.core import named_axes as nx
 from pz_flax.core import struct
@@ -183,3 +184,97 @@ def test_labels_that_print_alike_are_refused():
         basic_training.StatefulTrainer.build(
             jax.random.key(0), model, optax.sgd(0.1), helpers.mse_loss
         )
+
+
+# ------------------------------------------------ steps inside an outer transformation
+
+
+def _all_concrete(model) -> bool:
+    leaves = jax.tree_util.tree_leaves(model)
+    return all(not isinstance(leaf, jax.core.Tracer) for leaf in leaves)
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [
+        lambda step: jax.jit(step)(),
+        lambda step: jax.vmap(lambda _: step())(jnp.arange(2)),
+        lambda step: jax.grad(lambda x: step() * x)(1.0),
+    ],
+    ids=["jit", "vmap", "grad"],
+)
+def test_step_inside_an_outer_transformation_raises_at_that_step(transform):
+    model = make_model()
+    trainer = basic_training.StatefulTrainer.build(
+        jax.random.key(0), model, optax.adam(0.05), helpers.mse_loss
+    )
+    x, y = helpers.make_regression_batch()
+    trainer.step(x=x, y=y)
+    before = raw_weights(model)
+    with pytest.raises(flax_errors.TraceContextError, match=r"StatefulTrainer\.step"):
+        transform(lambda: trainer.step(x=x, y=y)["loss"])
+    # Nothing was written: no tracer leaked into the model or the trainer state.
+    assert _all_concrete(model) and _all_concrete(trainer.state.value)
+    after = raw_weights(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert int(trainer.state.value.step) == 1
+    trainer.step(x=x, y=y)
+    assert int(trainer.state.value.step) == 2
+
+
+def test_building_inside_a_transformation_with_an_outer_model_is_refused():
+    model = make_model()
+    before = raw_weights(model)
+
+    @jax.jit
+    def build_and_step(x, y):
+        trainer = basic_training.StatefulTrainer.build(
+            jax.random.key(0), model, optax.adam(0.05), helpers.mse_loss
+        )
+        return trainer.step(x=x, y=y)["loss"]
+
+    with pytest.raises(flax_errors.TraceContextError, match=r"StatefulTrainer\.build"):
+        build_and_step(*helpers.make_regression_batch())
+    assert _all_concrete(model)
+    after = raw_weights(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_a_trainer_built_inside_a_transformation_steps_there():
+    # Model, trainer and steps all live in one trace: nothing escapes it, so this is allowed.
+    x, y = helpers.make_regression_batch()
+
+    @jax.jit
+    def train_twice(x, y):
+        model = make_model()
+        trainer = basic_training.StatefulTrainer.build(
+            jax.random.key(0), model, optax.sgd(0.1), helpers.mse_loss
+        )
+        first = trainer.step(x=x, y=y)["loss"]
+        second = trainer.step(x=x, y=y)["loss"]
+        return first, second
+
+    first, second = train_twice(x, y)
+    assert float(second) < float(first)
+
+
+def test_steps_without_the_unchecked_fast_route_train_identically(monkeypatch):
+    x, y = helpers.make_regression_batch()
+    fast_model = make_model()
+    fast = basic_training.StatefulTrainer.build(
+        jax.random.key(0), fast_model, optax.adam(0.05), helpers.mse_loss
+    )
+    fast_losses = [float(fast.step(x=x, y=y)["loss"]) for _ in range(3)]
+
+    from pz_flax._compat import nnx as nnx_compat
+
+    monkeypatch.setattr(nnx_compat, "raw_value_slot_is_writable", lambda: False)
+    checked_model = make_model()
+    checked = basic_training.StatefulTrainer.build(
+        jax.random.key(0), checked_model, optax.adam(0.05), helpers.mse_loss
+    )
+    checked_losses = [float(checked.step(x=x, y=y)["loss"]) for _ in range(3)]
+    np.testing.assert_allclose(checked_losses, fast_losses, rtol=1e-6)
+    fast_weights, checked_weights = raw_weights(fast_model), raw_weights(checked_model)
+    for key, value in fast_weights.items():
+        np.testing.assert_allclose(checked_weights[key], value, rtol=1e-6, atol=1e-7)
