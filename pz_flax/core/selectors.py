@@ -29,7 +29,6 @@ from __future__ import annotations
 import builtins
 import collections
 import dataclasses
-import functools
 import typing
 import warnings
 from collections.abc import Callable
@@ -120,14 +119,6 @@ class _UniqueLeaf:
 _MARKER_TYPES = frozenset({_SelectionBoundary, SelectionHole, SelectionQuote})
 
 
-@functools.cache
-def _is_variable_type(node_type: type) -> bool:
-    # Checked by type, and cached: ``isinstance(x, nnx.Variable)`` runs a Python-level
-    # metaclass hook on every call (and also claims some tracers), which dominated the cost
-    # of traversing large models.
-    return issubclass(node_type, nnx.Variable)
-
-
 def _describe_keypaths(keypaths: Iterable[KeyPath]) -> str:
     """Formats key paths for error messages, e.g. ``['a'], .layers[0]``."""
     return ", ".join(jax.tree_util.keystr(tuple(keypath)) or "(root)" for keypath in keypaths)
@@ -185,9 +176,10 @@ def _map_subtrees(
 
     Like ``jax.tree_util.tree_map_with_path`` with an ``is_leaf``: every node for which
     ``stop`` is true is replaced by ``replace(keypath, node)`` and not descended into; leaves
-    where ``stop`` is false are kept. NNX variables are handled one level at a time so that a
-    variable with nothing replaced inside it comes back as the very same object (JAX would
-    rebuild a copy), which preserves the sharing of variables between trees.
+    where ``stop`` is false are kept. Variables (``tree_util.is_variable_node``) are handled one
+    level at a time so that a variable with nothing replaced inside it comes back as the very
+    same object (JAX would rebuild a copy), which preserves the sharing of variables between
+    trees.
 
     Args:
         tree: The tree to map over.
@@ -210,7 +202,7 @@ def _map_subtrees(
             if stop(keypath_prefix + keypath, node):
                 stopped_keypaths.add(keypath)
                 return True
-            return _is_variable_type(type(node))
+            return tree_util.is_variable_node(node)
 
         keyed_leaves, treedef = jax.tree_util.tree_flatten_with_path(
             tree, is_leaf=is_leaf_with_path, is_leaf_takes_path=True
@@ -228,7 +220,7 @@ def _map_subtrees(
             if stop(node):
                 stopped_ids.add(id(node))
                 return True
-            return _is_variable_type(type(node))
+            return tree_util.is_variable_node(node)
 
         keyed_leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
 
@@ -242,7 +234,7 @@ def _map_subtrees(
         if stopped(keypath, node):
             new_node = replace(keypath_prefix + keypath, node)
             changed = True
-        elif _is_variable_type(type(node)):
+        elif tree_util.is_variable_node(node):
             new_node, variable_changed = _map_variable(
                 node, stop, replace, keypath_prefix + keypath, stop_uses_keypath
             )
@@ -254,7 +246,7 @@ def _map_subtrees(
 
 
 def _map_variable(
-    variable: nnx.Variable,
+    variable: Any,
     stop: Callable[..., bool],
     replace: Callable[[KeyPath, Any], Any],
     keypath: KeyPath,

@@ -50,6 +50,7 @@ from flax import nnx
 
 from pz_flax.core import named_axes
 from pz_flax.core import struct
+from pz_flax.core import tree_util
 from pz_flax.core import variables
 
 StructureAnnotation: typing.TypeAlias = Any
@@ -482,17 +483,32 @@ def _variable_contents(variable: nnx.Variable) -> Any:
 
 
 def _is_array_leaf(node: Any) -> bool:
-    """Whether `as_array_structure` describes ``node`` as one array.
+    """Whether `as_array_structure` stops at ``node`` (see `_abstract_leaf`).
 
     NNX variables are pytree nodes wrapping a positional array; treating the
     variable as the leaf lets its axis names take part.
     """
-    return named_axes.is_namedarray(node) or isinstance(node, nnx.Variable)
+    return named_axes.is_namedarray(node) or tree_util.is_variable_node(node)
 
 
-def _abstract_leaf(value: Any) -> ArraySpec | Wildcard:
-    """Returns the concrete `ArraySpec` describing ``value``, or `ANY`."""
-    if isinstance(value, nnx.Variable):
+def _described_field_by_field(snapshot_or_slot: Any) -> Any:
+    """A frozen variable or a slot with each of its fields described, as for any struct."""
+    split = tree_util.tree_flatten_exactly_one_level(snapshot_or_slot)
+    if split is None:
+        return ANY
+    keyed_children, treedef = split
+    return treedef.unflatten([as_array_structure(child) for _, child in keyed_children])
+
+
+def _abstract_leaf(value: Any) -> Any:
+    """Returns the concrete `ArraySpec` describing ``value``, or `ANY`.
+
+    A variable is described by the array it holds; its frozen snapshots and
+    slots are plain structs, described field by field.
+    """
+    if isinstance(value, variables.AbstractVariableValue | variables.AbstractVariableSlot):
+        return _described_field_by_field(value)
+    if tree_util.is_variable_node(value):
         value = _variable_contents(value)
     if isinstance(value, named_axes.NamedArrayBase):
         value.check_valid()

@@ -24,6 +24,7 @@ from typing import TypeVar
 
 import jax
 
+from pz_flax.core import tree_util
 from pz_flax.core import variables
 
 T = TypeVar("T")
@@ -111,9 +112,7 @@ def assert_no_parameter_slots(model: Any) -> None:
     """
     slots_with_paths = [
         (path, leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(
-            model, is_leaf=lambda node: isinstance(node, variables.ParameterSlot)
-        )[0]
+        for path, leaf in tree_util.flatten_with_path_stopping_at_variables(model)[0]
         if isinstance(leaf, variables.ParameterSlot)
     ]
     if slots_with_paths:

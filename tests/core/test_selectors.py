@@ -650,3 +650,20 @@ def test_pz_flax_parameters():
     np.testing.assert_array_equal(doubled.value.unwrap("a", "b"), 2 * np.ones((2, 3)))
     rebuilt = selectors.select(tree).at_instances_of(int).set(4)
     assert rebuilt["layer"].left is param
+
+
+def test_frozen_values_and_slots_are_kept_whole_unless_something_inside_changes():
+    # Frozen snapshots and slots are variables too (core.tree_util.is_variable_node): a rebuild
+    # that changes nothing inside one hands back that very object, as for live variables.
+    from pz_flax.core import named_axes
+    from pz_flax.core import variables
+
+    frozen = variables.ParameterValue(value=named_axes.wrap(jnp.ones(2)).tag("a"), label="w")
+    slot = variables.ParameterSlot(label="v")
+    tree = {"frozen": frozen, "slot": slot, "n": 1}
+    rebuilt = selectors.select(tree).at_instances_of(int).set(4)
+    assert rebuilt["frozen"] is frozen and rebuilt["slot"] is slot and rebuilt["n"] == 4
+    doubled = selectors.select(tree).at_instances_of(jax.Array).apply(lambda a: a * 2)
+    assert doubled["frozen"] is not frozen and doubled["frozen"].label == "w"
+    np.testing.assert_array_equal(doubled["frozen"].value.unwrap("a"), [2.0, 2.0])
+    assert selectors.select(tree).at_instances_of(variables.ParameterSlot).get() is slot

@@ -582,6 +582,29 @@ def test_parameters_are_checked_with_their_axis_names():
     }
 
 
+def test_frozen_values_and_slots_are_described_field_by_field_like_penzai():
+    import penzai.core.variables as penzai_variables
+
+    def build(c, n, v):
+        value = v.ParameterValue(value=n.wrap(jnp.ones((2, 3))).tag("a", "b"), label="w")
+        return (
+            value,
+            v.ParameterSlot(label="s"),
+            c.as_array_structure({"v": value, "s": v.ParameterSlot(label="s")}),
+        )
+
+    ours_value, ours_slot, ours = build(chk, nx, variables)
+    _, _, theirs = build(penzai_chk, penzai_nx, penzai_variables)
+    assert type(ours["v"]) is variables.ParameterValue and ours["v"].label == "w"
+    assert type(theirs["v"]) is penzai_variables.ParameterValue
+    assert ours["v"].value == chk.ArraySpec(named_shape={"a": 2, "b": 3}, dtype=jnp.float32)
+    assert dict(theirs["v"].value.named_shape) == dict(ours["v"].value.named_shape)
+    assert ours["s"] == ours_slot and theirs["s"] == penzai_variables.ParameterSlot(label="s")
+    assert dict(chk.check_structure({"v": ours_value, "s": ours_slot}, ours)) == {}
+    with pytest.raises(chk.StructureMismatchError, match="non-arraylike"):
+        chk.check_structure(ours_value, chk.ArraySpec(named_shape={"a": 2, "b": 3}))
+
+
 def test_invalid_named_array_is_reported():
     broken = nx.NamedArray(named_axes=collections.OrderedDict({"a": 5}), data_array=jnp.zeros((3,)))
     with pytest.raises(ValueError):
