@@ -124,7 +124,7 @@ def variable_metaclass_with(metaclass: type) -> type:
 # The constructor switches that would make a variable something other than a plain holder of a
 # pytree of arrays (a hijax variable, an array ref), all turned off. NNX has no public "plain
 # variable" option, and the switches were renamed twice: ``use_ref`` (flax 0.12.0),
-# ``is_hijax``/``has_ref`` (0.12.1-0.12.3), ``hijax``/``ref`` (0.12.4 onwards). They are looked up
+# ``is_hijax``/``has_ref`` (0.12.1-0.12.2), ``hijax``/``ref`` (0.12.3 onwards). They are looked up
 # in the installed constructor's signature; a release that has none of them gets its defaults
 # (plain variables unless the user configured otherwise), and the canary in
 # ``tests/_compat/test_nnx_variables.py`` names the missing switches.
@@ -151,7 +151,8 @@ class NnxMetadataKeys:
 
     Attributes:
         required: Entries NNX writes on every variable (``hijax``, ``ref``, ``eager_sharding``
-            in flax 0.12.4+; ``is_hijax``, ``has_ref``, ``is_mutable`` ... before).
+            in flax 0.12.4+; 0.12.3 adds ``mutable``; 0.12.1-0.12.2 spell them ``is_hijax``,
+            ``has_ref``, ``is_mutable``).
         sharding: Where this release keeps a variable's sharding annotation (its axis names):
             ``out_sharding`` in flax 0.12.4+, ``sharding_names`` before.
         sharding_aliases: Other spellings that NNX accepts and renames to ``sharding``.

@@ -269,7 +269,7 @@ def test_nnx_required_metadata_entries_are_reserved():
 
 
 def test_reserved_metadata_follow_the_vocabulary_nnx_reports(monkeypatch):
-    # A release that renamed its bookkeeping entries (flax 0.12.1-0.12.3 spelled them
+    # A release that renamed its bookkeeping entries (flax 0.12.1-0.12.2 spelled them
     # ``is_hijax``/``has_ref``/``is_mutable``) must get them reserved without a code change.
     from pz_flax._compat import nnx as nnx_compat
 
