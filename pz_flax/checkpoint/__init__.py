@@ -6,7 +6,9 @@ exact model in a process that never imported the code that built it. Restoring (
 the restored model) never runs code a checkpoint chose: classes resolve only through pz_flax's
 own types, NNX's public classes, registered types and the modules the caller passes in
 ``allow_modules``; functions only through a closed allow-list of pure array functions,
-``register_function`` and ``allow_modules``.
+``register_function`` and ``allow_modules``. Registrations live in one table,
+``trusted_objects`` (``unregister_type``/``unregister_function`` undo them; its ``scoped``
+trusts an object for a ``with`` block only).
 
 * ``save`` / ``restore``: single checkpoints; atomic writes; restore into an existing or
   abstract target with a report of every mismatching path; restore into shardings.
@@ -27,6 +29,7 @@ from pz_flax.checkpoint.errors import CorruptCheckpointError
 from pz_flax.checkpoint.errors import UnsupportedValueError
 from pz_flax.checkpoint.errors import UntrustedTypeError
 from pz_flax.checkpoint.functions import register_function
+from pz_flax.checkpoint.functions import unregister_function
 from pz_flax.checkpoint.inspection import CheckpointSummary
 from pz_flax.checkpoint.inspection import inspect_checkpoint
 from pz_flax.checkpoint.manager import CheckpointManager
@@ -40,6 +43,9 @@ from pz_flax.checkpoint.storage import restore
 from pz_flax.checkpoint.storage import save
 from pz_flax.checkpoint.storage import sharding_from_axis_names
 from pz_flax.checkpoint.type_registry import register_type
+from pz_flax.checkpoint.type_registry import registration_name
+from pz_flax.checkpoint.type_registry import trusted_objects
+from pz_flax.checkpoint.type_registry import unregister_type
 
 __all__ = [
     "FORMAT_VERSION",
@@ -61,8 +67,12 @@ __all__ = [
     "read_nnx_checkpoint",
     "register_function",
     "register_type",
+    "registration_name",
     "restore",
     "save",
     "sharding_from_axis_names",
+    "trusted_objects",
+    "unregister_function",
+    "unregister_type",
     "write_nnx_checkpoint",
 ]

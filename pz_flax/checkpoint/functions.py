@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import warnings
 from collections.abc import Callable
 from collections.abc import Iterable
@@ -50,6 +51,11 @@ _NON_ELEMENTWISE_ARRAY_FUNCTIONS = {
         "nothing_saveable",
     ),
 }
+# Array functions that public NNX layers take as constructor defaults from a private helper
+# (``nnx.Bidirectional``'s ``merge_fn`` concatenates its two directions' outputs). They are
+# found through the constructor's signature and named ``flax.nnx:Class.parameter`` ("the
+# default of that parameter"), so the name never depends on where flax keeps the helper.
+_CONSTRUCTOR_DEFAULT_FUNCTIONS = {"flax.nnx": {"Bidirectional": ("merge_fn",)}}
 # Public namespaces that give a known function its checkpoint name, in order of preference.
 _NAMESPACES = (
     "jax.nn",
@@ -72,7 +78,23 @@ def _namespace(name: str) -> Any:
         return getattr(_namespace(parent), attribute)
 
 
-@functools.cache
+def _until_elementwise_table_changes(compute: Callable[[], Any]) -> Callable[[], Any]:
+    """Caches ``compute()`` until users change the elementwise table it reads."""
+    cache: dict[str, Any] = {}
+
+    @functools.wraps(compute)
+    def cached() -> Any:
+        from pz_flax.nn import basic_ops
+
+        version = basic_ops.elementwise_function_registry.version
+        if cache.get("version") != version:
+            cache.update(version=version, value=compute())
+        return cache["value"]
+
+    return cached
+
+
+@_until_elementwise_table_changes
 def _known_functions() -> dict[str, Callable[..., Any]]:
     """Every allow-listed library function by each public name that finds it."""
     from pz_flax.nn import basic_ops
@@ -93,10 +115,27 @@ def _known_functions() -> dict[str, Callable[..., Any]]:
         for attribute, value in attributes.items():
             if by_id.get(id(value)) is value:
                 by_name.setdefault(f"{namespace_name}:{attribute}", value)
+    by_name.update(_constructor_default_functions())
     return by_name
 
 
-@functools.cache
+def _constructor_default_functions() -> dict[str, Callable[..., Any]]:
+    found = {}
+    for namespace_name, classes in _CONSTRUCTOR_DEFAULT_FUNCTIONS.items():
+        namespace = _namespace(namespace_name)
+        for class_name, parameter_names in classes.items():
+            cls = getattr(namespace, class_name, None)
+            if cls is None:
+                continue
+            parameters = inspect.signature(cls.__init__).parameters
+            for parameter_name in parameter_names:
+                parameter = parameters.get(parameter_name)
+                if parameter is not None and callable(parameter.default):
+                    found[f"{namespace_name}:{class_name}.{parameter_name}"] = parameter.default
+    return found
+
+
+@_until_elementwise_table_changes
 def _known_names() -> dict[int, str]:
     """The name each allow-listed function is saved under.
 
@@ -142,6 +181,15 @@ def register_function(fn: Callable[..., Any]) -> Callable[..., Any]:
             " (not a lambda, local function, class or partial)."
         )
     return type_registry.register_type(fn)
+
+
+def unregister_function(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Stops letting checkpoints name ``fn``, which ``register_function`` allowed; returns it.
+
+    Raises:
+        KeyError: If ``fn`` is not registered.
+    """
+    return type_registry.unregister_type(fn)
 
 
 def function_name(fn: Any, path: str) -> str:

@@ -47,6 +47,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from pz_flax._compat import nnx as nnx_compat
 from pz_flax.checkpoint import errors
 from pz_flax.checkpoint import messages
 from pz_flax.checkpoint import migrations
@@ -66,15 +67,10 @@ FORMAT_VERSION = 2
 _WRITER_DISTRIBUTIONS = ("pz_flax", "jax", "flax", "orbax-checkpoint")
 _TOP_LEVEL_KEYS = {"format", "format_version", "root", "arrays"}
 
-# NNX bookkeeping entries of a variable's metadata. They are saved (so that a variable is
-# rebuilt exactly) but not compared against a restore target: they describe how NNX handles
-# the variable in this process, not what the checkpoint holds.
-_NNX_RUNTIME_METADATA = frozenset(
-    {"hijax", "ref", "eager_sharding", "sharding", "sharding_names", "mesh", "out_sharding"}
-)
 _AXIS_NAMES_METADATA = "axis_names"
 _LABEL_METADATA = "label"
-_PRNG_IMPLEMENTATIONS = frozenset({"threefry2x32", "rbg", "unsafe_rbg"})
+# The PRNG implementations a checkpoint may name: JAX's built-in ones, by their public names.
+_PRNG_IMPLEMENTATIONS = ("threefry2x32", "rbg", "unsafe_rbg")
 _MAX_NDIM = 64
 _MAX_DIM = 2**62
 
@@ -144,7 +140,7 @@ class ArrayEntry:
         try:
             return cls._validated(data)
         except Corrupt as exc:
-            raise _corrupt(None, f"manifest path {where}: malformed array entry: {exc}") from None
+            raise _corrupt(None, f"manifest path {where}: malformed array entry: {exc}") from exc
 
     @classmethod
     def _validated(cls, data: Any) -> ArrayEntry:
@@ -193,6 +189,43 @@ class ArrayEntry:
         )
 
 
+@functools.cache
+def _prng_impls_by_dtype() -> dict[str, str]:
+    """Each typed key dtype's text (``key<fry>``) and its implementation's public name.
+
+    JAX gives no public way from a key dtype to its implementation's name, but a key made
+    with each named implementation shows its dtype.
+    """
+    names = {}
+    for impl in _PRNG_IMPLEMENTATIONS:
+        try:
+            names[str(jax.random.key(0, impl=impl).dtype)] = impl
+        except ValueError:  # An implementation this JAX release does not have.
+            continue
+    return names
+
+
+def is_prng_key(value: Any) -> bool:
+    """Whether ``value`` (an array or ``jax.ShapeDtypeStruct``) is a typed PRNG key array."""
+    return jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+
+
+def prng_impl_name(dtype: Any, path: str) -> str:
+    """The name of the PRNG implementation of typed key dtype ``dtype`` (``"threefry2x32"``).
+
+    Raises:
+        UnsupportedValueError: If it is none of JAX's built-in implementations, which are
+            the ones a checkpoint can name (``path``: where the key is, for the message).
+    """
+    name = _prng_impls_by_dtype().get(str(dtype))
+    if name is None:
+        raise errors.UnsupportedValueError(
+            f"{path}: cannot save a PRNG key of the implementation {dtype}: checkpoints hold"
+            f" keys of JAX's built-in implementations {list(_PRNG_IMPLEMENTATIONS)} only."
+        )
+    return name
+
+
 def path_to_str(path: tuple[str, ...]) -> str:
     """Joins a model path for messages; the root is ``"<root>"``."""
     return "/".join(path) if path else "<root>"
@@ -221,7 +254,7 @@ def decode_static(data: Any, path: str, allow_modules: Iterable[str]) -> Any:
     try:
         return static_codec.decode(data, context)
     except Corrupt as exc:
-        raise _corrupt(None, f"{context.where()}: {exc}") from None
+        raise _corrupt(None, f"{context.where()}: {exc}") from exc
 
 
 #### Reading manifests ####
@@ -250,13 +283,13 @@ def parse_manifest_json(text: str | bytes, source: str) -> Any:
             text = text.decode("utf-8")
         return json.loads(text, parse_constant=_refuse_constant, parse_int=_bounded_int)
     except Corrupt as exc:
-        raise _corrupt(source, f"the manifest is damaged ({exc}).") from None
-    except RecursionError:
-        raise _corrupt(source, "the manifest is damaged (nested too deeply).") from None
+        raise _corrupt(source, f"the manifest is damaged ({exc}).") from exc
+    except RecursionError as exc:
+        raise _corrupt(source, "the manifest is damaged (nested too deeply).") from exc
     except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors.
         raise _corrupt(
             source, f"the manifest is damaged (not valid JSON: {messages.bounded_text(str(exc))})."
-        ) from None
+        ) from exc
 
 
 @functools.cache
@@ -295,7 +328,7 @@ def _current(manifest: Any, source: str | None) -> dict[str, Any]:
     try:
         return migrations.upgrade(manifest, FORMAT_VERSION)
     except Corrupt as exc:
-        raise _corrupt(source, f"format-{version} manifest: {exc}") from None
+        raise _corrupt(source, f"format-{version} manifest: {exc}") from exc
 
 
 def read_entries(manifest: Any, source: str | None = None) -> list[ArrayEntry]:
@@ -319,7 +352,7 @@ def read_entries(manifest: Any, source: str | None = None) -> list[ArrayEntry]:
         except Corrupt as exc:
             raise _corrupt(
                 source, f"manifest path arrays/{i}: malformed array entry: {exc}"
-            ) from None
+            ) from exc
         keys.add(entry.key)
         entries.append(entry)
     return entries
@@ -505,12 +538,11 @@ class _ArrayKind(_NodeKind):
         axis_names, label = hint or (None, None)
         index = len(encoder.arrays)
         prng_impl = None
-        if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        if is_prng_key(value):
             # Orbax stores plain arrays: keep the key data, and the implementation to rewrap.
-            impl = value.dtype._impl
-            prng_impl = impl.name
+            prng_impl = prng_impl_name(value.dtype, path_to_str(path))
             if isinstance(value, jax.ShapeDtypeStruct):
-                value = jax.ShapeDtypeStruct((*value.shape, *impl.key_shape), np.uint32)
+                value = jax.eval_shape(jax.random.key_data, value)
             else:
                 value = jax.random.key_data(value)
             axis_names = None
@@ -660,8 +692,8 @@ class _MappingKind(_NodeKind):
             key = static_codec.decode(key_data, decoder.context(path, f"{at}/{tag}/{i}/0"))
             try:
                 hash(key)
-            except TypeError:
-                raise Corrupt(f"the {tag} key {messages.bounded_repr(key)} is unhashable") from None
+            except TypeError as exc:
+                raise Corrupt(f"the {tag} key {messages.bounded_repr(key)} is unhashable") from exc
             items.append((key, decoder.node(item, (*path, str(key)), f"{at}/{tag}/{i}/1")))
         expect(len(dict(items)) == len(items), f"a {tag} node repeats a key")
         return dict(items) if tag == "dict" else collections.OrderedDict(items)
@@ -737,8 +769,7 @@ class _VariableKind(_NodeKind):
         metadata = static_codec.decode_variable_metadata(data["metadata"], context.at("metadata"))
         value = decoder.node(data["value"], path, f"{at}/value")
         _check_variable_metadata(metadata, value)
-        metadata.setdefault("hijax", False)
-        variable = cls.from_metadata(value, metadata)
+        variable = static_codec.build_variable(cls, value, metadata)
         decoder.variables[variable_id] = variable
         return variable
 
@@ -759,8 +790,12 @@ class _VariableKind(_NodeKind):
                 f"{where}: variable class {a['variable']} in the checkpoint, {b['variable']} in"
                 " the target"
             )
-        a_meta = {k: v for k, v in a["metadata"] if k not in _NNX_RUNTIME_METADATA}
-        b_meta = {k: v for k, v in b["metadata"] if k not in _NNX_RUNTIME_METADATA}
+        # NNX's own entries (its switches, sharding annotations) are saved, so that a variable
+        # is rebuilt exactly, but not compared: they say how NNX handles the variable in this
+        # process, not what the checkpoint holds.
+        nnx_keys = nnx_compat.nnx_metadata_keys().all
+        a_meta = {k: v for k, v in a["metadata"] if k not in nnx_keys}
+        b_meta = {k: v for k, v in b["metadata"] if k not in nnx_keys}
         for key in sorted(a_meta.keys() | b_meta.keys()):
             if a_meta.get(key) != b_meta.get(key):
                 what = "axis names" if key == _AXIS_NAMES_METADATA else f"metadata {key!r}"
@@ -900,7 +935,10 @@ class _StructKind(_NodeKind):
         _check_field_types(cls, values)
         built = cls.from_attributes(**values)
         if isinstance(built, named_axes.NamedArrayBase):
-            built.check_valid()
+            try:
+                built.check_valid()
+            except ValueError as exc:  # Axis names that do not fit the array.
+                raise Corrupt(f"an invalid named array: {exc}") from exc
         return built
 
     def compare(self, comparer, a, b, path):
@@ -1057,12 +1095,13 @@ class _Decoder:
             return kind.decode(self, data, path, at)
         except _Located:
             raise
-        except (Corrupt, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
-            detail = str(exc) if isinstance(exc, Corrupt) else f"{type(exc).__name__}: {exc}"
+        except Corrupt as exc:
+            # Only what validation found: any other exception is a pz_flax bug (or a library
+            # change), and surfaces as itself rather than as a damaged checkpoint.
             raise _Located(
-                f"{messages.bounded_text(path_to_str(path))}: {messages.bounded_text(detail, 600)}"
+                f"{messages.bounded_text(path_to_str(path))}: {messages.bounded_text(str(exc), 600)}"
                 f" (manifest path {messages.bounded_text(at)})"
-            ) from None
+            ) from exc
 
 
 def decode(
@@ -1101,12 +1140,12 @@ def decode(
         unused = sorted(set(range(len(entries))) - decoder.used_arrays)
         expect(not unused, f"the array table lists arrays the model never uses: {unused[:5]}")
     except Corrupt as exc:
-        raise _corrupt(source, str(exc)) from None
+        raise _corrupt(source, str(exc)) from exc
     except (errors.CorruptCheckpointError, errors.UntrustedTypeError) as exc:
         # Raised by name resolution, which knows the model path but not the checkpoint.
         if source is None:
             raise
-        raise type(exc)(f"{source}: {exc}") from None
+        raise type(exc)(f"{source}: {exc}") from exc
     return model
 
 

@@ -128,8 +128,7 @@ def _build(data: Any, context: static_codec.DecodeContext) -> nnx.Pytree:
             variable_cls = at.resolve(entry["variable"], "variable")
             static_codec.check_variable_class(variable_cls)
             metadata = static_codec.decode_variable_metadata(entry["metadata"], at.at("metadata"))
-            metadata.setdefault("hijax", False)
-            value = variable_cls.from_metadata(_PLACEHOLDER, metadata)
+            value = static_codec.build_variable(variable_cls, _PLACEHOLDER, metadata)
         elif "module" in entry:
             expect(entry.keys() == {"name", "data", "module"}, "bad module entry")
             value = _build(entry["module"], at.at("module"))

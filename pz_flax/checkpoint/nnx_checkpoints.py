@@ -15,8 +15,6 @@ connect such checkpoints to pz_flax models through the interop bridge (``from_nn
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -53,23 +51,9 @@ def _abstract_module(factory: Callable[[], nnx.Module]) -> nnx.Module:
     return module
 
 
-@functools.cache
-def _prng_impl_names() -> dict[str, str]:
-    """Maps a typed key dtype's text (``key<fry>``) to its implementation's name."""
-    names = {}
-    for impl in ("threefry2x32", "rbg", "unsafe_rbg"):
-        with contextlib.suppress(Exception):  # an implementation this jax does not have
-            names[str(jax.random.key(0, impl=impl).dtype)] = impl
-    return names
-
-
-def _is_prng_key(leaf: Any) -> bool:
-    return jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
-
-
 def _stored_form(leaf: Any) -> Any:
     """What Orbax stores for an abstract leaf: a typed key array is stored as its key data."""
-    return jax.eval_shape(jax.random.key_data, leaf) if _is_prng_key(leaf) else leaf
+    return jax.eval_shape(jax.random.key_data, leaf) if manifest_lib.is_prng_key(leaf) else leaf
 
 
 def load_nnx_module(
@@ -164,10 +148,10 @@ def load_nnx_module(
         ) from None
     # Where the abstract state asks for typed keys, Orbax may hand back their key data.
     values = [
-        jax.random.wrap_key_data(value, impl=_prng_impl_names()[str(leaf.dtype)])
-        if _is_prng_key(leaf) and not _is_prng_key(value)
+        jax.random.wrap_key_data(value, impl=manifest_lib.prng_impl_name(leaf.dtype, entry.path))
+        if manifest_lib.is_prng_key(leaf) and not manifest_lib.is_prng_key(value)
         else value
-        for (_, leaf), value in zip(leaves, treedef.flatten_up_to(restored))
+        for (_, leaf), entry, value in zip(leaves, wanted, treedef.flatten_up_to(restored))
     ]
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, values))
 

@@ -24,7 +24,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from pz_flax._compat import nnx as nnx_compat
 from pz_flax.checkpoint import errors
 from pz_flax.checkpoint import functions
 from pz_flax.checkpoint import messages
@@ -213,8 +215,8 @@ def _hashable(values: Iterable[Any], what: str) -> None:
     for value in values:
         try:
             hash(value)
-        except TypeError:
-            raise Corrupt(f"{what} holds the unhashable {messages.bounded_repr(value)}") from None
+        except TypeError as exc:
+            raise Corrupt(f"{what} holds the unhashable {messages.bounded_repr(value)}") from exc
 
 
 def _sequence_kind(tag: str, cls: type) -> _Kind:
@@ -269,7 +271,7 @@ def _decode_np_scalar(data, context):
     try:
         return valid_dtype(dtype_name).type(item)
     except (OverflowError, ValueError, TypeError) as exc:
-        raise Corrupt(f"bad numpy scalar: {messages.bounded_text(str(exc))}") from None
+        raise Corrupt(f"bad numpy scalar: {messages.bounded_text(str(exc))}") from exc
 
 
 def _decode_jnp_scalar_type(data, context):
@@ -429,16 +431,135 @@ def _decode_named_sharding(data, context):
     try:
         return jax.sharding.NamedSharding(mesh, spec)
     except (ValueError, TypeError) as exc:
-        raise Corrupt(f"bad named sharding: {messages.bounded_text(str(exc))}") from None
+        raise Corrupt(f"bad named sharding: {messages.bounded_text(str(exc))}") from exc
+
+
+#### NNX transform configuration: filters and state axes ####
+
+# NNX's transforms keep filters (which variables a rule applies to) and ``nnx.StateAxes`` (which
+# axis each filter's variables are mapped over) as static configuration: ``nnx.RNN`` holds
+# ``state_axes`` and ``broadcast_rngs``, for instance. A filter is a literal (a class, a tag
+# string, a boolean, ``...`` or None), a list or tuple of filters, or one of NNX's filter
+# objects. Filter objects are rebuilt through their public constructors, from arguments
+# checked to be of the kinds those constructors take, so a manifest can only ever produce
+# these few classes.
+
+
+@dataclasses.dataclass(frozen=True)
+class _FilterClass:
+    """How one of NNX's filter classes is saved.
+
+    Attributes:
+        cls: The class, as ``flax.nnx`` exports it (its name is the manifest's tag payload).
+        arguments: The constructor arguments that rebuild a given filter.
+        accepts: Whether decoded arguments are ones the constructor takes.
+    """
+
+    cls: type
+    arguments: Callable[[Any], tuple[Any, ...]]
+    accepts: Callable[[tuple[Any, ...]], bool]
+
+
+def _is_filter(value: Any) -> bool:
+    """Whether ``value`` is an NNX filter this codec can rebuild."""
+    if value is None or value is Ellipsis or isinstance(value, (bool, str, type)):
+        return True
+    if type(value) in (list, tuple):
+        return all(_is_filter(item) for item in value)
+    return type(value) in _FILTER_CLASSES_BY_TYPE
+
+
+def _are_filters(arguments: tuple[Any, ...]) -> bool:
+    return all(_is_filter(argument) for argument in arguments)
+
+
+def _is_path_key(value: Any) -> bool:
+    return isinstance(value, str) or type(value) is int
+
+
+_FILTER_CLASSES = {
+    filter_class.cls.__name__: filter_class
+    for filter_class in (
+        _FilterClass(
+            nnx.WithTag,
+            lambda f: (f.tag,),
+            lambda args: len(args) == 1 and isinstance(args[0], str),
+        ),
+        _FilterClass(
+            nnx.PathContains,
+            lambda f: (f.key, f.exact),
+            lambda args: len(args) == 2 and _is_path_key(args[0]) and type(args[1]) is bool,
+        ),
+        _FilterClass(
+            nnx.OfType,
+            lambda f: (f.type,),
+            lambda args: len(args) == 1 and isinstance(args[0], type),
+        ),
+        _FilterClass(nnx.Any, lambda f: f.predicates, _are_filters),
+        _FilterClass(nnx.All, lambda f: f.predicates, _are_filters),
+        _FilterClass(
+            nnx.Not, lambda f: (f.predicate,), lambda args: len(args) == 1 and _are_filters(args)
+        ),
+        _FilterClass(nnx.Everything, lambda f: (), lambda args: not args),
+        _FilterClass(nnx.Nothing, lambda f: (), lambda args: not args),
+    )
+}
+_FILTER_CLASSES_BY_TYPE = {
+    filter_class.cls: filter_class for filter_class in _FILTER_CLASSES.values()
+}
+
+
+def _encode_filter(value: Any, path: str) -> dict[str, Any]:
+    filter_class = _FILTER_CLASSES_BY_TYPE[type(value)]
+    return {
+        "nnx_filter": filter_class.cls.__name__,
+        "args": [encode(argument, path) for argument in filter_class.arguments(value)],
+    }
+
+
+def _decode_filter(data, context):
+    name = data["nnx_filter"]
+    filter_class = _FILTER_CLASSES.get(name) if isinstance(name, str) else None
+    expect(filter_class is not None, f"{messages.bounded_repr(name)} is not an NNX filter class")
+    arguments = tuple(_items(data["args"], context, "an NNX filter's arguments"))
+    expect(
+        filter_class.accepts(arguments),
+        f"nnx.{name} does not take the arguments {messages.bounded_repr(arguments)}",
+    )
+    return filter_class.cls(*arguments)
+
+
+def _is_state_axis(value: Any) -> bool:
+    return value is None or value is nnx.Carry or type(value) is int
+
+
+def _decode_state_axes(data, context):
+    pairs = _pairs(data["state_axes"], context, "a StateAxes")
+    for filter_, axis in pairs:
+        expect(_is_filter(filter_), f"{messages.bounded_repr(filter_)} is not an NNX filter")
+        expect(
+            _is_state_axis(axis),
+            f"a StateAxes axis is an integer, None or nnx.Carry, not {messages.bounded_repr(axis)}",
+        )
+    return nnx.StateAxes(pairs)
+
+
+def _decode_ellipsis(data, context):
+    expect(data["ellipsis"] is None, "an ellipsis value is null")
+    return Ellipsis
 
 
 def _is_mesh(value: Any) -> bool:
     return isinstance(value, (jax.sharding.Mesh, jax.sharding.AbstractMesh))
 
 
+# ``jnp.float32`` and friends: JAX's scalar types, distinct from numpy's, all instances of one
+# metaclass that JAX does not export; the type of a known one names it.
+_JAX_SCALAR_TYPE_METACLASS = type(jnp.float32)
+
+
 def _is_scalar_type(value: Any) -> bool:
-    # jnp.float32 and friends: jax's scalar types, distinct from numpy's.
-    return isinstance(value, type) and type(value).__name__ == "_ScalarMeta"
+    return isinstance(value, _JAX_SCALAR_TYPE_METACLASS)
 
 
 def _is_function(value: Any) -> bool:
@@ -560,6 +681,28 @@ _KINDS: tuple[_Kind, ...] = (
         lambda value, path: {"mesh": _encode_mesh(value)},
         _decode_mesh,
     ),
+    _Kind(
+        "ellipsis",
+        lambda value: value is Ellipsis,
+        lambda value, path: {"ellipsis": None},
+        _decode_ellipsis,
+    ),
+    # Before dataclasses: some NNX filters are dataclasses, rebuilt here by constructor.
+    _Kind(
+        "nnx_filter",
+        lambda value: type(value) in _FILTER_CLASSES_BY_TYPE,
+        _encode_filter,
+        _decode_filter,
+        extra_key="args",
+    ),
+    _Kind(
+        "state_axes",
+        lambda value: type(value) is nnx.StateAxes,
+        lambda value, path: {
+            "state_axes": [[encode(f, path), encode(axis, path)] for f, axis in value.items()]
+        },
+        _decode_state_axes,
+    ),
     _module_shell_kind(),
     _Kind(
         "partial",
@@ -640,9 +783,25 @@ def decode_variable_metadata(data: Any, context: DecodeContext) -> dict[str, Any
     # NNX hashes variable metadata into graph definitions: an unhashable entry would fail on
     # first use, far from the checkpoint.
     _hashable(metadata.values(), "the variable's metadata")
-    for key in ("hijax", "ref"):
+    for key in nnx_compat.PLAIN_VARIABLE_OPTIONS:  # NNX's switches (``hijax``, ``ref``).
         expect(isinstance(metadata.get(key, False), bool), f"metadata {key} must be a boolean")
     return metadata
+
+
+def build_variable(cls: type[nnx.Variable], value: Any, metadata: dict[str, Any]) -> nnx.Variable:
+    """A variable of class ``cls`` holding ``value`` and decoded ``metadata``.
+
+    Entries NNX requires on every variable that the checkpoint lacks (it was written by an
+    older flax, or by hand) take the values NNX gives a plain variable made now.
+    """
+    return cls.from_metadata(value, {**_required_metadata_defaults(), **metadata})
+
+
+def _required_metadata_defaults() -> dict[str, Any]:
+    # Not cached: some defaults (``eager_sharding``) follow NNX's configuration of the moment.
+    plain = nnx.Variable(np.zeros(()), **nnx_compat.PLAIN_VARIABLE_OPTIONS).get_metadata()
+    required = nnx_compat.nnx_metadata_keys().required
+    return {key: entry for key, entry in plain.items() if key in required}
 
 
 def check_variable_class(cls: type) -> None:

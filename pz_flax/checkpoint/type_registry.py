@@ -35,6 +35,7 @@ from flax import nnx
 
 from pz_flax.checkpoint import errors
 from pz_flax.checkpoint import messages
+from pz_flax.core import registry
 from pz_flax.core import struct
 
 Kind = Literal["struct", "variable", "function", "type"]
@@ -50,7 +51,10 @@ _PUBLIC_CLASS_NAMESPACES = ("flax.nnx", "jax.lax", "jax.sharding")
 
 _IDENTIFIER_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
-_registered: dict[str, Any] = {}
+# Classes and functions trusted one by one (``register_type``, ``register_function``), by the
+# name a checkpoint gives them. ``trusted_objects.scoped(registration_name(obj), obj)`` trusts
+# one for a ``with`` block only.
+trusted_objects: registry.Registry[str, Any] = registry.Registry("checkpoint trusted objects")
 
 
 def module_in(module: str, prefixes: Iterable[str]) -> bool:
@@ -61,8 +65,10 @@ def module_in(module: str, prefixes: Iterable[str]) -> bool:
 def register_type(obj: Any) -> Any:
     """Trusts one class or function for restoring, without trusting its whole module.
 
-    Usable as a class decorator. Registration lasts for the process, so a checkpoint naming
-    the object restores without ``allow_modules``.
+    Usable as a class decorator. Registration lasts for the process (until
+    ``unregister_type``), so a checkpoint naming the object restores without
+    ``allow_modules``. Registering an object of the same name again (a reloaded module)
+    replaces the earlier one.
 
     Args:
         obj: A class or function with an importable ``__module__`` and ``__qualname__``.
@@ -74,17 +80,30 @@ def register_type(obj: Any) -> Any:
         UnsupportedValueError: If ``obj`` is defined inside a function (``<locals>``) or is a
             lambda, so that no qualified name can find it again.
     """
-    name = _own_qualified_name(obj)
+    name = registration_name(obj)
     if "<" in name:
         raise errors.UnsupportedValueError(
             f"Cannot register {obj!r}: it is defined inside a function or is a lambda, so a"
             " checkpoint could not name it."
         )
-    _registered[name] = obj
+    trusted_objects.register(name, obj, replace=True)
     return obj
 
 
-def _own_qualified_name(obj: Any) -> str:
+def unregister_type(obj: Any) -> Any:
+    """Stops trusting a class or function that ``register_type`` trusted; returns it.
+
+    Raises:
+        KeyError: If ``obj`` is not registered (under its name, by ``registration_name``).
+    """
+    name = registration_name(obj)
+    if trusted_objects.get(name) is not obj:
+        raise KeyError(f"{name} is not registered as {messages.bounded_repr(obj)}.")
+    return trusted_objects.unregister(name)
+
+
+def registration_name(obj: Any) -> str:
+    """The key of ``obj`` in ``trusted_objects``: ``"module:qualname"``."""
     return f"{obj.__module__}:{obj.__qualname__}"
 
 
@@ -174,12 +193,17 @@ def _check_kind(obj: Any, kind: Kind) -> bool:
 
 
 def _is_public_library_class(obj: Any, kind: Kind) -> bool:
-    """What a public library namespace may provide: NNX object/variable classes, enums."""
+    """What a public library namespace may provide: NNX object/variable classes, enums.
+
+    Also ``nnx.Carry``, the marker NNX's scan transforms use as an axis (``nnx.StateAxes``).
+    """
     if not isinstance(obj, type):
         return False
     if kind == "variable":
         return issubclass(obj, nnx.Variable)
-    return kind == "type" and issubclass(obj, (nnx.Pytree, nnx.Variable, enum.Enum))
+    return kind == "type" and (
+        issubclass(obj, (nnx.Pytree, nnx.Variable, enum.Enum)) or obj is nnx.Carry
+    )
 
 
 def check_name_syntax(name: Any, path: str) -> None:
@@ -222,8 +246,8 @@ def resolve(name: Any, kind: Kind, *, allow_modules: Iterable[str] = (), path: s
     """
     where = f" at {path}" if path else ""
     check_name_syntax(name, path or "the manifest")
-    if name in _registered:
-        found = _registered[name]
+    if name in trusted_objects:
+        found = trusted_objects[name]
         if not _check_kind(found, kind):
             raise errors.CorruptCheckpointError(
                 f"The manifest names {name}{where} as a {kind}, but the registered object is not"
@@ -255,7 +279,7 @@ def resolve(name: Any, kind: Kind, *, allow_modules: Iterable[str] = (), path: s
         raise errors.CorruptCheckpointError(
             f"The checkpoint needs {module_name}.{qualname}{where}, which cannot be found:"
             f" {messages.bounded_text(str(exc))}"
-        ) from None
+        ) from exc
     acceptable = (
         getattr(found, "__module__", None) == module_name
         and getattr(found, "__qualname__", None) == qualname

@@ -53,6 +53,9 @@ def _gadgets(marker: str) -> list:
         {"dataclass": "pz_flax.checkpoint.storage:ShardingSpec", "fields": []},
         {"struct": "subprocess:Popen", "fields": {}, "static": {}},
         {"type": "pz_flax.checkpoint.storage:os"},
+        {"nnx_filter": "OfType", "args": [{"type": "pz_flax.checkpoint.storage:os"}]},
+        {"nnx_filter": "Not", "args": [{"function": "builtins:exec"}]},
+        {"state_axes": [[{"ellipsis": None}, {"function": "pz_flax.checkpoint.storage:save"}]]},
     ]
 
 
@@ -76,6 +79,9 @@ def _junk(rng: random.Random, marker: str):
         {"float": "1e999"},
         {"enum": "jax.lax:Precision", "member": "NOPE"},
         {"nnx_module": "flax.nnx:Linear", "attributes": [{"name": "__class__"}]},
+        {"ellipsis": rng.choice([None, 0])},
+        {"nnx_filter": rng.choice(["All", "PathIn", "WithTag", 3]), "args": [rng.randint(-1, 2)]},
+        {"state_axes": [[{"ellipsis": None}, rng.choice([0, -1, 2.5, "x", None])]]},
     ]
     nested = current = []
     for _ in range(rng.choice([1, 50, 2000])):

@@ -10,9 +10,14 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
+from flax import nnx
 
+from pz_flax._compat import nnx as nnx_compat
 from pz_flax.checkpoint import errors
+from pz_flax.checkpoint import manifest as manifest_lib
+from pz_flax.checkpoint import static_codec
 from pz_flax.checkpoint import storage
+from pz_flax.core import named_axes
 from tests.checkpoint import sample_models
 
 
@@ -124,3 +129,61 @@ def test_mismatch_reports_are_bounded(tmp_path):
         storage.restore(tmp_path / "ckpt", jax.eval_shape(lambda: other))
     assert len(caught.value.mismatches) == 500
     assert all(len(line) < 600 for line in caught.value.mismatches)
+
+
+#### Internal errors are not damage ####
+
+
+def _raise(exception_type):
+    def broken(*args, **kwargs):
+        raise exception_type("a bug inside pz_flax")
+
+    return broken
+
+
+@pytest.mark.parametrize("exception_type", [TypeError, KeyError, AttributeError, ValueError])
+@pytest.mark.parametrize(
+    "module, function_name",
+    [
+        (manifest_lib, "_check_field_types"),
+        (static_codec, "decode_variable_metadata"),
+        (static_codec, "check_variable_class"),
+    ],
+)
+def test_an_internal_error_surfaces_as_itself(
+    saved, monkeypatch, exception_type, module, function_name
+):
+    # A pz_flax bug (or a library change) while decoding a sound manifest must not read as a
+    # damaged checkpoint: the user would throw away a good checkpoint.
+    monkeypatch.setattr(module, function_name, _raise(exception_type))
+    checkpoint, model = saved
+    for target in (None, model):
+        with pytest.raises(exception_type, match="a bug inside pz_flax"):
+            storage.restore(checkpoint, target)
+
+
+def test_damage_found_by_the_classes_themselves_is_chained():
+    # A named array whose axis sizes disagree with its data: the class's own check says so.
+    named = named_axes.wrap(jnp.ones((2, 3))).tag("a", "b")
+    encoded = manifest_lib.encode(named)
+    encoded.manifest["root"]["static"]["named_axes"]["ordered_dict"][1][1] = 4
+    with pytest.raises(errors.CorruptCheckpointError, match="invalid named array") as caught:
+        manifest_lib.decode(encoded.manifest, encoded.arrays, allow_modules=(), source="ckpt")
+    assert "manifest path root" in str(caught.value)
+    cause = caught.value.__cause__
+    while cause is not None and not isinstance(cause, ValueError):
+        cause = cause.__cause__
+    assert isinstance(cause, ValueError)
+
+
+def test_variables_lacking_nnx_required_metadata_get_nnx_defaults():
+    # A manifest written by an older flax (or by hand) may lack entries NNX now requires on
+    # every variable; NNX's own defaults fill them in, rather than a KeyError deep in NNX.
+    encoded = manifest_lib.encode({"p": nnx.Param(jnp.ones(4))})
+    variable_node = encoded.manifest["root"]["dict"][0][1]
+    variable_node["metadata"] = [["note", "kept"]]
+    restored = manifest_lib.decode(encoded.manifest, encoded.arrays, allow_modules=())
+    metadata = restored["p"].get_metadata()
+    assert metadata["note"] == "kept"
+    assert nnx_compat.nnx_metadata_keys().required <= metadata.keys()
+    assert metadata == nnx.Param(jnp.ones(4), note="kept").get_metadata()

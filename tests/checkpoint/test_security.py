@@ -112,15 +112,30 @@ def test_allow_listed_partials_with_literal_arguments_restore(tmp_path):
     assert restored.fn.func is jax.nn.leaky_relu and restored.fn.keywords == {"negative_slope": 0.3}
 
 
-def test_registered_functions_restore(tmp_path, monkeypatch):
-    monkeypatch.setattr(type_registry, "_registered", dict(type_registry._registered))
+def test_registered_functions_restore_until_unregistered(tmp_path):
     storage.save(tmp_path / "ckpt", basic_ops.Elementwise(np.tanh))
     with pytest.raises(errors.UntrustedTypeError, match="register_function"):
         storage.restore(tmp_path / "ckpt")
-    functions.register_function(np.tanh)
-    assert storage.restore(tmp_path / "ckpt").fn is np.tanh
+    with type_registry.trusted_objects.isolated():
+        assert functions.register_function(np.tanh) is np.tanh
+        assert storage.restore(tmp_path / "ckpt").fn is np.tanh
+        assert functions.unregister_function(np.tanh) is np.tanh
+        with pytest.raises(errors.UntrustedTypeError):
+            storage.restore(tmp_path / "ckpt")
+        with pytest.raises(KeyError, match="numpy:tanh"):
+            functions.unregister_function(np.tanh)
     with pytest.raises(errors.UnsupportedValueError):
         functions.register_function(functools.partial(np.tanh))
+
+
+def test_a_scoped_function_is_trusted_inside_the_block_only(tmp_path):
+    storage.save(tmp_path / "ckpt", basic_ops.Elementwise(np.tanh))
+    name = type_registry.registration_name(np.tanh)
+    with type_registry.trusted_objects.scoped(name, np.tanh):
+        assert storage.restore(tmp_path / "ckpt").fn is np.tanh
+    assert name not in type_registry.trusted_objects
+    with pytest.raises(errors.UntrustedTypeError):
+        storage.restore(tmp_path / "ckpt")
 
 
 def _hooked_parameter(hook_key):

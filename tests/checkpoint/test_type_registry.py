@@ -163,12 +163,35 @@ def test_register_type_trusts_one_class(tmp_path, monkeypatch):
     storage.save(tmp_path / "ckpt", registered_models.Noop())
     with pytest.raises(errors.UntrustedTypeError):
         storage.restore(tmp_path / "ckpt")
-    monkeypatch.setitem(type_registry._registered, "unused:Name", None)
-    assert type_registry.register_type(registered_models.Noop) is registered_models.Noop
-    try:
+    with type_registry.trusted_objects.isolated():
+        assert type_registry.register_type(registered_models.Noop) is registered_models.Noop
         assert isinstance(storage.restore(tmp_path / "ckpt"), registered_models.Noop)
-    finally:
-        type_registry._registered.pop("registered_models:Noop")
+        # Registering again (a reloaded module) replaces, it does not fail.
+        assert type_registry.register_type(registered_models.Noop) is registered_models.Noop
+        assert type_registry.unregister_type(registered_models.Noop) is registered_models.Noop
+        with pytest.raises(errors.UntrustedTypeError):
+            storage.restore(tmp_path / "ckpt")
+    assert "registered_models:Noop" not in type_registry.trusted_objects
+
+
+def test_unregister_type_refuses_what_was_not_registered():
+    with type_registry.trusted_objects.isolated():
+        with pytest.raises(KeyError, match=r"pz_flax\.nn\.basic_ops:Elementwise"):
+            type_registry.unregister_type(basic_ops.Elementwise)
+        # Another object under the same name is not the one registered.
+        type_registry.trusted_objects.register(
+            type_registry.registration_name(basic_ops.Elementwise), basic_ops.Softmax
+        )
+        with pytest.raises(KeyError, match="not registered as"):
+            type_registry.unregister_type(basic_ops.Elementwise)
+
+
+def test_a_registered_object_of_the_wrong_kind_is_refused():
+    name = "tests.checkpoint.nowhere:Thing"
+    with type_registry.trusted_objects.scoped(name, basic_ops.Elementwise):
+        assert type_registry.resolve(name, "struct") is basic_ops.Elementwise
+        with pytest.raises(errors.CorruptCheckpointError, match="registered object is not"):
+            type_registry.resolve(name, "variable")
 
 
 def test_register_type_refuses_local_classes():

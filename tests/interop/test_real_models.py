@@ -392,10 +392,7 @@ def _restore_in_fresh_process(path, expected, case_name, tmp_path):
 
 # Models whose checkpoint save is a known limitation of the manifest's static codec; strict, so
 # the mark must go as soon as the limitation is lifted.
-_CHECKPOINT_LIMITATIONS = {
-    "birnn": "nnx.RNN keeps an nnx.StateAxes among its static attributes, which the "
-    "checkpoint manifest cannot describe yet",
-}
+_CHECKPOINT_LIMITATIONS: dict[str, str] = {}
 CHECKPOINT_CASES = [
     pytest.param(
         case,
