@@ -27,7 +27,10 @@ from typing import Any
 import jax
 from flax import nnx
 
+from pz_flax._compat import nnx as compat_nnx
 from pz_flax.core import named_axes
+from pz_flax.core import registry as registry_lib
+from pz_flax.core import selectors
 from pz_flax.core import struct
 from pz_flax.core import variables
 from pz_flax.interop import naming as naming_lib
@@ -83,7 +86,8 @@ class ModuleShell:
     graphdef: Any
 
     def __repr__(self) -> str:
-        return f"ModuleShell(<nnx.GraphDef of {self.graphdef.nodes[0].type.__name__}>)"
+        module_type = compat_nnx.graphdef_module_type(self.graphdef)
+        return f"ModuleShell(<nnx.GraphDef of {module_type.__name__}>)"
 
     def __treescope_repr__(self, path: str | None, subtree_renderer: Any):
         from treescope import rendering_parts
@@ -158,6 +162,13 @@ class CallSignature:
         return {name: side_inputs[name] for name in self.keywords if name in side_inputs}
 
 
+def _bookkeeping(**field_options: Any) -> Any:
+    """A static wrapper field that treescope shows collapsed: bookkeeping, not the model."""
+    return dataclasses.field(
+        metadata={"pytree_node": False, "treescope_always_collapse": True}, **field_options
+    )
+
+
 @struct.pytree_dataclass
 class NNXWrapper(layer_base.Layer):
     """Runs an NNX module's own ``__call__`` inside a pz_flax model.
@@ -203,31 +214,30 @@ class NNXWrapper(layer_base.Layer):
             holds exactly one ``nnx.Embed`` (static).
         wrapped_because: Why a module of a class with a registered mapping was wrapped rather
             than mapped (empty otherwise) (static).
+        sown: Where to record what the module's code sows, or None (the default) to drop it.
+            A ``StateVariable`` (see ``capturing_sown``, ``capture_sown``) whose value after
+            each call is ``{NNX path / name: value}`` of the ``nnx.Intermediate`` values sown
+            during that call only, paths relative to this module, values as NNX stores them
+            (a tuple of positional arrays). Sown values never accumulate across calls.
+
+    The static fields are bookkeeping: treescope shows them collapsed, so that a reader sees
+    the variables and the converted children first.
     """
 
     variables: dict[str, variables.LabeledVariable]
     children: dict[str, Any]
     pz_attributes: dict[str, Any]
-    module_type: type[Any] = dataclasses.field(metadata={"pytree_node": False})
-    shell: ModuleShell = dataclasses.field(metadata={"pytree_node": False})
-    variable_paths: dict[str, tuple[Hashable, ...]] = dataclasses.field(
-        metadata={"pytree_node": False}
-    )
-    input_axes: tuple[str, ...] = dataclasses.field(metadata={"pytree_node": False})
-    output_axes: tuple[str, ...] | None = dataclasses.field(
-        default=None, metadata={"pytree_node": False}
-    )
-    call_signature: CallSignature = dataclasses.field(
-        default=CallSignature(), metadata={"pytree_node": False}
-    )
-    required_input_axes: tuple[str, ...] = dataclasses.field(
-        default=(), metadata={"pytree_node": False}
-    )
-    feature_axis: str = dataclasses.field(default="features", metadata={"pytree_node": False})
-    vocabulary_axis: tuple[int, str] | None = dataclasses.field(
-        default=None, metadata={"pytree_node": False}
-    )
-    wrapped_because: str = dataclasses.field(default="", metadata={"pytree_node": False})
+    module_type: type[Any] = _bookkeeping()
+    shell: ModuleShell = _bookkeeping()
+    variable_paths: dict[str, tuple[Hashable, ...]] = _bookkeeping()
+    input_axes: tuple[str, ...] = _bookkeeping()
+    output_axes: tuple[str, ...] | None = _bookkeeping(default=None)
+    call_signature: CallSignature = _bookkeeping(default=CallSignature())
+    required_input_axes: tuple[str, ...] = _bookkeeping(default=())
+    feature_axis: str = _bookkeeping(default="features")
+    vocabulary_axis: tuple[int, str] | None = _bookkeeping(default=None)
+    wrapped_because: str = _bookkeeping(default="")
+    sown: variables.StateVariable | None = None
 
     def __call__(self, argument: Any, /, **side_inputs: Any) -> Any:
         """Runs the NNX module on the positional form of ``argument``.
@@ -242,8 +252,8 @@ class NNXWrapper(layer_base.Layer):
 
         Raises:
             TypeError: If a required call argument is missing from ``side_inputs``.
-            ValueError: If the input lacks one of ``required_input_axes``, or the output's
-                axes cannot be named.
+            ValueError: If the input lacks one of ``required_input_axes``, the output's axes
+                cannot be named, or ``sown`` is bound as a frozen snapshot.
         """
         who = f"NNX module {_type_name(self.module_type)}"
         keyword_arguments = self.call_signature.select(side_inputs, who)
@@ -258,10 +268,18 @@ class NNXWrapper(layer_base.Layer):
                     f" (its axes: {dict(argument.named_shape)}); without them it would"
                     " treat other axes as those."
                 )
+        if self.sown is not None and not isinstance(self.sown, variables.StateVariable):
+            raise ValueError(
+                f"{who} records its sown values in the state variable labelled"
+                f" {self.sown.label!r}, which is bound as a frozen snapshot; bind a mutable"
+                " variable (bind_variables(..., unfreeze_as_copy=True)) to record them."
+            )
         module, bindings = self._module()
         positional, leading = naming_lib.to_positional(argument, self.input_axes)
         with jax.named_scope(_type_name(self.module_type)):
-            output = module(positional, **keyword_arguments)
+            output = _run_capturing_sown(
+                module, positional, keyword_arguments, self.sown, self._nested_recorders()
+            )
         write_back_changed_variables(bindings)
         return _name_output(
             self,
@@ -270,42 +288,102 @@ class NNXWrapper(layer_base.Layer):
             output,
             who,
             probe=lambda probe_input: _probe_call(self, probe_input, keyword_arguments),
-            probe_key=(id(self), argument.dtype, tuple(argument.named_shape.items()))
-            if isinstance(argument, named_axes.NamedArrayBase)
-            else None,
+            probe_cache=self.__dict__.setdefault(_KEPT_AXES_KEY, {}),
         )
+
+    def capturing_sown(self, label: str) -> NNXWrapper:
+        """A copy that records what its NNX code sows, in a new ``StateVariable``.
+
+        See ``sown`` and ``capture_sown`` (which does this for every wrapper of a model).
+
+        Args:
+            label: The label of the new variable (unique in the model, like every label).
+
+        Returns:
+            The copy; its ``sown.value`` is None until it is called.
+        """
+        return dataclasses.replace(self, sown=variables.StateVariable(None, label=label))
+
+    def _nested_recorders(self) -> list[tuple[str, variables.StateVariable]]:
+        """``(NNX path, sown variable)`` of each wrapper below this one that records sows.
+
+        Wrappers among ``children`` run as NNX code inside this module, so their sown values
+        are collected here and handed to them by path. Computed once per wrapper object.
+        """
+        found = self.__dict__.get(_NESTED_RECORDERS_KEY)
+        if found is None:
+            found = []
+            pending = [(name, child) for name, child in self.children.items()]
+            while pending:
+                path, child = pending.pop()
+                if isinstance(child, list | tuple):
+                    pending.extend((f"{path}/{i}", entry) for i, entry in enumerate(child))
+                elif isinstance(child, dict):
+                    pending.extend((f"{path}/{key}", entry) for key, entry in child.items())
+                elif isinstance(child, NNXWrapper):
+                    if isinstance(child.sown, variables.StateVariable):
+                        found.append((path, child.sown))
+                    pending.extend(
+                        (f"{path}/{name}", entry) for name, entry in child.children.items()
+                    )
+            self.__dict__[_NESTED_RECORDERS_KEY] = found
+        return found
 
     def _module(self) -> tuple[nnx.Module, list[tuple[Any, Any, tuple[Hashable, ...]]]]:
         """The NNX module for this call, with the bindings of its variables."""
         from pz_flax.interop import convert  # convert builds wrappers; import at call time
 
-        cached = _BUILT_MODULES.get(id(self))
-        if cached is not None and cached[0] is self and _bindings_current(cached[2]):
-            return cached[1], cached[2]
+        built = self.__dict__.get(_BUILT_MODULE_KEY)
+        if built is not None and built.is_current(self):
+            return built.module, built.bindings
         bindings: list[tuple[Any, Any, tuple[Hashable, ...]]] = []
         module = convert.rebuild_wrapped_module(self, bindings)
         if _is_concrete(bindings):
             # Only eager calls reuse a module: a traced one holds tracers of one trace.
-            _remember_module(self, module, bindings)
+            self.__dict__[_BUILT_MODULE_KEY] = _BuiltModule(self, module, bindings)
         return module, bindings
 
     def treescope_color(self) -> str:
         return "#e8c7b3"
 
 
-# The module each wrapper built in its last eager call, by the wrapper's id. Wrappers are
-# frozen, so a wrapper object always rebuilds the same module; only its variables' arrays can
-# change, and those are checked before reuse. Entries hold the wrapper itself (so its id stays
-# unique) and are evicted oldest first.
-_BUILT_MODULES: dict[int, tuple[Any, nnx.Module, list]] = {}
-_BUILT_MODULES_LIMIT = 64
+# An eager call keeps the module it built, and the kept input axes it found, in the wrapper's
+# instance dictionary (beside its fields, like a struct's flatten metadata): the cache then
+# lives exactly as long as the wrapper, pins no arrays of wrappers that are gone, and a new
+# wrapper (``.replace``, a selector edit, unflattening under a transform) starts without one.
+_BUILT_MODULE_KEY = "__pz_flax_built_module__"
+_KEPT_AXES_KEY = "__pz_flax_kept_input_axes__"
+_NESTED_RECORDERS_KEY = "__pz_flax_nested_sown_recorders__"
 
 
-def _remember_module(wrapper: NNXWrapper, module: nnx.Module, bindings: list) -> None:
-    _BUILT_MODULES.pop(id(wrapper), None)
-    _BUILT_MODULES[id(wrapper)] = (wrapper, module, bindings)
-    while len(_BUILT_MODULES) > _BUILT_MODULES_LIMIT:
-        del _BUILT_MODULES[next(iter(_BUILT_MODULES))]
+class _BuiltModule:
+    """The NNX module a wrapper built, reusable while nothing it was built from has changed.
+
+    A wrapper is frozen, but its ``variables`` and ``children`` dictionaries could still be
+    given other entries, and its variables other arrays (training, ``set_value``); the module
+    is reused only if the same entries hold the same arrays.
+    """
+
+    def __init__(self, wrapper: NNXWrapper, module: nnx.Module, bindings: list):
+        self.module = module
+        self.bindings = bindings
+        self.entries = _entries_of(wrapper)
+
+    def is_current(self, wrapper: NNXWrapper) -> bool:
+        entries = _entries_of(wrapper)
+        return (
+            len(entries) == len(self.entries)
+            and all(now is then for now, then in zip(entries, self.entries))
+            and _bindings_current(self.bindings)
+        )
+
+
+def _entries_of(wrapper: NNXWrapper) -> tuple[Any, ...]:
+    return (
+        *wrapper.variables.values(),
+        *wrapper.children.values(),
+        *wrapper.pz_attributes.values(),
+    )
 
 
 def _is_concrete(bindings: list) -> bool:
@@ -344,9 +422,83 @@ def _probe_call(wrapper: NNXWrapper, positional: Any, keyword_arguments: dict[st
             name: nnx.clone(value) if isinstance(value, nnx.Pytree) else value
             for name, value in keyword_arguments.items()
         }
-        return module(probe_input, **arguments)
+        return _run_capturing_sown(module, probe_input, arguments, None, [])
 
     return jax.eval_shape(call, positional)
+
+
+def _run_capturing_sown(
+    module: nnx.Module,
+    positional: Any,
+    keyword_arguments: dict[str, Any],
+    sown: variables.StateVariable | None,
+    nested: list[tuple[str, variables.StateVariable]],
+) -> Any:
+    """Calls ``module``, keeping what its code sows out of the module itself.
+
+    The call runs under ``nnx.capture``, so ``Module.sow`` writes into a per-call collection
+    rather than onto the (possibly reused) module, where values would pile up call after call.
+    The ``nnx.Intermediate`` values collected are stored by ``/``-joined NNX path: all of them
+    in ``sown`` (paths below ``module``), and those below each ``nested`` wrapper's path in its
+    variable (paths below that wrapper's module). Without recorders they are dropped.
+    """
+    if sown is None and not nested:
+        return nnx.capture(module)(positional, **keyword_arguments)
+    output, collected = nnx.capture(module, nnx.Intermediate)(positional, **keyword_arguments)
+    values = {
+        "/".join(str(part) for part in path): value.get_value()
+        for path, value in nnx.to_flat_state(collected)
+    }
+    if sown is not None:
+        sown.value = values
+    for prefix, recorder in nested:
+        start = len(prefix) + 1
+        recorder.value = {
+            key[start:]: value for key, value in values.items() if key.startswith(prefix + "/")
+        }
+    return output
+
+
+def capture_sown(model: Any, label_prefix: str = "sown") -> Any:
+    """A copy of ``model`` whose wrapped NNX modules record the values their code sows.
+
+    NNX code keeps intermediates with ``self.sow(nnx.Intermediate, name, value)`` (attention
+    weights, say). A wrapper runs that code on a fresh collection each call, so by default
+    sown values are dropped, and they never pile up across calls. In the copy, every
+    ``NNXWrapper`` that pz_flax code calls (the outermost ones: wrappers among another
+    wrapper's ``children`` run as that wrapper's NNX code) gets a ``sown`` state variable. After
+    each call it holds ``{NNX path of the sowing module / name: value}`` for that call only,
+    the value being what NNX stores (a tuple of the sown arrays, positional, with one entry per
+    ``sow`` of that name during the call), and paths relative to the wrapper's module::
+
+        recording = pz_flax.interop.capture_sown(layer)
+        recording(tokens, positions=positions, attention_mask=mask)
+        weights = recording.sown.value["blocks/0/attn/attention_weights"][0]
+
+    The variables are ordinary ``StateVariable`` objects: ``pz.unbind_state_vars`` lists them
+    and ``pz.variable_jit`` carries their values out of a jitted call, as with penzai's
+    ``SaveIntermediate``. To record in one nested wrapper only, call
+    ``wrapper.capturing_sown(label)`` on it (through a selection); it records
+    when called by pz_flax code or run as NNX code among wrappers' ``children``.
+
+    Args:
+        model: A pz_flax model (or any tree) containing ``NNXWrapper`` layers.
+        label_prefix: Start of each new variable's label; the wrapper's key path in
+            ``model`` follows it.
+
+    Returns:
+        The copy. ``model`` is unchanged.
+    """
+    return (
+        selectors.select(model)
+        .at_instances_of(NNXWrapper)
+        .apply(
+            lambda keypath, wrapper: wrapper.capturing_sown(
+                label_prefix + jax.tree_util.keystr(keypath)
+            ),
+            with_keypath=True,
+        )
+    )
 
 
 @struct.pytree_dataclass
@@ -390,7 +542,7 @@ def _name_output(
     output: Any,
     who: str,
     probe: Callable[[Any], Any] | None = None,
-    probe_key: Any = None,
+    probe_cache: dict[Any, Any] | None = None,
 ) -> Any:
     """Names the output of a wrapped call; see ``NNXWrapper.output_axes`` for the rule.
 
@@ -404,8 +556,8 @@ def _name_output(
         who: Describes the wrapped callable in error messages.
         probe: Computes the output's shapes for another positional input, for naming an
             output with fewer axes than the input; None if that is not possible.
-        probe_key: Identifies the wrapper and input shape, so the probing runs once per
-            input shape rather than on every call.
+        probe_cache: Where to keep what probing found, by input dtype and named shape, so
+            that it runs once per input shape rather than on every call (None: no cache).
 
     Returns:
         ``output`` with every array leaf named.
@@ -439,15 +591,13 @@ def _name_output(
             trailing = new_axis_names(leaf, extra)
         else:
             if kept_axes is None:
-                cached = _KEPT_AXES.get(probe_key) if probe_key is not None else None
-                if cached is not None and cached[0] is wrapper:
-                    kept_axes = cached[1]
-            if kept_axes is None:
-                kept_axes = _kept_input_axes(argument, leading, output, probe)
-                if probe_key is not None:
-                    _KEPT_AXES[probe_key] = (wrapper, kept_axes)
-                    while len(_KEPT_AXES) > _BUILT_MODULES_LIMIT:
-                        del _KEPT_AXES[next(iter(_KEPT_AXES))]
+                input_key = (argument.dtype, tuple(argument.named_shape.items()))
+                if probe_cache is not None and input_key in probe_cache:
+                    kept_axes = probe_cache[input_key]
+                else:
+                    kept_axes = _kept_input_axes(argument, leading, output, probe)
+                    if probe_cache is not None:
+                        probe_cache[input_key] = kept_axes
             names = kept_axes.get(path) if kept_axes else None
             if names is None:
                 raise ValueError(
@@ -465,11 +615,6 @@ def _name_output(
         return naming_lib.from_positional(leaf, leading, trailing, positional_rank, who)
 
     return jax.tree_util.tree_map_with_path(name_leaf, output)
-
-
-# Results of _kept_input_axes by (wrapper id, input dtype, input named shape); each entry
-# holds its wrapper, so the id stays unique while the entry lives.
-_KEPT_AXES: dict[Any, Any] = {}
 
 
 def _kept_input_axes(argument, leading, output, probe):
@@ -569,12 +714,16 @@ def variable_at(module: Any, path: tuple[Hashable, ...]) -> Any:
 
 #### Axis names for the variables of wrapped modules ####
 
-_WRAPPED_AXIS_NAMERS: dict[type[Any], Callable[..., tuple[str, ...] | None]] = {}
+WrappedAxisNamer = Callable[[Any, str, nnx.Variable, naming_lib.NNXNaming], tuple[str, ...] | None]
+
+# Namers by the NNX class whose variables they name (use ``.scoped`` for a temporary one).
+wrapped_axis_namer_registry: registry_lib.Registry[type[Any], WrappedAxisNamer] = (
+    registry_lib.Registry("wrapped-module axis namers")
+)
 
 
 def register_wrapped_axis_names(
-    nnx_type: type[Any],
-    namer: Callable[[Any, str, nnx.Variable, naming_lib.NNXNaming], tuple[str, ...] | None],
+    nnx_type: type[Any], namer: WrappedAxisNamer, *, replace: bool = False
 ) -> None:
     """Gives the variables of a wrapped NNX class axis names.
 
@@ -585,23 +734,34 @@ def register_wrapped_axis_names(
         nnx_type: The NNX class (matched exactly).
         namer: ``namer(module, attribute_name, variable, naming)`` returning one name per axis
             of the variable's value, or None to leave it positional.
+        replace: Allow replacing the namer already registered for ``nnx_type``.
 
     Raises:
         TypeError: If ``nnx_type`` is not a class or ``namer`` is not callable.
+        ValueError: If ``nnx_type`` has a namer already and ``replace`` is False.
     """
     if not isinstance(nnx_type, type) or not callable(namer):
         raise TypeError(
             "register_wrapped_axis_names expects an NNX class and a callable, got"
             f" {nnx_type!r} and {namer!r}."
         )
-    _WRAPPED_AXIS_NAMERS[nnx_type] = namer
+    wrapped_axis_namer_registry.register(nnx_type, namer, replace=replace)
+
+
+def unregister_wrapped_axis_names(nnx_type: type[Any]) -> WrappedAxisNamer:
+    """Removes the namer of a wrapped NNX class; returns it.
+
+    Raises:
+        KeyError: If ``nnx_type`` has no namer.
+    """
+    return wrapped_axis_namer_registry.unregister(nnx_type)
 
 
 def wrapped_axis_names(
     module: Any, key: str, variable: nnx.Variable, naming: naming_lib.NNXNaming
 ) -> tuple[str, ...] | None:
     """Axis names for a wrapped module's variable, from the registered namer (if any)."""
-    namer = _WRAPPED_AXIS_NAMERS.get(type(module))
+    namer = wrapped_axis_namer_registry.get(type(module))
     if namer is None:
         return None
     names = namer(module, key, variable, naming)

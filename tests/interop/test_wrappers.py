@@ -1,5 +1,9 @@
 """Tests of the wrapper layers: FromNNX, NNXWrapper, WrappedCallable and PzModule."""
 
+import dataclasses
+import gc
+import weakref
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,17 +159,41 @@ def test_wrapped_callable_names_output():
     assert layer(jnp.ones((2, 3))).shape == (2, 2)
 
 
-def test_register_wrapped_axis_names():
-    wrappers.register_wrapped_axis_names(
-        Masked, lambda module, key, variable, naming: (naming.features,)
-    )
-    try:
+def _features_namer(module, key, variable, naming):
+    return (naming.features,)
+
+
+def test_register_wrapped_axis_names_names_a_wrapped_class_until_unregistered():
+    with wrappers.wrapped_axis_namer_registry.isolated():
+        wrappers.register_wrapped_axis_names(Masked, _features_namer)
         layer = convert.from_nnx(Masked())
         assert dict(layer.variables["offset"].value.named_shape) == {"features": 3}
-    finally:
-        del wrappers._WRAPPED_AXIS_NAMERS[Masked]
+        assert wrappers.unregister_wrapped_axis_names(Masked) is _features_namer
+        assert not named_axes.is_namedarray(convert.from_nnx(Masked()).variables["offset"].value)
+        with pytest.raises(KeyError, match="Masked"):
+            wrappers.unregister_wrapped_axis_names(Masked)
+
+
+def test_wrapped_axis_namer_registry_scopes_and_refuses_silent_replacement():
+    def other_namer(module, key, variable, naming):
+        return None
+
+    with wrappers.wrapped_axis_namer_registry.scoped(Masked, _features_namer):
+        assert named_axes.is_namedarray(convert.from_nnx(Masked()).variables["offset"].value)
+        with pytest.raises(ValueError, match="replace=True"):
+            wrappers.register_wrapped_axis_names(Masked, other_namer)
+    assert Masked not in wrappers.wrapped_axis_namer_registry
+    with wrappers.wrapped_axis_namer_registry.scoped(nnx.Conv, other_namer, replace=True):
+        conv = convert.from_nnx(nnx.Conv(2, 3, (3,), rngs=nnx.Rngs(0)))
+        assert not named_axes.is_namedarray(conv.variables["kernel"].value)
+    assert wrappers.wrapped_axis_namer_registry[nnx.Conv] is not other_namer
+
+
+def test_register_wrapped_axis_names_rejects_a_non_class_or_non_callable():
     with pytest.raises(TypeError, match="expects an NNX class and a callable"):
         wrappers.register_wrapped_axis_names(Masked, 3)
+    with pytest.raises(TypeError, match="expects an NNX class and a callable"):
+        wrappers.register_wrapped_axis_names("Masked", _features_namer)
 
 
 def test_pz_module_names_inputs_and_forwards_side_inputs():
@@ -236,3 +264,234 @@ def test_wrapper_refuses_to_drop_a_change_to_a_frozen_state():
     x = helpers.named(helpers.random_input((4, 3)), "batch", "features")
     with pytest.raises(ValueError, match="frozen snapshot"):
         bound(x)
+
+
+#### Values NNX code sows ####
+
+
+class SowingAttention(nnx.Module):
+    """Keeps its attention weights with ``sow``, as interpretability-minded NNX code does."""
+
+    def __init__(self, rngs):
+        self.query = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x):
+        weights = jax.nn.softmax(self.query(x) @ x.swapaxes(-1, -2))
+        self.sow(nnx.Intermediate, "attention_weights", weights)
+        return weights @ x
+
+
+class SowingBlock(nnx.Module):
+    """Holds a sowing child and sows its own output too."""
+
+    def __init__(self, rngs):
+        self.attn = SowingAttention(rngs)
+        self.scale = nnx.Param(jnp.full((4,), 1.5))
+
+    def __call__(self, x):
+        out = self.attn(x) * self.scale[...]
+        self.sow(nnx.Intermediate, "block_output", out)
+        return out
+
+
+_SEQ_NAMES = ("batch", "seq", "features")
+
+
+def _sowing_layer_and_input(seed=0):
+    block = SowingBlock(nnx.Rngs(seed))
+    x = helpers.random_input((2, 3, 4), seed=seed + 1)
+    return block, convert.from_nnx(block), x
+
+
+def _nnx_sown(block, x):
+    """What NNX itself collects from one call, by ``/``-joined path."""
+    _, collected = nnx.capture(block, nnx.Intermediate)(x)
+    return {"/".join(map(str, path)): v.get_value() for path, v in nnx.to_flat_state(collected)}
+
+
+def test_recorded_sown_values_equal_what_nnx_captures_for_each_call_alone():
+    block, layer, x = _sowing_layer_and_input()
+    recording = wrappers.capture_sown(layer)
+    assert layer.sown is None  # the original is unchanged
+    assert recording.sown.label == "sown" and recording.sown.value is None
+    for scale in (1.0, 2.0):
+        named_x = helpers.named(x * scale, *_SEQ_NAMES)
+        recording(named_x)
+        recording(named_x)  # a second call replaces, never appends
+        expected = _nnx_sown(block, x * scale)
+        assert recording.sown.value.keys() == {"attn/attention_weights", "block_output"}
+        for key, value in expected.items():
+            assert len(recording.sown.value[key]) == 1 == len(value)
+            np.testing.assert_array_equal(recording.sown.value[key][0], value[0])
+
+
+def test_sown_values_never_pile_up_on_a_reused_module_nor_warn(recwarn):
+    _, layer, x = _sowing_layer_and_input()
+    named_x = helpers.named(x, *_SEQ_NAMES)
+    for _ in range(3):
+        layer(named_x)
+    built = layer.__dict__[wrappers._BUILT_MODULE_KEY].module
+    assert len(nnx.state(built, nnx.Intermediate)) == 0
+    assert not [w for w in recwarn if "sow" in str(w.message)]
+
+
+def test_a_nested_wrapper_records_its_own_sown_values_by_its_own_paths():
+    block, layer, x = _sowing_layer_and_input()
+    edited = (
+        layer.select()
+        .at_subtrees_where(
+            lambda node: (
+                isinstance(node, wrappers.NNXWrapper) and node.module_type is SowingAttention
+            )
+        )
+        .apply(lambda wrapper: wrapper.capturing_sown("attention.sown"))
+    )
+    assert edited.sown is None
+    edited(helpers.named(x, *_SEQ_NAMES))
+    recorded = edited.children["attn"].sown.value
+    assert recorded.keys() == {"attention_weights"}
+    np.testing.assert_array_equal(
+        recorded["attention_weights"][0], _nnx_sown(block, x)["attn/attention_weights"][0]
+    )
+
+
+def test_capture_sown_labels_each_outermost_wrapper_by_its_key_path():
+    _, layer, _ = _sowing_layer_and_input()
+    model = [layer, layer.children["attn"]]
+    recording = wrappers.capture_sown(model, label_prefix="probe")
+    assert [wrapper.sown.label for wrapper in recording] == ["probe[0]", "probe[1]"]
+    # Wrappers run as another wrapper's NNX code are covered by that wrapper's recording.
+    assert recording[0].children["attn"].sown is None
+
+
+def test_sown_values_come_out_of_variable_jit_as_concrete_arrays():
+    block, layer, x = _sowing_layer_and_input()
+    recording = wrappers.capture_sown(layer)
+    named_x = helpers.named(x, *_SEQ_NAMES)
+    jitted = variables.variable_jit(lambda model, value: model(value))
+    output = jitted(recording, named_x)
+    np.testing.assert_allclose(output.unwrap(*_SEQ_NAMES), nnx.capture(block)(x), rtol=1e-6)
+    weights = recording.sown.value["attn/attention_weights"][0]
+    assert not isinstance(weights, jax.core.Tracer)
+    np.testing.assert_allclose(weights, _nnx_sown(block, x)["attn/attention_weights"][0], rtol=1e-6)
+
+
+def test_a_frozen_sown_recorder_is_an_error_naming_its_label():
+    _, layer, x = _sowing_layer_and_input()
+    recording = wrappers.capture_sown(layer, label_prefix="weights")
+    pure, state = variables.unbind_state_vars(recording, freeze=True)
+    frozen = variables.bind_variables(pure, state)
+    with pytest.raises(ValueError, match=r"'weights'.*frozen snapshot"):
+        frozen(helpers.named(x, *_SEQ_NAMES))
+
+
+#### Reusing the module an eager call built ####
+
+
+def _conv_layer_and_images():
+    conv = nnx.Conv(3, 4, (3, 3), rngs=nnx.Rngs(0))
+    images = helpers.random_input((2, 5, 5, 3))
+    return conv, convert.from_nnx(conv), helpers.named(images, *_IMAGE_NAMES), images
+
+
+_IMAGE_NAMES = ("batch", "height", "width", "features")
+
+
+def _built(layer):
+    return layer.__dict__[wrappers._BUILT_MODULE_KEY].module
+
+
+def test_eager_calls_reuse_the_built_module_until_a_variable_gets_a_new_array():
+    conv, layer, named_images, images = _conv_layer_and_images()
+    layer(named_images)
+    first = _built(layer)
+    layer(named_images)
+    assert _built(layer) is first
+    kernel = layer.variables["kernel"]
+    kernel.value = kernel.value * 2.0  # a training update
+    result = layer(named_images).unwrap(*_IMAGE_NAMES)
+    assert _built(layer) is not first
+    conv.kernel.set_value(conv.kernel.get_value() * 2.0)
+    np.testing.assert_allclose(result, conv(images), rtol=1e-6)
+
+
+def test_a_replaced_variables_entry_or_edited_copy_is_never_served_a_stale_module():
+    conv, layer, named_images, _ = _conv_layer_and_images()
+    before = layer(named_images).unwrap(*_IMAGE_NAMES)
+    other_bias = variables.Parameter(value=jnp.full((4,), 3.0), label="bias")
+    edited = dataclasses.replace(layer, variables={**layer.variables, "bias": other_bias})
+    np.testing.assert_allclose(
+        edited(named_images).unwrap(*_IMAGE_NAMES),
+        before - conv.bias.get_value() + 3.0,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    # Even a mutated entry of the (frozen) wrapper's dictionary is noticed.
+    layer.variables["bias"] = other_bias
+    np.testing.assert_allclose(
+        layer(named_images).unwrap(*_IMAGE_NAMES),
+        before - conv.bias.get_value() + 3.0,
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_a_child_layers_training_update_reaches_the_reused_module():
+    block, layer, x = _sowing_layer_and_input()
+    named_x = helpers.named(x, *_SEQ_NAMES)
+    layer(named_x)
+    kernel = layer.children["attn"].children["query"].layer.sublayers[0].weights
+    kernel.value = kernel.value * 0.5
+    block.attn.query.kernel.set_value(block.attn.query.kernel.get_value() * 0.5)
+    np.testing.assert_allclose(layer(named_x).unwrap(*_SEQ_NAMES), nnx.capture(block)(x), rtol=1e-6)
+
+
+def test_the_built_module_lives_and_dies_with_its_wrapper():
+    _, layer, named_images, _ = _conv_layer_and_images()
+    layer(named_images)
+    alive = weakref.ref(layer)
+    module = weakref.ref(_built(layer))
+    del layer
+    gc.collect()
+    assert alive() is None and module() is None
+
+
+def test_a_traced_call_keeps_no_module_and_later_eager_calls_are_exact():
+    conv, layer, named_images, images = _conv_layer_and_images()
+    traced = jax.jit(lambda model, value: model(value))(layer, named_images)
+    assert wrappers._BUILT_MODULE_KEY not in layer.__dict__
+    np.testing.assert_allclose(traced.unwrap(*_IMAGE_NAMES), conv(images), rtol=1e-6)
+    np.testing.assert_array_equal(layer(named_images).unwrap(*_IMAGE_NAMES), conv(images))
+
+
+#### Treescope view ####
+
+
+def test_wrapper_bookkeeping_renders_collapsed_while_variables_and_children_expand():
+    _, layer, _ = _sowing_layer_and_input()
+    bookkeeping = {
+        field.name
+        for field in dataclasses.fields(wrappers.NNXWrapper)
+        if field.metadata.get("treescope_always_collapse")
+    }
+    assert bookkeeping == {
+        field.name
+        for field in dataclasses.fields(wrappers.NNXWrapper)
+        if not field.metadata.get("pytree_node", True)
+    }
+    # Expand everything treescope may expand, on a narrow page: only what is marked stays shut.
+    with treescope.using_expansion_strategy(max_height=None, target_width=40):
+        lines = treescope.render_to_text(layer).splitlines()
+    # The model's own parts open onto lines of their own, the nested wrapper's too ...
+    assert "  variables={" in lines and "  children={" in lines
+    assert "      label='scale'," in lines
+    assert "    'attn': NNXWrapper(" in lines and "        'query': FromNNX(" in lines
+    # ... while each piece of bookkeeping stays on its one line, however narrow the page.
+    for indent in ("  ", "      "):
+        assert (
+            f"{indent}call_signature=CallSignature(keywords=(), required=(), accepts_any=False),"
+        ) in lines
+    assert "  shell=ModuleShell(<nnx.GraphDef of SowingBlock>)," in lines
+    assert "  variable_paths={'scale': ('scale',)}," in lines
+    html = treescope.render_to_html(layer, compressed=False)
+    assert "SowingBlock" in html and "call_signature" in html
