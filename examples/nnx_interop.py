@@ -173,7 +173,7 @@ def main(argv=None) -> dict:
         layer.children["mlp"].layer.sublayers[0].layer.sublayers[0].weights.get_value()
     )
     print(f"from_nnx: max |pz - nnx| = {difference:.2e}; weights shared, not copied: {shared}")
-    interop.summary(layer)
+    print(interop.summary(layer))
 
     html_file = out_dir / "transformer_block.html"
     html_file.write_text(treescope.render_to_html(layer, compressed=False))

@@ -7,31 +7,17 @@ plain Orbax checkpoints such as NNX ones (paths, shapes and dtypes from Orbax's 
 from __future__ import annotations
 
 import dataclasses
-import io
-import re
 
-import humanize
 import numpy as np
-import rich.box
-import rich.console
 import rich.table
 from etils import epath
 
+from pz_flax import _tables
+from pz_flax._tables import format_bytes
+from pz_flax._tables import natural_key
 from pz_flax.checkpoint import errors
 from pz_flax.checkpoint import manifest as manifest_lib
 from pz_flax.checkpoint import storage
-
-
-def natural_key(path: str) -> tuple[tuple[int, int | str], ...]:
-    """Sort key that orders the numbers inside paths by value: ``layers/2`` before ``layers/10``."""
-    return tuple(
-        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", path) if part
-    )
-
-
-def format_bytes(size: int) -> str:
-    """A human-readable byte count in binary units (``"352 Bytes"``, ``"1.5 KiB"``), by humanize."""
-    return humanize.naturalsize(size, binary=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,16 +61,12 @@ class CheckpointSummary:
         Args:
             titled: Put ``title()`` above and ``totals()`` below it.
         """
-        table = rich.table.Table(
+        table = _tables.new_table(
+            ("path", "axis names", "shape", "dtype", "size"),
+            right_aligned=("size",),
             title=self.title() if titled else None,
             caption=self.totals() if titled else None,
-            box=rich.box.SIMPLE_HEAD,
-            title_justify="left",
-            caption_justify="left",
         )
-        for header in ("path", "axis names", "shape", "dtype"):
-            table.add_column(header, overflow="fold")
-        table.add_column("size", justify="right")
         for entry in sorted(self.entries, key=lambda entry: natural_key(entry.path)):
             table.add_row(
                 entry.path,
@@ -97,12 +79,9 @@ class CheckpointSummary:
 
     def format_table(self, width: int = 120) -> str:
         """The title line, the table (``width`` columns at most) and the totals, as plain text."""
-        console = rich.console.Console(
-            file=io.StringIO(), width=width, color_system=None, force_terminal=False
+        return "\n".join(
+            [self.title(), _tables.plain_text(self.table(titled=False), width=width), self.totals()]
         )
-        console.print(self.table(titled=False))
-        lines = [line.rstrip() for line in console.file.getvalue().splitlines()]
-        return "\n".join([self.title(), *(line for line in lines if line), self.totals()])
 
     def __rich__(self) -> rich.table.Table:
         return self.table()
