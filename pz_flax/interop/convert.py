@@ -20,6 +20,7 @@ module, and natively built pz_flax layers either into a ``PzModule`` adapter or,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Mapping
 from typing import Any
@@ -30,6 +31,7 @@ from flax import nnx
 from pz_flax._compat import nnx as compat_nnx
 from pz_flax.core import named_axes
 from pz_flax.core import struct
+from pz_flax.core import tree_util
 from pz_flax.core import variables
 from pz_flax.interop import naming as naming_lib
 from pz_flax.interop import registry
@@ -186,7 +188,12 @@ class _StackDetector:
                 mapping.to_pz(node, trial)
             except registry.AxisCountMismatch:
                 over_ranked = True
-            except Exception:  # any other refusal is not about stacking
+            except registry.MappingNotApplicable:
+                over_ranked = False
+            except Exception:
+                # The trial's children are placeholders (None), which a mapping may fairly
+                # trip over; a genuine bug is reported, with the module's path, when the
+                # module itself is converted.
                 over_ranked = False
         self._over_ranked[id(node)] = over_ranked
         return over_ranked
@@ -248,7 +255,8 @@ def _is_plain_callable(value: Any) -> bool:
     return (
         callable(value)
         and not isinstance(value, type)
-        and not isinstance(value, nnx.Variable | struct.Struct)
+        and not tree_util.is_variable_node(value)
+        and not isinstance(value, struct.Struct)
     )
 
 
@@ -260,11 +268,17 @@ def _convert_from_nnx(obj, path, base_naming, overrides, strict, convert, memo):
             base_naming, overrides, type(obj), path, mapping.naming if mapping else None
         )
         context = registry.FromNNXContext(
-            naming=naming, path=path, convert_child=convert, memo=memo
+            naming=naming,
+            path=path,
+            convert_child=_converting_child(
+                convert, lambda child, child_path: f"the child at {_describe_path(child_path)}"
+            ),
+            memo=memo,
         )
         wrapped_because = ""
         if mapping is not None:
             mark = memo.mark()
+            where = _describe_path(path)
             try:
                 return _apply_mapping(mapping, obj, context)
             except registry.MappingNotApplicable as exc:
@@ -272,17 +286,58 @@ def _convert_from_nnx(obj, path, base_naming, overrides, strict, convert, memo):
                 memo.rollback(mark)
                 wrapped_because = f"{type(mapping).__name__}: {exc}"
                 if strict:
-                    where = "/".join(map(str, path)) or "<root>"
                     raise ValueError(
                         f"Cannot convert {type(obj).__qualname__} at {where} with"
                         f" {type(mapping).__name__}: {exc}"
                     ) from exc
+            except Exception as exc:
+                if _is_child_failure(exc):
+                    raise  # Not this mapping's: it passes on what a child's conversion raised.
+                failed = f"{type(mapping).__name__} failed converting the {type(obj).__qualname__}"
+                raise _mapping_error(f"{failed} at {where}", exc) from exc
         return wrap_module(obj, context, wrapped_because)
     naming = naming_lib.resolve_naming(base_naming, overrides, None, path)
     if _is_plain_callable(obj):
         return _convert_function(obj, naming)
-    where = "/".join(map(str, path)) or "<root>"
-    raise TypeError(f"from_nnx cannot convert {_describe(obj)} found at {where}.")
+    raise TypeError(f"from_nnx cannot convert {_describe(obj)} found at {_describe_path(path)}.")
+
+
+def _describe_path(path: tuple[Hashable, ...]) -> str:
+    return "/".join(map(str, path)) or "<root>"
+
+
+class _ChildFailureNote(str):
+    """The note added to an exception that escapes the conversion of a mapping's child.
+
+    Its type marks the exception as the child's, so that the parent's mapping passes it on
+    unchanged instead of reporting it as its own failure; its text says where it was raised.
+    """
+
+
+def _converting_child(convert: Callable[..., Any], describe: Callable[..., str]) -> Any:
+    """``convert`` for the children of a mapped module or layer, marking what escapes it."""
+
+    def convert_child(*args: Any) -> Any:
+        try:
+            return convert(*args)
+        except Exception as exc:
+            if not _is_child_failure(exc):
+                exc.add_note(_ChildFailureNote(f"(raised while converting {describe(*args)})"))
+            raise
+
+    return convert_child
+
+
+def _mapping_error(failed: str, exc: Exception) -> registry.MappingError:
+    return registry.MappingError(
+        f"{failed} ({type(exc).__name__}: {exc}). A mapping declines only by raising"
+        " MappingNotApplicable (or by returning None from to_nnx); anything else is a bug in the"
+        " mapping, or a Flax change it does not handle."
+    )
+
+
+def _is_child_failure(exc: BaseException) -> bool:
+    return any(isinstance(note, _ChildFailureNote) for note in getattr(exc, "__notes__", ()))
 
 
 def _apply_mapping(mapping: registry.LayerMapping, module: Any, context) -> Any:
@@ -338,7 +393,7 @@ def _same_setting(first: Any, second: Any) -> bool:
 
 
 def _convert_function(fn: Any, naming: naming_lib.NNXNaming) -> Any:
-    if registry.is_elementwise_function(fn):
+    if basic_ops.is_elementwise_function(fn):
         return basic_ops.Elementwise(fn)
     if fn is jax.nn.softmax:
         return basic_ops.Softmax(naming.features)
@@ -499,7 +554,9 @@ def _rebuild(wrapper: wrappers.NNXWrapper, context: registry.ToNNXContext) -> nn
 def _reverse_context(naming: naming_lib.NNXNaming, native: bool = False) -> registry.ToNNXContext:
     """A ``to_nnx`` context whose children are converted by the ``to_nnx`` engine."""
     context = registry.ToNNXContext(naming=naming, native=native, convert_child=None)
-    context.convert_child = lambda layer: _to_nnx(layer, context)
+    context.convert_child = _converting_child(
+        lambda layer: _to_nnx(layer, context), lambda layer: f"a child {type(layer).__name__}"
+    )
     return context
 
 
@@ -579,9 +636,21 @@ def _try_mapping(
     context: registry.ToNNXContext,
     config: Mapping[str, Any],
 ) -> Any:
-    """``mapping.to_nnx``, forgetting what it built if it declines the layer."""
+    """``mapping.to_nnx``, forgetting what it built if it declines the layer.
+
+    A mapping declines by returning None or raising ``MappingNotApplicable``; any other
+    exception is reported as a ``MappingError``.
+    """
     mark = context.memo.mark()
-    module = mapping.to_nnx(layer, context, config)
+    try:
+        module = mapping.to_nnx(layer, context, config)
+    except registry.MappingNotApplicable:
+        module = None
+    except Exception as exc:
+        if _is_child_failure(exc):
+            raise  # Not this mapping's: it passes on what a child's conversion raised.
+        failed = f"{type(mapping).__name__}.to_nnx failed on a {type(layer).__qualname__}"
+        raise _mapping_error(failed, exc) from exc
     if module is None:
         context.memo.rollback(mark)
     return module
@@ -674,7 +743,7 @@ def _input_names_for_rank(layer: wrappers.FromNNX, mapping, naming) -> Any:
 
 def _as_function(layer: Any, naming: naming_lib.NNXNaming) -> Any:
     """The positional function a pz_flax function layer is equivalent to, if any."""
-    if isinstance(layer, basic_ops.Elementwise) and registry.is_elementwise_function(layer.fn):
+    if isinstance(layer, basic_ops.Elementwise) and basic_ops.is_elementwise_function(layer.fn):
         return layer.fn
     if isinstance(layer, basic_ops.Softmax):
         axes = (layer.axes,) if isinstance(layer.axes, str) else tuple(layer.axes)

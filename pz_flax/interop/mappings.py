@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pz_flax.core import variables
+from pz_flax.core import named_axes
+from pz_flax.core import tree_util
 from pz_flax.interop import naming as naming_lib
 from pz_flax.interop import registry
 from pz_flax.nn import attention
@@ -51,12 +52,6 @@ from pz_flax.nn import standardization
 NotApplicable = registry.MappingNotApplicable
 
 
-def _is_variable_like(node: Any) -> bool:
-    return isinstance(
-        node, variables.AbstractVariable | variables.AbstractVariableValue | nnx.Variable
-    )
-
-
 def structures_match(expected: Any, actual: Any) -> bool:
     """Whether ``actual`` has the same layer structure as ``expected``, variables aside.
 
@@ -70,12 +65,12 @@ def structures_match(expected: Any, actual: Any) -> bool:
     Returns:
         True if they match.
     """
-    expected_leaves, expected_def = jax.tree_util.tree_flatten(expected, is_leaf=_is_variable_like)
-    actual_leaves, actual_def = jax.tree_util.tree_flatten(actual, is_leaf=_is_variable_like)
+    expected_leaves, expected_def = tree_util.flatten_stopping_at_variables(expected)
+    actual_leaves, actual_def = tree_util.flatten_stopping_at_variables(actual)
     if expected_def != actual_def:
         return False
     for want, got in zip(expected_leaves, actual_leaves):
-        if _is_variable_like(want):
+        if tree_util.is_variable_node(want):
             continue
         if isinstance(got, jax.core.Tracer) or isinstance(want, jax.core.Tracer):
             continue
@@ -91,7 +86,7 @@ def _concrete_float(value: Any, fallback: Any) -> Any:
     """A Python float for a number that may be a pytree leaf (hence a tracer under jit)."""
     if isinstance(value, jax.core.Tracer):
         if fallback is None:
-            raise ValueError("a traced value is needed as a static setting")
+            raise NotApplicable("a traced value would have to become a static NNX setting.")
         return fallback
     return float(value)
 
@@ -126,8 +121,26 @@ def _require_expressible_dtype(module: Any) -> None:
     )
 
 
-class _ReversibleMapping(registry.LayerMapping):
-    """A mapping whose reverse is: extract arrays, build the module, check the structure."""
+class ReversibleMapping(registry.LayerMapping):
+    """A ``LayerMapping`` whose ``to_nnx`` is checked against its own ``to_pz``.
+
+    The base class for mappings of layers with weights. Implement ``to_pz`` and ``build``;
+    ``to_nnx`` is provided, and accepts a pz_flax layer only if it has exactly the structure
+    ``to_pz`` produces. It builds the module with ``build``, converts that module back with
+    ``to_pz``, and compares the two pz_flax forms field by field (static settings equal,
+    numeric leaves equal, variables aside). So an edit the NNX class cannot represent (an extra
+    sublayer, a changed setting, renamed axes) makes ``to_nnx`` decline the layer, which
+    then becomes a ``PzModule``, rather than being dropped silently.
+
+    ``build`` declines a layer of another shape by returning None or raising
+    ``MappingNotApplicable``; ``ToNNXContext.array`` and ``ToNNXContext.construct`` raise
+    ``LayerShapeMismatch`` (a ``MappingNotApplicable``) for axis names, shapes and dtypes
+    that do not fit. Any other exception is a bug and propagates as a ``MappingError``.
+
+    ``config_for`` records the module's explicit compute ``dtype`` (if it has one), which
+    ``build`` passes back to the constructor via ``config``; extend it for other settings
+    the pz_flax form cannot hold.
+    """
 
     def config_for(self, module):
         return _dtype_config(module)
@@ -136,7 +149,7 @@ class _ReversibleMapping(registry.LayerMapping):
         naming = config.get("naming", context.naming)
         try:
             module = self.build(layer, context, naming, config)
-        except (ValueError, TypeError, AttributeError, KeyError, IndexError):
+        except NotApplicable:
             return None
         if module is None:
             return None
@@ -145,10 +158,9 @@ class _ReversibleMapping(registry.LayerMapping):
         def actual_child(child, path):
             # Children were checked by their own mappings; compare the rest of the structure.
             del child
-            try:
-                return children[path[-1]]
-            except KeyError:
-                raise NotApplicable(f"unexpected child at {path}") from None
+            if path[-1] not in children:
+                raise NotApplicable(f"unexpected child at {path}")
+            return children[path[-1]]
 
         canonical_context = registry.FromNNXContext(
             naming=naming, path=(), convert_child=actual_child
@@ -162,13 +174,50 @@ class _ReversibleMapping(registry.LayerMapping):
         return module
 
     @abc.abstractmethod
-    def build(self, layer, context, naming, config) -> Any:
-        """Builds the NNX module from ``layer``, or returns None if it has another shape."""
+    def build(
+        self,
+        layer: Any,
+        context: registry.ToNNXContext,
+        naming: naming_lib.NNXNaming,
+        config: Mapping[str, Any],
+    ) -> Any:
+        """Builds the NNX module from ``layer``.
+
+        Args:
+            layer: The pz_flax layer (from ``to_pz``, possibly edited, or built natively).
+            context: Array extraction (``context.array``), module construction
+                (``context.construct``) and conversion of children (``context.convert``).
+            naming: The naming convention ``to_pz`` used (or the default, for native layers).
+            config: What ``config_for`` recorded (empty for natively built layers).
+
+        Returns:
+            The module, or None if ``layer`` has another shape.
+
+        Raises:
+            MappingNotApplicable: If ``layer`` has another shape (the same as returning None).
+        """
 
     def child_layers(self, layer) -> dict[Any, Any]:
         """The converted children inside ``layer``, by the key ``to_pz`` converts them under."""
         del layer
         return {}
+
+
+def _named_axes_of(parameter: Any) -> tuple[str, ...] | None:
+    """The axis names of a parameter's value, or None if it is not a parameter or positional."""
+    if not tree_util.is_variable_node(parameter):
+        return None
+    value = parameter.value
+    if not isinstance(value, named_axes.NamedArrayBase) or value.positional_shape:
+        return None
+    return tuple(value.named_shape)
+
+
+def _sublayer(layer: Any, index: int) -> Any:
+    """``layer.sublayers[index]`` of a ``Sequential``, or None if ``layer`` has no such one."""
+    if type(layer) is not grouping.Sequential or len(layer.sublayers) <= index:
+        return None
+    return layer.sublayers[index]
 
 
 #### Linear layers ####
@@ -219,6 +268,8 @@ def _parse_affine(layer: Any) -> tuple[Any, Any] | None:
     """
     if type(layer) is not linear_and_affine.Affine:
         return layer, None
+    if not layer.sublayers:
+        return None
     *core_layers, bias = layer.sublayers
     if not isinstance(bias, linear_and_affine.AddBias):
         return None
@@ -296,7 +347,7 @@ def _affine_variables_by_path(
     return by_path
 
 
-class LinearMapping(_ReversibleMapping):
+class LinearMapping(ReversibleMapping):
     """``nnx.Linear`` <-> ``Affine`` (or ``LinearInPlace`` without bias) over ``features``."""
 
     nnx_type = nnx.Linear
@@ -327,7 +378,7 @@ class LinearMapping(_ReversibleMapping):
         )
 
 
-class LinearGeneralMapping(_ReversibleMapping):
+class LinearGeneralMapping(ReversibleMapping):
     """``nnx.LinearGeneral`` over trailing axes <-> ``Affine`` over ``features_i`` axes."""
 
     nnx_type = nnx.LinearGeneral
@@ -374,7 +425,7 @@ def _parse_einsum(einsum_str: str):
     return lhs.replace("...", "."), rhs, output.replace("...", ".")
 
 
-class EinsumMapping(_ReversibleMapping):
+class EinsumMapping(ReversibleMapping):
     """``nnx.Einsum`` whose contracted and new axes are trailing <-> an ``Affine``.
 
     Supported equations have the form ``[batch][contracted],[kernel]->[batch][new]``: the
@@ -452,6 +503,9 @@ class EinsumMapping(_ReversibleMapping):
         if extracted is None:
             return None
         kernel, bias, _, _, kernel_source, bias_layer = extracted
+        _, new, rhs = self._roles(einsum_str)
+        if kernel.ndim != len(rhs) or (bias is not None and bias.ndim != len(new)):
+            return None
         by_path = _affine_variables_by_path(kernel_source, kernel, bias_layer, bias)
         return context.construct(
             nnx.Einsum,
@@ -467,7 +521,7 @@ class EinsumMapping(_ReversibleMapping):
 #### Embeddings, normalization, dropout ####
 
 
-class EmbedMapping(_ReversibleMapping):
+class EmbedMapping(ReversibleMapping):
     """``nnx.Embed`` <-> ``EmbeddingLookup`` over a ``vocabulary`` x ``features`` table."""
 
     nnx_type = nnx.Embed
@@ -488,8 +542,10 @@ class EmbedMapping(_ReversibleMapping):
         if type(layer) is not embeddings.EmbeddingLookup:
             return None
         table = layer.table
-        names = list(table.embeddings.value.named_shape)
-        if len(names) != 2 or table.vocabulary_axis not in names:
+        if type(table) is not embeddings.EmbeddingTable:
+            return None
+        names = _named_axes_of(table.embeddings)
+        if names is None or len(names) != 2 or table.vocabulary_axis not in names:
             return None
         feature_name = next(name for name in names if name != table.vocabulary_axis)
         array = context.array(table.embeddings, (table.vocabulary_axis, feature_name))
@@ -532,7 +588,7 @@ def _parse_norm(layer, norm_cls, standardize_cls):
     return standardize, scale, shift, across[0]
 
 
-class _NormMapping(_ReversibleMapping):
+class _NormMapping(ReversibleMapping):
     """An NNX norm over the last axis <-> a standardization, a scale and maybe a shift.
 
     ``nnx.LayerNorm`` and ``nnx.RMSNorm`` differ only in their statistic (a pz_flax
@@ -581,6 +637,8 @@ class _NormMapping(_ReversibleMapping):
             by_path["bias"] = (shift.bias, context.array(shift.bias, (features,)))
         # The first parameter present (scale, else shift) gives the size and dtype.
         first_array = next(iter(by_path.values()))[1] if by_path else None
+        if first_array is None and "num_features" not in config:
+            raise NotApplicable("without a scale or a shift, the number of features is unknown.")
         num_features = config["num_features"] if first_array is None else first_array.shape[0]
         dtype = np.float32 if first_array is None else first_array.dtype
         bias_option = {"use_bias": shift is not None} if self.supports_bias else {}
@@ -614,7 +672,7 @@ class RMSNormMapping(_NormMapping):
     supports_bias = False
 
 
-class DropoutMapping(_ReversibleMapping):
+class DropoutMapping(ReversibleMapping):
     """``nnx.Dropout`` without its own RNG stream <-> ``StochasticDropout``/``DisabledDropout``.
 
     A deterministic NNX dropout (or one with rate 0) becomes ``DisabledDropout``; an active
@@ -665,7 +723,7 @@ class DropoutMapping(_ReversibleMapping):
 #### Attention ####
 
 
-class MultiHeadAttentionMapping(_ReversibleMapping):
+class MultiHeadAttentionMapping(ReversibleMapping):
     """``nnx.MultiHeadAttention`` (self-attention) <-> penzai-style ``Attention``.
 
     Queries, keys and values get ``heads`` and ``projection`` axes; keys and values have their
@@ -757,12 +815,12 @@ class MultiHeadAttentionMapping(_ReversibleMapping):
         features, heads, projection = naming.features, naming.heads, naming.projection
         by_path = {}
         for name, sublayer in (
-            ("query", layer.input_to_query.sublayers[0]),
-            ("key", layer.input_to_key.sublayers[0]),
-            ("value", layer.input_to_value.sublayers[0]),
+            ("query", _sublayer(layer.input_to_query, 0)),
+            ("key", _sublayer(layer.input_to_key, 0)),
+            ("value", _sublayer(layer.input_to_value, 0)),
         ):
             parsed = _parse_affine(sublayer)
-            if parsed is None:
+            if parsed is None or type(parsed[0]) is not linear_and_affine.Linear:
                 return None
             core, bias_layer = parsed
             by_path[f"{name}/kernel"] = (
@@ -774,8 +832,8 @@ class MultiHeadAttentionMapping(_ReversibleMapping):
                     bias_layer.bias,
                     context.array(bias_layer.bias, (heads, projection)),
                 )
-        parsed = _parse_affine(layer.attn_value_to_output.sublayers[1])
-        if parsed is None:
+        parsed = _parse_affine(_sublayer(layer.attn_value_to_output, 1))
+        if parsed is None or type(parsed[0]) is not linear_and_affine.Linear:
             return None
         out_core, out_bias = parsed
         by_path["out/kernel"] = (
@@ -888,6 +946,8 @@ def _read_lora_path(layer, context, naming, prefix: str):
     if type(layer) is not grouping.Sequential or len(layer.sublayers) != 2:
         return None
     first, second = layer.sublayers
+    if type(first) is not linear_and_affine.Linear or type(second) is not linear_and_affine.Linear:
+        return None
     features, rank = naming.features, naming.lora_rank
     return {
         f"{prefix}lora_a": (first.weights, context.array(first.weights, (features, rank))),
@@ -895,7 +955,7 @@ def _read_lora_path(layer, context, naming, prefix: str):
     }
 
 
-class LoRAMapping(_ReversibleMapping):
+class LoRAMapping(ReversibleMapping):
     """``nnx.LoRA`` <-> ``Sequential([Linear, Linear])`` through a ``lora_rank`` axis.
 
     With a base module, the result is ``BranchAndAddTogether([lora path, base])``.
@@ -942,7 +1002,7 @@ class LoRAMapping(_ReversibleMapping):
         return module
 
 
-class LoRALinearMapping(_ReversibleMapping):
+class LoRALinearMapping(ReversibleMapping):
     """``nnx.LoRALinear`` <-> ``BranchAndAddTogether([Affine, LoRA path])``."""
 
     nnx_type = nnx.LoRALinear

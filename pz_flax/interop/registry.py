@@ -12,8 +12,10 @@ has no mapping, or whose configuration a mapping cannot express exactly, becomes
 that runs the module's own code instead; so registering a mapping changes how a module looks on
 the pz_flax side, never what it computes.
 
-Users register their own mappings with ``register_mapping`` (see ``LayerMapping``), and plain
-elementwise functions (activations) with ``register_elementwise_function``.
+Users register their own mappings with ``register_mapping`` (see ``LayerMapping`` and, for the
+usual case of a layer with weights, ``ReversibleMapping``), or for the duration of a ``with``
+block with ``mapping_registry.scoped``. Plain functions become ``Elementwise`` layers when they
+are declared elementwise (``pz_flax.nn.basic_ops.register_elementwise_function``).
 """
 
 from __future__ import annotations
@@ -32,19 +34,37 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pz_flax.core import named_axes
+from pz_flax.core import registry as registry_lib
+from pz_flax.core import tree_util
 from pz_flax.core import variables
 from pz_flax.interop import naming as naming_lib
-
-# NNX adds these entries to every variable's metadata itself; pz_flax reserves them too.
-_NNX_BUILTIN_METADATA = frozenset({"hijax", "ref", "eager_sharding"})
-_PZ_RESERVED_METADATA = frozenset({"label", "axis_names"})
 
 
 class MappingNotApplicable(Exception):
     """Raised by ``LayerMapping.to_pz`` when a module's configuration has no exact pz form.
 
     ``from_nnx`` catches it and wraps the module instead, so raising it is always safe; the
-    message says why, and ``from_nnx(..., strict=True)`` surfaces it.
+    message says why, and ``from_nnx(..., strict=True)`` surfaces it. It is the only way a
+    mapping declines: any other exception escaping a mapping is a bug (in the mapping, or a
+    change in Flax it did not expect), and ``from_nnx``/``to_nnx`` report it as a
+    ``MappingError`` instead of quietly wrapping the module.
+
+    A ``to_nnx`` may also raise it (or return None) to decline a layer of another shape.
+    """
+
+
+class MappingError(RuntimeError):
+    """A mapping failed with an unexpected exception; the message names the mapping and where.
+
+    The original exception is chained as ``__cause__``.
+    """
+
+
+class LayerShapeMismatch(MappingNotApplicable, ValueError):
+    """A pz_flax layer does not have the shape (axis names, array shapes) a mapping rebuilds.
+
+    Raised by ``ToNNXContext.array`` and ``ToNNXContext.construct``, so that a mapping's
+    ``to_nnx`` declines an edited layer the NNX class cannot represent.
     """
 
 
@@ -159,6 +179,9 @@ class LayerMapping(abc.ABC):
     naming: Mapping[str, Any] = {}
     verify_round_trip: bool = True
     callable_result: bool = True
+
+    def __repr__(self) -> str:
+        return f"{type(self).__qualname__}()"
 
     @abc.abstractmethod
     def to_pz(self, module: Any, context: FromNNXContext) -> Any:
@@ -338,30 +361,37 @@ class ToNNXContext:
         buffer is copied.
 
         Args:
-            parameter: A ``Parameter``/``ParameterValue``/anything with ``.value``.
+            parameter: A pz_flax variable or variable value (``Parameter``, ``ParameterValue``).
             axis_names: The NNX order of the named axes, or None for a positional value.
 
         Returns:
             The positional array.
 
         Raises:
-            ValueError: If the parameter's axes are not exactly ``axis_names``.
+            LayerShapeMismatch: If the parameter's axes are not exactly ``axis_names`` (a
+                ``MappingNotApplicable``, so a ``to_nnx`` that lets it propagate declines
+                the layer, and a ``ValueError``).
         """
+        if not tree_util.is_variable_node(parameter):
+            raise LayerShapeMismatch(
+                f"Expected a parameter, got {type(parameter).__name__} (a constant has no NNX"
+                " variable to become)."
+            )
         value = parameter.value
         if axis_names is None:
             if isinstance(value, named_axes.NamedArrayBase):
-                raise ValueError(
+                raise LayerShapeMismatch(
                     f"Expected a positional value for {_describe(parameter)}, got named axes"
                     f" {dict(value.named_shape)}."
                 )
             return value
         if not isinstance(value, named_axes.NamedArrayBase):
-            raise ValueError(
+            raise LayerShapeMismatch(
                 f"Expected {_describe(parameter)} to have named axes {tuple(axis_names)}, but it"
                 " is a positional array."
             )
         if value.positional_shape or set(value.named_shape) != set(axis_names):
-            raise ValueError(
+            raise LayerShapeMismatch(
                 f"Expected {_describe(parameter)} to have exactly the named axes"
                 f" {tuple(axis_names)}, got named shape {dict(value.named_shape)} and positional"
                 f" shape {value.positional_shape}."
@@ -434,14 +464,15 @@ class ToNNXContext:
             The module.
 
         Raises:
-            ValueError: If the paths, shapes or dtypes do not match what the constructor makes.
+            LayerShapeMismatch: If the paths, shapes or dtypes do not match what the
+                constructor makes (a ``MappingNotApplicable`` and a ``ValueError``).
         """
         graphdef, abstract = _abstract_module(nnx_class, args, kwargs)
         expected = {"/".join(str(part) for part in path): (path, var) for path, var in abstract}
         missing = sorted(set(expected) - set(variables_by_path))
         unexpected = sorted(set(variables_by_path) - set(expected))
         if missing or unexpected:
-            raise ValueError(
+            raise LayerShapeMismatch(
                 f"Cannot build {nnx_class.__name__}: it has the variables {sorted(expected)},"
                 f" but got {sorted(variables_by_path)} (missing {missing}, unexpected"
                 f" {unexpected})."
@@ -450,7 +481,7 @@ class ToNNXContext:
         for key, (path, abstract_var) in expected.items():
             source, array = variables_by_path[key]
             if tuple(array.shape) != tuple(abstract_var.shape) or array.dtype != abstract_var.dtype:
-                raise ValueError(
+                raise LayerShapeMismatch(
                     f"Cannot build {nnx_class.__name__}: variable {key!r} needs shape"
                     f" {tuple(abstract_var.shape)} and dtype {abstract_var.dtype}, got shape"
                     f" {tuple(array.shape)} and dtype {array.dtype}."
@@ -557,7 +588,8 @@ def user_metadata(variable: nnx.Variable) -> dict[str, Any]:
     """
     carried = {}
     for key, entry in variable.get_metadata().items():
-        if key in _NNX_BUILTIN_METADATA or key in _PZ_RESERVED_METADATA:
+        # NNX's own entries (asked of NNX) and pz_flax's structural ones (label, axis names).
+        if key in variables._reserved_metadata_keys():
             continue
         try:
             hash(entry)
@@ -589,11 +621,68 @@ def jnp_dtype_type(dtype: Any) -> Any:
     return getattr(jnp, jnp.dtype(dtype).name)
 
 
-#### The registries ####
+#### The mapping registry ####
 
-_MAPPINGS_BY_NNX_TYPE: dict[type[Any], LayerMapping] = {}
-_MAPPINGS_BY_PZ_TYPE: dict[type[Any], list[LayerMapping]] = {}
-_ELEMENTWISE_FUNCTIONS: dict[Any, str] = {}
+
+class MappingRegistry(registry_lib.Registry[type, LayerMapping]):
+    """The table of layer mappings, by the NNX class each converts.
+
+    A ``Registry`` whose entries are checked as they are added: the key must be the mapping's
+    own ``nnx_type``. So ``mapping_registry.scoped(MyModule, MyMapping())`` is a checked,
+    temporary registration, undone when the ``with`` block ends.
+
+    Order matters only to ``to_nnx(native=True)``: of several mappings that accept a natively
+    built layer's class, the most recently registered one is tried first (a user's mapping
+    before pz_flax's own). A replacement (``replace=True``) takes the place of the mapping it
+    replaces.
+    """
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self._by_pz_type: dict[type, tuple[LayerMapping, ...]] = {}
+        self._by_pz_type_version = -1
+
+    def register(self, key: type, value: LayerMapping, *, replace: bool = False) -> LayerMapping:
+        """Adds the mapping ``value`` for the NNX class ``key``; returns ``value``.
+
+        Raises:
+            TypeError: If ``value`` is not a ``LayerMapping``, its ``nnx_type`` is not a class,
+                or ``key`` is not its ``nnx_type``.
+            ValueError: If ``key`` has a mapping already and ``replace`` is False.
+        """
+        if not isinstance(value, LayerMapping):
+            raise TypeError(
+                f"The {self.name} registry takes LayerMapping instances, got"
+                f" {type(value).__name__}."
+            )
+        nnx_type = getattr(value, "nnx_type", None)
+        if not isinstance(nnx_type, type):
+            raise TypeError(
+                f"{type(value).__name__}.nnx_type must be an NNX module class, got {nnx_type!r}."
+            )
+        if key is not nnx_type:
+            raise TypeError(
+                f"{type(value).__name__} converts {nnx_type.__qualname__}, so it must be"
+                f" registered under that class, not under {key!r}."
+            )
+        return super().register(key, value, replace=replace)
+
+    def for_pz_type(self, pz_type: type) -> tuple[LayerMapping, ...]:
+        """Mappings whose ``to_nnx`` accepts natively built layers of exactly ``pz_type``.
+
+        Most recently registered first. Derived from the table and rebuilt when it changes.
+        """
+        if self._by_pz_type_version != self.version:
+            index: dict[type, list[LayerMapping]] = {}
+            for _, mapping in reversed(self.items()):
+                for accepted in mapping.pz_types:
+                    index.setdefault(accepted, []).append(mapping)
+            self._by_pz_type = {key: tuple(found) for key, found in index.items()}
+            self._by_pz_type_version = self.version
+        return self._by_pz_type.get(pz_type, ())
+
+
+mapping_registry = MappingRegistry("NNX layer mappings")
 
 
 def register_mapping(mapping: LayerMapping, *, replace: bool = False) -> LayerMapping:
@@ -614,24 +703,7 @@ def register_mapping(mapping: LayerMapping, *, replace: bool = False) -> LayerMa
         raise TypeError(
             f"register_mapping expects a LayerMapping instance, got {type(mapping).__name__}."
         )
-    nnx_type = getattr(mapping, "nnx_type", None)
-    if not isinstance(nnx_type, type):
-        raise TypeError(
-            f"{type(mapping).__name__}.nnx_type must be an NNX module class, got {nnx_type!r}."
-        )
-    existing = _MAPPINGS_BY_NNX_TYPE.get(nnx_type)
-    if existing is not None and not replace:
-        raise ValueError(
-            f"{nnx_type.__module__}.{nnx_type.__qualname__} already has the mapping"
-            f" {type(existing).__name__}; pass replace=True to replace it."
-        )
-    if existing is not None:
-        unregister_mapping(nnx_type)
-    _MAPPINGS_BY_NNX_TYPE[nnx_type] = mapping
-    for pz_type in mapping.pz_types:
-        # Most recently registered first, so user mappings win over built-in ones.
-        _MAPPINGS_BY_PZ_TYPE.setdefault(pz_type, []).insert(0, mapping)
-    return mapping
+    return mapping_registry.register(getattr(mapping, "nnx_type", None), mapping, replace=replace)
 
 
 def unregister_mapping(nnx_type: type[Any]) -> LayerMapping:
@@ -646,83 +718,19 @@ def unregister_mapping(nnx_type: type[Any]) -> LayerMapping:
     Raises:
         KeyError: If the class has no mapping.
     """
-    try:
-        mapping = _MAPPINGS_BY_NNX_TYPE.pop(nnx_type)
-    except KeyError:
-        raise KeyError(
-            f"No mapping is registered for {getattr(nnx_type, '__qualname__', nnx_type)!r}."
-        ) from None
-    for pz_type in mapping.pz_types:
-        candidates = _MAPPINGS_BY_PZ_TYPE.get(pz_type, [])
-        if mapping in candidates:
-            candidates.remove(mapping)
-    return mapping
+    return mapping_registry.unregister(nnx_type)
 
 
 def get_mapping(nnx_type: type[Any]) -> LayerMapping | None:
     """The mapping registered for exactly this NNX class, or None."""
-    return _MAPPINGS_BY_NNX_TYPE.get(nnx_type)
+    return mapping_registry.get(nnx_type)
 
 
 def mappings_for_pz_type(pz_type: type[Any]) -> tuple[LayerMapping, ...]:
     """Mappings whose ``to_nnx`` accepts natively built layers of exactly this class."""
-    return tuple(_MAPPINGS_BY_PZ_TYPE.get(pz_type, ()))
+    return mapping_registry.for_pz_type(pz_type)
 
 
 def registered_mappings() -> dict[type[Any], LayerMapping]:
     """A snapshot of every registered mapping, by NNX class."""
-    return dict(_MAPPINGS_BY_NNX_TYPE)
-
-
-def register_elementwise_function(fn: Callable[..., Any], name: str | None = None) -> None:
-    """Declares a function elementwise, so it converts to ``pz.nn.Elementwise(fn)`` and back.
-
-    Only declare functions that act on each element independently (activations): named-axis
-    layers apply them through ``nmap``, which is only equivalent to the positional call for
-    elementwise functions. Other functions are wrapped so that they see the positional array.
-
-    Args:
-        fn: The function (a hashable callable, e.g. ``jax.nn.relu``).
-        name: Display name in summaries; defaults to ``fn.__name__``.
-
-    Raises:
-        TypeError: If ``fn`` is not callable or not hashable.
-    """
-    if not callable(fn):
-        raise TypeError(f"register_elementwise_function expects a callable, got {fn!r}.")
-    try:
-        hash(fn)
-    except TypeError as exc:
-        raise TypeError(f"Elementwise functions must be hashable, got {fn!r}.") from exc
-    _ELEMENTWISE_FUNCTIONS[fn] = name or getattr(fn, "__name__", repr(fn))
-
-
-def is_elementwise_function(fn: Any) -> bool:
-    """Whether ``fn`` was declared with ``register_elementwise_function``."""
-    try:
-        return fn in _ELEMENTWISE_FUNCTIONS
-    except TypeError:
-        return False
-
-
-for _activation in (
-    jax.nn.relu,
-    jax.nn.relu6,
-    jax.nn.gelu,
-    jax.nn.silu,
-    jax.nn.sigmoid,
-    jax.nn.elu,
-    jax.nn.celu,
-    jax.nn.selu,
-    jax.nn.leaky_relu,
-    jax.nn.softplus,
-    jax.nn.soft_sign,
-    jax.nn.log_sigmoid,
-    jax.nn.hard_sigmoid,
-    jax.nn.hard_silu,
-    jax.nn.hard_tanh,
-    jax.nn.identity,
-    jnp.tanh,
-    nnx.tanh,
-):
-    register_elementwise_function(_activation)
+    return mapping_registry.snapshot()

@@ -3,6 +3,10 @@
 Wrapping such operations as layers, instead of calling them inline, keeps them visible in
 the model tree, so that they show up in treescope and can be selected and swapped (say,
 GELU for ReLU) without touching code.
+
+This module also owns pz_flax's one table of elementwise functions
+(``elementwise_function_registry``), which ``Elementwise``, the NNX bridge and the checkpoint
+allow-list all read.
 """
 
 from __future__ import annotations
@@ -16,57 +20,115 @@ import jax
 import jax.numpy as jnp
 
 from pz_flax.core import named_axes
+from pz_flax.core import registry as registry_lib
 from pz_flax.core import struct
 from pz_flax.nn import layer as layer_base
 
+#### The elementwise-function table ####
 
-def _known_elementwise_functions() -> frozenset:
-    """JAX functions that act on each element independently, whatever the input shape.
+# One table, read by ``Elementwise`` (which skips ``nmap``'s vmap for these functions), by the
+# NNX bridge (which turns a bare NNX activation into ``Elementwise(fn)`` and back) and by the
+# checkpoint allow-list (which lets a checkpoint name these pure array functions). Keys are
+# the functions; values are the names shown for them.
+def _describe_function(fn: Any) -> str:
+    # The declared name (``jax.nn.relu``) rather than the defining module's private path.
+    declared = elementwise_function_registry.get(fn)
+    return declared or getattr(fn, "__qualname__", None) or repr(fn)
 
-    For these, vectorizing over named axes (what ``nmap`` does, one ``vmap`` per axis) and
-    applying the function once to the whole data array give the same result, so the second,
-    much cheaper form can be used: it saves the ``vmap`` tracing on every call.
+
+elementwise_function_registry: registry_lib.Registry[Callable[..., Any], str] = (
+    registry_lib.Registry("elementwise functions", describe_key=_describe_function)
+)
+
+# JAX functions that act on each element independently, whatever the input shape. For them,
+# vectorizing over named axes (what ``nmap`` does, one ``vmap`` per axis) and applying the
+# function once to the whole data array give the same result.
+_BUILTIN_ELEMENTWISE_NAMES = {
+    jax.nn: (
+        "celu elu gelu hard_sigmoid hard_silu hard_swish hard_tanh identity leaky_relu"
+        " log_sigmoid mish relu relu6 selu sigmoid silu soft_sign softplus sparse_plus"
+        " sparse_sigmoid squareplus swish"
+    ),
+    jnp: (
+        "abs cos cosh exp exp2 expm1 log log1p log2 negative reciprocal sign sin sinh sqrt"
+        " square tan tanh"
+    ),
+    jax.lax: "abs cos erf exp logistic neg rsqrt sin sqrt tanh",
+}
+
+
+def register_elementwise_function(
+    fn: Callable[..., Any], name: str | None = None, *, replace: bool = False
+) -> Callable[..., Any]:
+    """Declares ``fn`` elementwise: it acts on each element of its input independently.
+
+    Declare only such functions (activations, pointwise math). Declaring a function lets
+    ``Elementwise(fn)`` apply it to the whole data array of a named array instead of
+    vectorizing it over every named axis (the two agree only for elementwise functions), lets
+    ``pz_flax.interop.from_nnx`` turn it into ``Elementwise(fn)`` (and ``to_nnx`` back into
+    the bare function), and lets a checkpoint name it when it lives in one of JAX's public
+    namespaces (``jax.nn``, ``jax.numpy``, ...). Use ``elementwise_function_registry.scoped``
+    for a declaration that should last only for a ``with`` block.
+
+    Args:
+        fn: The function, a hashable callable such as ``jax.nn.relu``.
+        name: The name shown for it; defaults to ``fn.__name__``.
+        replace: Allow declaring an already declared function again (with a new name).
+
+    Returns:
+        ``fn``, so this can be used as a decorator.
+
+    Raises:
+        TypeError: If ``fn`` is not callable or not hashable.
+        ValueError: If ``fn`` is declared already and ``replace`` is False.
     """
-    names_by_module = {
-        jax.nn: (
-            "celu elu gelu hard_sigmoid hard_silu hard_swish hard_tanh leaky_relu"
-            " log_sigmoid mish relu relu6 selu sigmoid silu soft_sign softplus sparse_plus"
-            " sparse_sigmoid squareplus swish"
-        ),
-        jnp: (
-            "abs cos cosh exp exp2 expm1 log log1p log2 negative reciprocal sign sin sinh sqrt"
-            " square tan tanh"
-        ),
-        jax.lax: "abs cos erf exp logistic neg rsqrt sin sqrt tanh",
-    }
-    return frozenset(
-        getattr(module, name)
-        for module, names in names_by_module.items()
-        for name in names.split()
-        if hasattr(module, name)
+    if not callable(fn):
+        raise TypeError(f"register_elementwise_function expects a callable, got {fn!r}.")
+    elementwise_function_registry.register(
+        fn, name or getattr(fn, "__name__", repr(fn)), replace=replace
     )
+    return fn
 
 
-_KNOWN_ELEMENTWISE_FUNCTIONS = _known_elementwise_functions()
+def unregister_elementwise_function(fn: Callable[..., Any]) -> str:
+    """Withdraws a declaration made by ``register_elementwise_function``; returns its name.
+
+    ``Elementwise(fn)`` then vectorizes ``fn`` with ``nmap`` again, and the NNX bridge wraps
+    it as a positional function.
+
+    Raises:
+        KeyError: If ``fn`` is not declared elementwise.
+    """
+    return elementwise_function_registry.unregister(fn)
+
+
+def is_elementwise_function(fn: Any) -> bool:
+    """Whether ``fn`` itself is declared elementwise (see ``register_elementwise_function``)."""
+    return fn in elementwise_function_registry
 
 
 def known_elementwise_functions() -> frozenset:
-    """The JAX functions ``Elementwise`` knows to act on each element independently."""
-    return _KNOWN_ELEMENTWISE_FUNCTIONS
+    """Every function currently declared elementwise, pz_flax's own and those registered."""
+    return frozenset(elementwise_function_registry)
+
+
+for _module, _names in _BUILTIN_ELEMENTWISE_NAMES.items():
+    for _name in _names.split():
+        _function = getattr(_module, _name, None)
+        # ``jax.lax.abs`` and ``jnp.abs`` may be one function; declare it once.
+        if _function is not None and not is_elementwise_function(_function):
+            register_elementwise_function(_function, f"{_module.__name__}.{_name}")
 
 
 def _is_known_elementwise(fn: Any) -> bool:
-    """True for a known elementwise function, possibly with scalar keyword arguments bound."""
+    """True for a declared elementwise function, possibly with scalar keyword arguments bound."""
     if isinstance(fn, functools.partial):
         if fn.args or not all(
             isinstance(value, bool | int | float | str) for value in fn.keywords.values()
         ):
             return False
         fn = fn.func
-    try:
-        return fn in _KNOWN_ELEMENTWISE_FUNCTIONS
-    except TypeError:  # An unhashable callable cannot be one of them.
-        return False
+    return is_elementwise_function(fn)
 
 
 def _apply_to_data(fn: Callable[[Any], Any], value: named_axes.NamedArrayBase) -> Any:
@@ -86,11 +148,10 @@ class Elementwise(layer_base.Layer):
     positional axes (none, for a fully named array). A plain JAX array is passed to the
     function directly. The function is static configuration, not a parameter.
 
-    Common activations (``jax.nn.relu``, ``jax.nn.gelu``, ``jnp.tanh``, ... optionally
-    with scalar keyword arguments bound by ``functools.partial``) are known to be
-    elementwise; for them the ``vmap`` of ``nmap`` is skipped and the function is applied
-    to the data array directly, which gives the same values at a fraction of the tracing
-    cost.
+    Functions declared elementwise (``jax.nn.relu``, ``jax.nn.gelu``, ``jnp.tanh``, ...:
+    see ``register_elementwise_function``; optionally with scalar keyword arguments bound by
+    ``functools.partial``) skip the ``vmap`` of ``nmap``: the function is applied to the data
+    array directly, which gives the same values at a fraction of the tracing cost.
 
     Attributes:
         fn: The function to apply, such as ``jax.nn.relu``.

@@ -444,3 +444,230 @@ def test_structures_match_detects_changed_scalars_and_structure():
     assert not mappings.structures_match(rescale, grouping.Sequential([rescale]))
     vector = linear_and_affine.ConstantRescale(by=jnp.ones(2))
     assert not mappings.structures_match(vector, linear_and_affine.ConstantRescale(by=jnp.ones(3)))
+
+
+#### Mappings decline only with MappingNotApplicable; other failures are reported ####
+
+
+class Gain(nnx.Module):
+    """A user layer with weights: multiplies the features by a learned vector."""
+
+    def __init__(self, features, *, rngs):
+        self.gain = nnx.Param(jax.random.normal(rngs.params(), (features,)))
+
+    def __call__(self, x):
+        return x * self.gain[...]
+
+
+class GainMapping(mappings.ReversibleMapping):
+    """A user's mapping written on the public base class: only to_pz and build."""
+
+    nnx_type = Gain
+    pz_types = ()
+
+    def to_pz(self, module, context):
+        return linear_and_affine.Linear(
+            weights=context.parameter(module.gain, "gain", (context.naming.features,)),
+            in_axis_names=(),
+            out_axis_names=(),
+        )
+
+    def build(self, layer, context, naming, config):
+        if type(layer) is not linear_and_affine.Linear:
+            return None
+        array = context.array(layer.weights, (naming.features,))
+        return context.construct(
+            Gain, array.shape[0], variables_by_path={"gain": (layer.weights, array)}
+        )
+
+
+class _Blocks(nnx.Module):
+    def __init__(self, block):
+        self.blocks = nnx.List([nnx.Linear(3, 3, rngs=_rngs()), block])
+
+    def __call__(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_user_mapping_on_the_public_base_class_round_trips():
+    from pz_flax import interop
+
+    assert interop.ReversibleMapping is mappings.ReversibleMapping
+    module = Gain(3, rngs=_rngs())
+    with interop.mapping_registry.scoped(Gain, GainMapping()):
+        layer = convert.from_nnx(module)
+        assert type(layer.layer) is linear_and_affine.Linear
+        assert layer.layer.weights.label == "gain"
+        x = helpers.random_input((2, 3))
+        np.testing.assert_allclose(
+            layer(helpers.named(x, "batch", "features")).unwrap("batch", "features"),
+            module(x),
+            rtol=1e-6,
+        )
+        rebuilt = convert.to_nnx(layer)
+        assert type(rebuilt) is Gain
+        helpers.assert_same_state(module, rebuilt)
+        assert rebuilt.gain.get_value() is module.gain.get_value()
+        # Edits the class cannot represent are declined by the structure check, not dropped.
+        extended = dataclasses.replace(
+            layer, layer=grouping.Sequential([layer.layer, basic_ops.Elementwise(jax.nn.relu)])
+        )
+        assert isinstance(convert.to_nnx(extended), wrappers.PzModule)
+        renamed = (
+            layer.select()
+            .at(lambda root: root.layer.weights)
+            .apply(
+                lambda weights: variables.Parameter(
+                    value=weights.value.untag("features").tag("channels"), label="gain"
+                )
+            )
+        )
+        assert isinstance(convert.to_nnx(renamed), wrappers.PzModule)
+    assert isinstance(convert.from_nnx(module), wrappers.NNXWrapper)
+
+
+def test_a_bug_in_to_pz_is_reported_with_the_module_path_instead_of_wrapping():
+    class BuggyGainMapping(GainMapping):
+        def to_pz(self, module, context):
+            return super().to_pz(module, context, "an extra argument")
+
+    model = _Blocks(Gain(3, rngs=_rngs()))
+    with (
+        mappings.registry.mapping_registry.scoped(Gain, BuggyGainMapping()),
+        pytest.raises(mappings.registry.MappingError) as raised,
+    ):
+        convert.from_nnx(model)
+    message = str(raised.value)
+    assert "BuggyGainMapping failed converting the Gain at blocks/1" in message
+    assert "TypeError" in message
+    assert isinstance(raised.value.__cause__, TypeError)
+    # Inside a mapped container the failure stays the child's: the container's mapping passes
+    # it on instead of reporting it as its own.
+    sequential = nnx.Sequential(nnx.Linear(3, 3, rngs=_rngs()), Gain(3, rngs=_rngs()))
+    with (
+        mappings.registry.mapping_registry.scoped(Gain, BuggyGainMapping()),
+        pytest.raises(mappings.registry.MappingError) as raised,
+    ):
+        convert.from_nnx(sequential)
+    assert "BuggyGainMapping failed converting the Gain at layers/1" in str(raised.value)
+    assert "SequentialMapping" not in str(raised.value)
+
+
+def test_a_flax_change_a_builtin_mapping_does_not_expect_is_reported_not_wrapped():
+    class OutdatedLinearMapping(mappings.LinearMapping):
+        # As if a Flax release had renamed an attribute the mapping reads.
+        def to_pz(self, module, context):
+            return module.has_bias
+
+    module = nnx.Linear(3, 4, rngs=_rngs())
+    with (
+        mappings.registry.mapping_registry.scoped(
+            nnx.Linear, OutdatedLinearMapping(), replace=True
+        ),
+        pytest.raises(mappings.registry.MappingError, match=r"Linear at <root>") as raised,
+    ):
+        convert.from_nnx(module)
+    assert isinstance(raised.value.__cause__, AttributeError)
+    assert type(convert.from_nnx(module).layer) is linear_and_affine.Affine
+
+
+def test_a_bug_in_build_is_reported_by_both_directions():
+    class BuggyBuildMapping(GainMapping):
+        pz_types = (linear_and_affine.Linear,)
+
+        def build(self, layer, context, naming, config):
+            return {}["gain"]
+
+    module = Gain(3, rngs=_rngs())
+    native = linear_and_affine.Linear(
+        weights=variables.Parameter(value=helpers.named(jnp.ones(3), "features"), label="g"),
+        in_axis_names=(),
+        out_axis_names=(),
+    )
+    with mappings.registry.mapping_registry.scoped(Gain, BuggyBuildMapping()):
+        with pytest.raises(mappings.registry.MappingError, match="Gain at <root>"):
+            convert.from_nnx(module)
+        with pytest.raises(
+            mappings.registry.MappingError, match=r"BuggyBuildMapping.to_nnx failed on a Linear"
+        ) as raised:
+            convert.to_nnx(native, native=True)
+    assert isinstance(raised.value.__cause__, KeyError)
+
+
+def test_declining_mappings_still_say_which_setting_forced_a_wrapper():
+    wrapped = convert.from_nnx(nnx.Dropout(0.3, rngs=_rngs()))
+    assert wrapped.wrapped_because.startswith("DropoutMapping: it holds its own RNG stream")
+    wrapped = convert.from_nnx(nnx.LayerNorm(3, reduction_axes=(-2, -1), rngs=_rngs()))
+    assert "reduction_axes=-1" in wrapped.wrapped_because
+    with pytest.raises(ValueError, match="LayerNormMapping: only reduction_axes=-1"):
+        convert.from_nnx(nnx.LayerNorm(3, reduction_axes=(-2, -1), rngs=_rngs()), strict=True)
+
+
+def _replace_sublayer(layer, select, replacement):
+    return layer.select().at(select).set(replacement)
+
+
+@pytest.mark.parametrize(
+    ("factory", "edit"),
+    [
+        (
+            lambda: nnx.MultiHeadAttention(2, 8, decode=False, rngs=_rngs()),
+            lambda layer: _replace_sublayer(
+                layer, lambda root: root.layer.input_to_query, basic_ops.Elementwise(jnp.tanh)
+            ),
+        ),
+        (
+            lambda: nnx.MultiHeadAttention(2, 8, decode=False, rngs=_rngs()),
+            lambda layer: _replace_sublayer(
+                layer,
+                lambda root: root.layer.attn_value_to_output,
+                grouping.Sequential([basic_ops.Elementwise(jnp.tanh)]),
+            ),
+        ),
+        (
+            lambda: nnx.Embed(5, 3, rngs=_rngs()),
+            lambda layer: _replace_sublayer(
+                layer,
+                lambda root: root.layer.table.embeddings,
+                variables.Parameter(value=jnp.ones((5, 3)), label="embedding"),
+            ),
+        ),
+        (
+            lambda: nnx.LoRA(3, 2, 3, rngs=_rngs()),
+            lambda layer: _replace_sublayer(
+                layer, lambda root: root.layer.sublayers[0], basic_ops.Elementwise(jnp.tanh)
+            ),
+        ),
+        (
+            lambda: nnx.Linear(3, 4, rngs=_rngs()),
+            lambda layer: _replace_sublayer(
+                layer, lambda root: root.layer, linear_and_affine.Affine([])
+            ),
+        ),
+        (
+            lambda: nnx.Linear(3, 4, rngs=_rngs()),
+            lambda layer: _replace_sublayer(
+                layer, lambda root: root.layer.sublayers[0].weights, jnp.ones((3, 4))
+            ),
+        ),
+    ],
+    ids=[
+        "attention_query_not_a_sequential",
+        "attention_output_too_short",
+        "positional_embedding_table",
+        "lora_path_not_linear",
+        "empty_affine",
+        "constant_weights",
+    ],
+)
+def test_edits_of_another_shape_are_declined_not_reported(factory, edit):
+    layer = edit(convert.from_nnx(factory()))
+    assert isinstance(convert.to_nnx(layer), wrappers.PzModule)
+
+
+def test_a_natively_built_norm_without_parameters_is_declined():
+    norm = standardization.LayerNorm([standardization.Standardize(across=("features",))])
+    with pytest.raises(ValueError, match="LayerNorm has no native NNX counterpart"):
+        convert.to_nnx(norm, native=True)

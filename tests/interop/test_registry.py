@@ -1,5 +1,7 @@
 """Tests of the mapping registry: user mappings, elementwise functions, contexts."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ from flax import nnx
 
 from pz_flax.core import variables
 from pz_flax.interop import convert
+from pz_flax.interop import mappings
 from pz_flax.interop import naming
 from pz_flax.interop import registry
 from pz_flax.interop import wrappers
@@ -50,9 +53,8 @@ class ScaleMapping(registry.LayerMapping):
 
 @pytest.fixture
 def scale_mapping():
-    mapping = registry.register_mapping(ScaleMapping())
-    yield mapping
-    registry.unregister_mapping(Scale)
+    with registry.mapping_registry.scoped(Scale, ScaleMapping()) as mapping:
+        yield mapping
 
 
 def test_user_mapping_converts_both_ways(scale_mapping):
@@ -74,11 +76,26 @@ def test_without_a_mapping_the_user_class_is_wrapped():
     assert isinstance(convert.from_nnx(module), wrappers.NNXWrapper)
 
 
+def test_register_and_unregister_mapping_functions():
+    with registry.mapping_registry.isolated():
+        mapping = registry.register_mapping(ScaleMapping())
+        assert registry.get_mapping(Scale) is mapping
+        assert isinstance(convert.from_nnx(Scale(3, rngs=nnx.Rngs(0))), wrappers.FromNNX)
+        assert registry.unregister_mapping(Scale) is mapping
+        assert registry.get_mapping(Scale) is None
+        assert Scale not in registry.registered_mappings()
+        assert isinstance(convert.from_nnx(Scale(3, rngs=nnx.Rngs(0))), wrappers.NNXWrapper)
+
+
 def test_register_rejects_duplicates_and_bad_input(scale_mapping):
-    with pytest.raises(ValueError, match="already has the mapping ScaleMapping"):
+    with pytest.raises(
+        ValueError, match=r"Scale is already in the NNX layer mappings registry \(as ScaleMapping"
+    ):
         registry.register_mapping(ScaleMapping())
-    replacement = registry.register_mapping(ScaleMapping(), replace=True)
-    assert registry.get_mapping(Scale) is replacement
+    with registry.mapping_registry.isolated():
+        replacement = registry.register_mapping(ScaleMapping(), replace=True)
+        assert registry.get_mapping(Scale) is replacement
+    assert registry.get_mapping(Scale) is scale_mapping
     with pytest.raises(TypeError, match="expects a LayerMapping instance, got str"):
         registry.register_mapping("mapping")
 
@@ -87,8 +104,60 @@ def test_register_rejects_duplicates_and_bad_input(scale_mapping):
 
     with pytest.raises(TypeError, match="nnx_type must be an NNX module class"):
         registry.register_mapping(NoType())
-    with pytest.raises(KeyError, match="No mapping is registered"):
+    with pytest.raises(KeyError, match=r"builtins\.int is not in the NNX layer mappings registry"):
         registry.unregister_mapping(int)
+
+
+def test_the_mapping_registry_checks_direct_entries():
+    table = registry.mapping_registry
+    with pytest.raises(TypeError, match="takes LayerMapping instances, got str"):
+        table.register(Scale, "mapping")
+    with pytest.raises(TypeError, match="converts Scale, so it must be registered under that"):
+        table.register(nnx.Linear, ScaleMapping())
+    with pytest.raises(TypeError, match="converts Scale"), table.scoped(int, ScaleMapping()):
+        pass
+    assert Scale not in table
+    assert table.get(nnx.Linear) is not None
+
+
+def test_scoped_mappings_are_undone_and_restore_what_they_replaced():
+    table = registry.mapping_registry
+    builtin_linear = table[nnx.Linear]
+    before = table.snapshot()
+
+    class ReplacementLinearMapping(mappings.LinearMapping):
+        pass
+
+    with table.scoped(nnx.Linear, ReplacementLinearMapping(), replace=True) as replacement:
+        assert registry.get_mapping(nnx.Linear) is replacement
+    assert registry.get_mapping(nnx.Linear) is builtin_linear
+    assert table.snapshot() == before
+    assert list(table) == list(before)  # same order: native to_nnx priorities unchanged
+    with (
+        pytest.raises(ValueError, match="already in the NNX layer mappings registry"),
+        table.scoped(nnx.Linear, ReplacementLinearMapping()),
+    ):
+        pass
+    assert registry.get_mapping(nnx.Linear) is builtin_linear
+
+
+def test_the_pz_type_index_follows_the_table():
+    class NativeScaleMapping(ScaleMapping):
+        pz_types = (linear_and_affine.Linear,)
+
+    builtin = registry.mappings_for_pz_type(linear_and_affine.Linear)
+    assert builtin and all(type(m).__module__ == mappings.__name__ for m in builtin)
+    with registry.mapping_registry.scoped(Scale, NativeScaleMapping()) as user_mapping:
+        # The most recently registered mapping is tried first.
+        assert registry.mappings_for_pz_type(linear_and_affine.Linear) == (user_mapping, *builtin)
+        scale = linear_and_affine.Linear(
+            weights=variables.Parameter(value=helpers.named(jnp.ones(3), "features"), label="s"),
+            in_axis_names=(),
+            out_axis_names=(),
+        )
+        assert isinstance(convert.to_nnx(scale, native=True), Scale)
+    assert registry.mappings_for_pz_type(linear_and_affine.Linear) == builtin
+    assert registry.mappings_for_pz_type(Scale) == ()
 
 
 def test_a_mapping_that_does_not_round_trip_exactly_falls_back_to_a_wrapper():
@@ -98,40 +167,48 @@ def test_a_mapping_that_does_not_round_trip_exactly_falls_back_to_a_wrapper():
             module.extra = 1  # a static attribute the original does not have
             return module
 
-    registry.register_mapping(LossyMapping())
-    try:
+    with registry.mapping_registry.scoped(Scale, LossyMapping()):
         module = Scale(3, rngs=nnx.Rngs(0))
         assert isinstance(convert.from_nnx(module), wrappers.NNXWrapper)
         with pytest.raises(ValueError, match="different graph definition"):
             convert.from_nnx(module, strict=True)
-    finally:
-        registry.unregister_mapping(Scale)
 
 
 def test_mapping_naming_overrides_apply_to_its_class():
     class RenamingMapping(ScaleMapping):
         naming = {"features": "channels"}
 
-    registry.register_mapping(RenamingMapping())
-    try:
+    with registry.mapping_registry.scoped(Scale, RenamingMapping()):
         layer = convert.from_nnx(Scale(3, rngs=nnx.Rngs(0)))
         assert dict(layer.layer.weights.value.named_shape) == {"channels": 3}
-    finally:
-        registry.unregister_mapping(Scale)
 
 
-def test_register_elementwise_function():
-    def cube(x):
-        return x**3
+def _cube(x):
+    return x**3
 
-    assert not registry.is_elementwise_function(cube)
-    assert isinstance(convert.from_nnx(cube), wrappers.WrappedCallable)
-    registry.register_elementwise_function(cube)
-    assert registry.is_elementwise_function(cube)
-    assert convert.from_nnx(cube) == basic_ops.Elementwise(cube)
-    assert not registry.is_elementwise_function([])
-    with pytest.raises(TypeError, match="expects a callable"):
-        registry.register_elementwise_function(3)
+
+def test_declared_elementwise_functions_convert_to_elementwise_and_back():
+    assert isinstance(convert.from_nnx(_cube), wrappers.WrappedCallable)
+    with basic_ops.elementwise_function_registry.scoped(_cube, "cube"):
+        layer = convert.from_nnx(_cube)
+        assert layer == basic_ops.Elementwise(_cube)
+        module = convert.to_nnx(layer, native=True)
+        assert isinstance(module, nnx.Sequential) and module.layers[0] is _cube
+    assert isinstance(convert.from_nnx(_cube), wrappers.WrappedCallable)
+    with pytest.raises(ValueError, match="Elementwise has no native NNX counterpart"):
+        convert.to_nnx(basic_ops.Elementwise(_cube), native=True)
+
+
+def test_interop_reads_the_one_elementwise_table():
+    from pz_flax import interop
+
+    assert interop.elementwise_function_registry is basic_ops.elementwise_function_registry
+    assert interop.register_elementwise_function is basic_ops.register_elementwise_function
+    # Every function nn knows to be elementwise converts from NNX code as Elementwise.
+    for fn in (jnp.exp, jax.nn.mish, jax.lax.erf, jax.nn.identity, nnx.relu, nnx.tanh):
+        assert convert.from_nnx(fn) == basic_ops.Elementwise(fn)
+    leaky = functools.partial(jax.nn.leaky_relu, negative_slope=0.2)
+    assert isinstance(convert.from_nnx(leaky), wrappers.WrappedCallable)
 
 
 def test_context_array_returns_stored_array_or_reorders():
@@ -142,7 +219,7 @@ def test_context_array_returns_stored_array_or_reorders():
     )
     assert context.array(parameter, ("a", "b")) is array
     np.testing.assert_array_equal(context.array(parameter, ("b", "a")), array.T)
-    with pytest.raises(ValueError, match=r"exactly the named axes \('a', 'c'\)"):
+    with pytest.raises(registry.LayerShapeMismatch, match=r"exactly the named axes \('a', 'c'\)"):
         context.array(parameter, ("a", "c"))
     with pytest.raises(ValueError, match="got named axes"):
         context.array(parameter, None)
@@ -150,6 +227,8 @@ def test_context_array_returns_stored_array_or_reorders():
     assert context.array(positional, None) is array
     with pytest.raises(ValueError, match="is a positional array"):
         context.array(positional, ("a", "b"))
+    with pytest.raises(registry.LayerShapeMismatch, match="Expected a parameter, got ArrayImpl"):
+        context.array(array, None)
 
 
 def test_context_construct_checks_variables():
@@ -157,7 +236,7 @@ def test_context_construct_checks_variables():
         naming=naming.DEFAULT_NAMING, native=False, convert_child=lambda layer: layer
     )
     kernel = jnp.ones((2, 3))
-    with pytest.raises(ValueError, match=r"missing \['bias'\]"):
+    with pytest.raises(registry.LayerShapeMismatch, match=r"missing \['bias'\]"):
         context.construct(nnx.Linear, 2, 3, variables_by_path={"kernel": (None, kernel)})
     with pytest.raises(ValueError, match=r"'kernel' needs shape \(2, 3\)"):
         context.construct(

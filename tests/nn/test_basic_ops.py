@@ -138,3 +138,91 @@ def test_partial_with_array_argument_keeps_nmap_semantics():
 )
 def test_signature_matches_penzai(qualified_name):
     helpers.assert_signature_matches_penzai(basic_ops, "penzai.nn.basic_ops", qualified_name)
+
+
+def _double(x):
+    return 2 * x
+
+
+def test_builtin_elementwise_functions_are_declared_once_with_their_names():
+    table = basic_ops.elementwise_function_registry
+    assert table[jax.nn.relu] == "jax.nn.relu"
+    assert table[jnp.tanh] == "jax.numpy.tanh"
+    for fn in (jax.nn.gelu, jax.nn.identity, jnp.exp, jax.lax.erf):
+        assert basic_ops.is_elementwise_function(fn)
+    assert basic_ops.known_elementwise_functions() == frozenset(table)
+    # Not elementwise: reductions and functions that mix elements.
+    for fn in (jnp.sum, jax.nn.softmax, jnp.cumsum):
+        assert not basic_ops.is_elementwise_function(fn)
+
+
+def test_register_and_unregister_elementwise_function():
+    with basic_ops.elementwise_function_registry.isolated():
+        assert basic_ops.register_elementwise_function(_double) is _double
+        assert basic_ops.elementwise_function_registry[_double] == "_double"
+        assert _double in basic_ops.known_elementwise_functions()
+        assert basic_ops.unregister_elementwise_function(_double) == "_double"
+        assert not basic_ops.is_elementwise_function(_double)
+        with pytest.raises(KeyError, match=r"_double is not in the elementwise functions"):
+            basic_ops.unregister_elementwise_function(_double)
+    assert not basic_ops.is_elementwise_function(_double)
+
+
+def test_register_elementwise_function_errors():
+    with pytest.raises(TypeError, match="expects a callable, got 3"):
+        basic_ops.register_elementwise_function(3)
+    with pytest.raises(ValueError, match=r"jax\.nn\.relu is already in the elementwise"):
+        basic_ops.register_elementwise_function(jax.nn.relu)
+
+    class Unhashable:
+        __hash__ = None
+
+        def __call__(self, x):
+            return x
+
+    with pytest.raises(TypeError, match="must be hashable"):
+        basic_ops.register_elementwise_function(Unhashable())
+    assert not basic_ops.is_elementwise_function([])
+    with basic_ops.elementwise_function_registry.isolated():
+        basic_ops.register_elementwise_function(jax.nn.relu, "rectifier", replace=True)
+        assert basic_ops.elementwise_function_registry[jax.nn.relu] == "rectifier"
+    assert basic_ops.elementwise_function_registry[jax.nn.relu] == "jax.nn.relu"
+
+
+def test_declaring_a_function_elementwise_switches_elementwise_to_the_data_array():
+    # Elementwise trusts the declaration: a declared function is called once on the whole data
+    # array, an undeclared one per element under nmap's vmap (it sees a scalar).
+    seen_shapes = []
+
+    def recording_double(value):
+        seen_shapes.append(value.shape)
+        return 2 * value
+
+    x = random_named(0, {"foo": 3, "bar": 2})
+    undeclared = basic_ops.Elementwise(recording_double)(x)
+    assert seen_shapes == [()]
+    with basic_ops.elementwise_function_registry.scoped(recording_double, "double"):
+        declared = basic_ops.Elementwise(recording_double)(x)
+    assert seen_shapes == [(), (3, 2)]
+    helpers.assert_same_named_array(declared, undeclared)
+    basic_ops.Elementwise(recording_double)(x)
+    assert seen_shapes[-1] == ()
+
+
+def test_the_checkpoint_allow_list_reads_the_same_table():
+    from pz_flax.checkpoint import errors
+    from pz_flax.checkpoint import functions
+
+    def resolve(name):
+        return functions.resolve_function(name, allow_modules=(), path="fn")
+
+    assert resolve("jax.nn:identity") is jax.nn.identity
+    assert functions.function_name(jax.nn.relu, "fn") == "jax.nn:relu"
+    # A JAX function declared elementwise becomes nameable for as long as it is declared.
+    with pytest.raises(errors.UntrustedTypeError):
+        resolve("jax.numpy:cbrt")
+    with basic_ops.elementwise_function_registry.scoped(jnp.cbrt, "cbrt"):
+        assert resolve("jax.numpy:cbrt") is jnp.cbrt
+        assert functions.function_name(jnp.cbrt, "fn") == "jax.numpy:cbrt"
+    with pytest.raises(errors.UntrustedTypeError):
+        resolve("jax.numpy:cbrt")
