@@ -238,15 +238,37 @@ def nnx_metadata_keys() -> NnxMetadataKeys:
 #### The JAX trace that NNX checks variable writes against ####
 
 
+def _find_opaque_trace_state() -> Any:
+    # JAX's public accessor lives in ``jax.extend.core`` since jax 0.9 and in ``jax.core``
+    # before (what flax uses in each case).
+    for namespace in (jax.extend.core, jax.core):
+        accessor = getattr(namespace, "get_opaque_trace_state", None)
+        if accessor is not None:
+            return accessor
+    return None
+
+
+_opaque_trace_state = _find_opaque_trace_state()
+
+
 def current_trace() -> Hashable:
     """A token for the JAX trace active now; two tokens compare equal in the same trace.
 
-    NNX records this token (JAX's opaque trace state under the ``"nnx"`` convention, a public
-    ``jax.extend.core`` API) when it creates a variable and refuses writes from any other
-    trace. Code that writes variables without NNX's per-write check (see
-    `write_raw_values_unchecked`) compares tokens itself, once.
+    NNX records this token (JAX's opaque trace state under the ``"nnx"`` convention) when it
+    creates a variable and refuses writes from any other trace. Code that writes variables
+    without NNX's per-write check (see `write_raw_values_unchecked`) compares tokens itself,
+    once.
+
+    Raises:
+        RuntimeError: If this JAX release has no ``get_opaque_trace_state``.
     """
-    return jax.extend.core.get_opaque_trace_state(convention="nnx")
+    if _opaque_trace_state is None:
+        raise RuntimeError(
+            "pz_flax cannot tell which JAX trace is active: this JAX release has no"
+            " get_opaque_trace_state in jax.extend.core or jax.core."
+            " pz_flax._compat.nnx.current_trace needs updating."
+        )
+    return _opaque_trace_state(convention="nnx")
 
 
 #### Writing raw values without NNX's per-write trace check ####
