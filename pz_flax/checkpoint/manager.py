@@ -86,10 +86,7 @@ class CheckpointManager:
             self._manager = ocp.CheckpointManager(
                 self.directory,
                 options=options,
-                item_handlers={
-                    storage.ARRAYS_ITEM: ocp.StandardCheckpointHandler(),
-                    storage.MANIFEST_ITEM: ocp.JsonCheckpointHandler(),
-                },
+                item_handlers=storage.item_handlers(),
             )
             self._finish_collection()
 

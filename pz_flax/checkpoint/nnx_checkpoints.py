@@ -145,7 +145,7 @@ def load_nnx_module(
     except Exception as exc:
         raise errors.CorruptCheckpointError(
             f"Cannot read the arrays of the NNX checkpoint at {path}: {storage.exception_summary(exc)}"
-        ) from None
+        ) from exc
     # Where the abstract state asks for typed keys, Orbax may hand back their key data.
     values = [
         jax.random.wrap_key_data(value, impl=manifest_lib.prng_impl_name(leaf.dtype, entry.path))

@@ -473,6 +473,10 @@ def _are_filters(arguments: tuple[Any, ...]) -> bool:
     return all(_is_filter(argument) for argument in arguments)
 
 
+def _dataclass_arguments(value: Any) -> tuple[Any, ...]:
+    return tuple(getattr(value, field.name) for field in dataclasses.fields(value))
+
+
 def _is_path_key(value: Any) -> bool:
     return isinstance(value, str) or type(value) is int
 
@@ -480,19 +484,25 @@ def _is_path_key(value: Any) -> bool:
 _FILTER_CLASSES = {
     filter_class.cls.__name__: filter_class
     for filter_class in (
+        # Dataclasses, saved field by field as this flax release defines them (``PathContains``
+        # has an ``exact`` flag in flax 0.12.8; a release without it has one field fewer).
         _FilterClass(
             nnx.WithTag,
-            lambda f: (f.tag,),
+            _dataclass_arguments,
             lambda args: len(args) == 1 and isinstance(args[0], str),
         ),
         _FilterClass(
             nnx.PathContains,
-            lambda f: (f.key, f.exact),
-            lambda args: len(args) == 2 and _is_path_key(args[0]) and type(args[1]) is bool,
+            _dataclass_arguments,
+            lambda args: (
+                len(args) == len(dataclasses.fields(nnx.PathContains))
+                and _is_path_key(args[0])
+                and all(type(arg) is bool for arg in args[1:])
+            ),
         ),
         _FilterClass(
             nnx.OfType,
-            lambda f: (f.type,),
+            _dataclass_arguments,
             lambda args: len(args) == 1 and isinstance(args[0], type),
         ),
         _FilterClass(nnx.Any, lambda f: f.predicates, _are_filters),

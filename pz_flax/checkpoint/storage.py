@@ -53,21 +53,21 @@ import tensorstore as ts
 from etils import epath
 from flax import traverse_util
 
+from pz_flax._compat import orbax as orbax_compat
 from pz_flax.checkpoint import errors
 from pz_flax.checkpoint import manifest as manifest_lib
 
 ARRAYS_ITEM = "arrays"
 MANIFEST_ITEM = "manifest"
-# JsonCheckpointHandler's file name inside the manifest item directory.
-_MANIFEST_FILE = "metadata"
+# The manifest's file name inside the manifest item directory, given to Orbax's JSON handler
+# (it is that handler's default name too, so format-1 checkpoints have it as well).
+MANIFEST_FILE = "metadata"
 # Concurrent fsync calls while publishing a checkpoint (they mostly wait on the disk).
 _FSYNC_THREADS = 16
 # Error messages from Orbax/TensorStore are cut to this length in our messages.
 _MAX_SUMMARY_CHARS = 300
-# Files Orbax writes into every checkpoint it finishes (which ones depends on the handler).
-_ORBAX_MARKERS = ("_CHECKPOINT_METADATA", "_METADATA", "manifest.ocdbt", "commit_success.txt")
 # Orbax's suffix for the directory it writes before renaming it into place.
-_ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+_ORBAX_TMP_SUFFIX = ocp.utils.TMP_DIR_SUFFIX
 # Marks the hidden siblings of a checkpoint that a save of it creates.
 _SIBLING_MARK = ".pz_flax-"
 _OLD_SUFFIX = "-old"
@@ -511,7 +511,15 @@ def atomic_directory(path: PathLike, *, kind: CheckpointKind, force: bool) -> It
 
 @functools.cache
 def _composite_checkpointer() -> ocp.Checkpointer:
-    return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**item_handlers()))
+
+
+def item_handlers() -> dict[str, ocp.CheckpointHandler]:
+    """The Orbax handler of each item of a pz_flax checkpoint (shared with the step manager)."""
+    return {
+        ARRAYS_ITEM: ocp.StandardCheckpointHandler(),
+        MANIFEST_ITEM: ocp.JsonCheckpointHandler(filename=MANIFEST_FILE),
+    }
 
 
 def composite_save_args(encoded: manifest_lib.EncodedModel) -> ocp.args.Composite:
@@ -583,12 +591,12 @@ def checkpoint_dir(path: PathLike) -> epath.Path:
 def is_orbax_checkpoint(path: PathLike) -> bool:
     """Tells whether ``path`` looks like a finished Orbax checkpoint directory."""
     path = epath.Path(path)
-    return any((path / name).exists() for name in _ORBAX_MARKERS)
+    return orbax_compat.is_finished_checkpoint(path)
 
 
 def is_pz_checkpoint(path: PathLike) -> bool:
     """Tells whether ``path`` is a directory holding a pz_flax manifest."""
-    return (epath.Path(path) / MANIFEST_ITEM / _MANIFEST_FILE).is_file()
+    return (epath.Path(path) / MANIFEST_ITEM / MANIFEST_FILE).is_file()
 
 
 def read_manifest(path: PathLike) -> dict[str, Any]:
@@ -606,7 +614,7 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
             not a manifest this version of pz_flax understands.
     """
     path = checkpoint_dir(path)
-    manifest_file = path / MANIFEST_ITEM / _MANIFEST_FILE
+    manifest_file = path / MANIFEST_ITEM / MANIFEST_FILE
     with storage_errors(path, "read the checkpoint at"):
         if not manifest_file.is_file():
             if (path / ARRAYS_ITEM).is_dir():
@@ -628,7 +636,7 @@ def read_manifest(path: PathLike) -> dict[str, Any]:
 
 def manifest_source(path: PathLike) -> str:
     """How messages about a checkpoint's manifest name it: the manifest file."""
-    return f"The checkpoint manifest {path}/{MANIFEST_ITEM}/{_MANIFEST_FILE}"
+    return f"The checkpoint manifest {path}/{MANIFEST_ITEM}/{MANIFEST_FILE}"
 
 
 def stored_array_metadata(directory: PathLike) -> dict[tuple[str, ...], Any]:
@@ -644,7 +652,7 @@ def stored_array_metadata(directory: PathLike) -> dict[tuple[str, ...], Any]:
         raise errors.CorruptCheckpointError(
             f"Cannot read the arrays in {directory} (missing or damaged files):"
             f" {exception_summary(exc)}"
-        ) from None
+        ) from exc
     tree = getattr(metadata, "tree", metadata)
     if not isinstance(tree, dict):
         return {(): tree}
@@ -654,16 +662,15 @@ def stored_array_metadata(directory: PathLike) -> dict[tuple[str, ...], Any]:
 
 #### Cross-checking the stored array metadata ####
 
-# Orbax names an array's store by its key path joined with dots (``arrays/<name>/.zarray``).
-_ARRAY_NAME_SEPARATOR = "."
 
-
-def _array_kvstore_spec(arrays_dir: epath.Path) -> dict[str, Any]:
+def array_kvstore_spec(arrays_dir: epath.Path) -> dict[str, Any] | str:
+    """The TensorStore key-value store holding the arrays Orbax wrote into ``arrays_dir``."""
     base = os.fspath(arrays_dir)
     base = base if _is_remote(base) else f"file://{base}"
-    if (arrays_dir / "manifest.ocdbt").exists():
+    if orbax_compat.holds_ocdbt_database(arrays_dir):
         return {"driver": "ocdbt", "base": base}
-    return base
+    # Per-array directories: store keys are appended to the URL, so it must end in a slash.
+    return base.rstrip("/") + "/"
 
 
 def _zarr_layout_problem(entry: manifest_lib.ArrayEntry, raw: bytes | None) -> str | None:
@@ -723,28 +730,33 @@ def check_stored_arrays(arrays_dir: epath.Path, entries: list[manifest_lib.Array
         CorruptCheckpointError: If any array's stored metadata disagrees with the manifest.
     """
     try:
-        store = ts.KvStore.open(_array_kvstore_spec(arrays_dir)).result()
-        names = {entry.path: _ARRAY_NAME_SEPARATOR.join(entry.key) for entry in entries}
-        zarr2 = {path: store.read(f"{name}/.zarray") for path, name in names.items()}
-        found = {path: read.result().value for path, read in zarr2.items()}
-        missing = [path for path, raw in found.items() if not raw]
-        if missing:
-            zarr3 = {path: store.read(f"{names[path]}/zarr.json") for path in missing}
-            found.update({path: read.result().value for path, read in zarr3.items()})
+        store = ts.KvStore.open(array_kvstore_spec(arrays_dir)).result()
+        candidates = {entry.path: orbax_compat.array_metadata_keys(entry.key) for entry in entries}
+        found: dict[str, bytes] = {}
+        # One round of concurrent reads per candidate location (zarr v2 first, then v3).
+        for attempt in range(len(orbax_compat.ZARR_METADATA_FILES)):
+            reads = {
+                path: store.read(keys[attempt])
+                for path, keys in candidates.items()
+                if not found.get(path)
+            }
+            found.update({path: read.result().value for path, read in reads.items()})
     except Exception as exc:
         raise errors.CorruptCheckpointError(
             f"Cannot read the arrays' metadata in {arrays_dir} (missing or"
             f" damaged files): {exception_summary(exc)}"
-        ) from None
+        ) from exc
     problems = []
     for entry in entries:
         problem = _zarr_layout_problem(entry, found[entry.path] or None)
         if problem:
             problems.append(f"{entry.path}: {problem}")
     if problems:
+        none_found = entries and not any(found.values())
         raise errors.CorruptCheckpointError(
             f"The checkpoint arrays in {arrays_dir} are inconsistent: {'; '.join(problems[:3])}"
             + (f" (and {len(problems) - 3} more)" if len(problems) > 3 else "")
+            + (f". If they are all there: {orbax_compat.LAYOUT_ASSUMPTION}." if none_found else "")
         )
 
 
@@ -781,7 +793,7 @@ def _pick_sharding(
         raise ValueError(
             f"{entry.path}: cannot restore the array of shape {entry.shape} (axes"
             f" {entry.axis_names}) into the sharding {chosen}: {exc}"
-        ) from None
+        ) from exc
     return chosen
 
 
@@ -816,7 +828,7 @@ def read_arrays(
         raise errors.CorruptCheckpointError(
             f"Cannot read the arrays of the checkpoint at {path} (missing or damaged files):"
             f" {exception_summary(exc)}"
-        ) from None
+        ) from exc
     arrays = []
     for entry in entries:
         node = restored

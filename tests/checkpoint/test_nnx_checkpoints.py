@@ -174,3 +174,14 @@ def test_edited_stored_dtype_of_an_nnx_checkpoint_is_caught(nnx_checkpoint, tmp_
         errors.CorruptCheckpointError, match=r"layers/0/kernel/value: stored dtype '>f4'"
     ):
         nnx_checkpoints.load_nnx_module(copy, sample_models.make_nnx_model)
+
+
+def test_nnx_checkpoint_without_ocdbt_loads(tmp_path):
+    # Orbax's per-array layout (``use_ocdbt=False``, the default of older Orbax releases): the
+    # stored-metadata check must find each array's zarr metadata there too.
+    module = sample_models.make_nnx_model()
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False))
+    checkpointer.save(tmp_path / "ckpt", args=ocp.args.StandardSave(nnx.state(module)))
+    assert not (tmp_path / "ckpt" / "manifest.ocdbt").exists()
+    restored = nnx_checkpoints.load_nnx_module(tmp_path / "ckpt", sample_models.make_nnx_model)
+    _assert_states_identical(restored, module)
