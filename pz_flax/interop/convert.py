@@ -20,6 +20,7 @@ module, and natively built pz_flax layers either into a ``PzModule`` adapter or,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Mapping
@@ -669,7 +670,7 @@ def _convert_to_nnx(layer: Any, context: registry.ToNNXContext) -> Any:
         return wrappers.PzModule(
             layer,
             naming=context.naming,
-            input_names_for_rank=_input_names_for_rank(layer, mapping, context.naming),
+            input_names_for_rank=MappedInputNames(layer.nnx_type, layer.nnx_config, context.naming),
         )
     if isinstance(layer, wrappers.NNXWrapper):
         return _rebuild(layer, context)
@@ -733,12 +734,34 @@ def _stacked_to_nnx(layer: layer_stack.LayerStack, context: registry.ToNNXContex
     return module
 
 
-def _input_names_for_rank(layer: wrappers.FromNNX, mapping, naming) -> Any:
-    """How the NNX class of an edited layer names its positional input, by input rank."""
-    if mapping is None:
-        return None
-    config = layer.nnx_config
-    return lambda ndim: mapping.input_names(config, config.get("naming", naming), ndim)
+@dataclasses.dataclass(frozen=True)
+class MappedInputNames:
+    """How the NNX class of an edited layer names its positional input, by input rank.
+
+    What ``to_nnx`` gives the ``PzModule`` it makes of an edited ``FromNNX`` layer. Plain data
+    (the class, the settings its mapping recorded, the naming), not a closure, so that an NNX
+    model holding such a module converts back with ``from_nnx`` and saves in a checkpoint.
+
+    Attributes:
+        nnx_type: The NNX class the layer came from.
+        nnx_config: The settings its mapping recorded (``FromNNX.nnx_config``).
+        naming: The naming convention of the conversion.
+    """
+
+    nnx_type: type[Any]
+    nnx_config: dict[str, Hashable]
+    naming: naming_lib.NNXNaming
+
+    def __hash__(self) -> int:
+        # NNX hashes a module's static attributes (jit caches); the settings are hashable.
+        return hash((self.nnx_type, tuple(sorted(self.nnx_config.items())), self.naming))
+
+    def __call__(self, ndim: int) -> tuple[str, ...] | None:
+        mapping = registry.get_mapping(self.nnx_type)
+        if mapping is None:
+            return None
+        naming = self.nnx_config.get("naming", self.naming)
+        return mapping.input_names(self.nnx_config, naming, ndim)
 
 
 def _as_function(layer: Any, naming: naming_lib.NNXNaming) -> Any:

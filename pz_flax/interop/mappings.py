@@ -842,6 +842,9 @@ class MultiHeadAttentionMapping(ReversibleMapping):
         )
         if out_bias is not None:
             by_path["out/bias"] = (out_bias.bias, context.array(out_bias.bias, (features,)))
+        biases = {path for path in by_path if path.endswith("/bias")}
+        if biases and len(biases) != 4:
+            return None  # NNX's attention has a bias on all four projections or on none.
         query_kernel = by_path["query/kernel"][1]
         in_size, num_heads, head_dim = query_kernel.shape
         out_size = by_path["out/kernel"][1].shape[-1]

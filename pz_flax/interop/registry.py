@@ -464,15 +464,18 @@ class ToNNXContext:
             The module.
 
         Raises:
-            LayerShapeMismatch: If the paths, shapes or dtypes do not match what the
-                constructor makes (a ``MappingNotApplicable`` and a ``ValueError``).
+            LayerShapeMismatch: If the shapes or dtypes do not match what the constructor
+                makes (a ``MappingNotApplicable``: the layer has another shape, so the
+                mapping declines it; also a ``ValueError``).
+            ValueError: If the variable paths do not match what the constructor makes: the
+                mapping itself is wrong, which ``to_nnx`` reports as a ``MappingError``.
         """
         graphdef, abstract = _abstract_module(nnx_class, args, kwargs)
         expected = {"/".join(str(part) for part in path): (path, var) for path, var in abstract}
         missing = sorted(set(expected) - set(variables_by_path))
         unexpected = sorted(set(variables_by_path) - set(expected))
         if missing or unexpected:
-            raise LayerShapeMismatch(
+            raise ValueError(
                 f"Cannot build {nnx_class.__name__}: it has the variables {sorted(expected)},"
                 f" but got {sorted(variables_by_path)} (missing {missing}, unexpected"
                 f" {unexpected})."

@@ -652,6 +652,14 @@ def _replace_sublayer(layer, select, replacement):
                 layer, lambda root: root.layer.sublayers[0].weights, jnp.ones((3, 4))
             ),
         ),
+        (
+            lambda: nnx.MultiHeadAttention(2, 8, decode=False, rngs=_rngs()),
+            lambda layer: _replace_sublayer(
+                layer,
+                lambda root: root.layer.attn_value_to_output.sublayers[1],
+                layer.layer.attn_value_to_output.sublayers[1].sublayers[0],
+            ),
+        ),
     ],
     ids=[
         "attention_query_not_a_sequential",
@@ -660,6 +668,7 @@ def _replace_sublayer(layer, select, replacement):
         "lora_path_not_linear",
         "empty_affine",
         "constant_weights",
+        "attention_output_bias_removed",
     ],
 )
 def test_edits_of_another_shape_are_declined_not_reported(factory, edit):
