@@ -62,10 +62,10 @@ __all__ = [
     "register_mapping",
     "register_wrapped_axis_names",
     "registered_mappings",
-    "unregister_wrapped_axis_names",
-    "wrapped_axis_namer_registry",
     "summary",
     "to_nnx",
     "unregister_elementwise_function",
     "unregister_mapping",
+    "unregister_wrapped_axis_names",
+    "wrapped_axis_namer_registry",
 ]
