@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import operator
 import types
 import warnings
 from collections.abc import Hashable
@@ -271,22 +272,24 @@ def current_trace() -> Hashable:
     return _opaque_trace_state(convention="nnx")
 
 
-#### Writing raw values without NNX's per-write trace check ####
+#### Reading and writing raw values in bulk, without NNX's per-write trace check ####
 
 # NNX checks the JAX trace on every raw-value write (``set_raw_value`` checks, and then its
 # assignment passes through ``Variable.__setattr__``, which checks again): about 1.4 us per
-# write, a visible share of a small training step that writes every parameter. NNX has no
-# public unchecked write, so the value goes straight into the slot that ``get_raw_value()``
-# returns (``_raw_value``, flax 0.12.1+; flax 0.12.0 calls it ``raw_value``). Guard: on first
-# use a probe variable checks that a value stored this way is what ``get_raw_value()`` gives
-# back; if not, the public, checked ``set_raw_value`` is used (slower, still correct).
+# write, a visible share of a small training step that writes every parameter; reading through
+# ``get_raw_value()`` costs a Python call per variable too. NNX has no public bulk or unchecked
+# access, so these functions use the slot that ``get_raw_value()`` returns (``_raw_value``,
+# flax 0.12.1+; flax 0.12.0 calls it ``raw_value``) directly. Guard: on first use a probe
+# variable checks that a value stored in the slot is what ``get_raw_value()`` gives back; if
+# not, the public ``get_raw_value``/``set_raw_value`` are used (slower, still correct).
 _RAW_VALUE_SLOT = "_raw_value"
 _store_attribute = object.__setattr__
+_read_raw_value_slot = operator.attrgetter(_RAW_VALUE_SLOT)
 
 
 @functools.cache
-def raw_value_slot_is_writable() -> bool:
-    """Whether `write_raw_values_unchecked` can use its fast route on this flax release."""
+def raw_value_slot_is_usable() -> bool:
+    """Whether `read_raw_values` and `write_raw_values_unchecked` use their fast route."""
     probe = nnx.Variable(np.zeros(()))
     marker = np.ones(())
     if not hasattr(probe, "get_raw_value"):
@@ -295,7 +298,21 @@ def raw_value_slot_is_writable() -> bool:
         _store_attribute(probe, _RAW_VALUE_SLOT, marker)
     except AttributeError:
         return False
-    return probe.get_raw_value() is marker
+    return probe.get_raw_value() is marker and _read_raw_value_slot(probe) is marker
+
+
+def read_raw_values(variables: Iterable[nnx.Variable]) -> list[Any]:
+    """The raw values of the variables, in order: what ``get_raw_value()`` gives for each.
+
+    Args:
+        variables: The variables to read.
+
+    Returns:
+        A new list of their raw values.
+    """
+    if raw_value_slot_is_usable():
+        return list(map(_read_raw_value_slot, variables))
+    return [variable.get_raw_value() for variable in variables]
 
 
 def write_raw_values_unchecked(variables: Iterable[nnx.Variable], values: Iterable[Any]) -> None:
@@ -309,7 +326,7 @@ def write_raw_values_unchecked(variables: Iterable[nnx.Variable], values: Iterab
         variables: The variables to write.
         values: Their new raw values, in the same order.
     """
-    if raw_value_slot_is_writable():
+    if raw_value_slot_is_usable():
         for variable, value in zip(variables, values, strict=True):
             _store_attribute(variable, _RAW_VALUE_SLOT, value)
     else:

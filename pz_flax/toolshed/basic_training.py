@@ -306,12 +306,10 @@ class _BoundStep:
 
     def __init__(self, compiled, trainable, frozen, state_vars, wait_for_each_step):
         self.compiled = compiled
-        self.trainable = tuple(trainable.items())
-        self.frozen = tuple(frozen.items())
-        self.state_vars = tuple(state_vars.items())
-        self.written_variables = (*trainable.values(), *state_vars.values())
-        self.trainable_keys = tuple(trainable)
-        self.state_var_keys = tuple(state_vars)
+        self.trainable_keys, self.trainable_vars = tuple(trainable), tuple(trainable.values())
+        self.frozen_keys, self.frozen_vars = tuple(frozen), tuple(frozen.values())
+        self.state_var_keys, self.state_var_vars = tuple(state_vars), tuple(state_vars.values())
+        self.written_variables = (*self.trainable_vars, *self.state_var_vars)
         self.home_trace = nnx_compat.current_trace()
         # XLA's in-process CPU collectives can deadlock when many multi-device steps are queued
         # at once (each device runs on a shared thread pool); on CPU nothing is gained by
@@ -327,12 +325,13 @@ class _BoundStep:
                 " outlive the transformation. Call step outside it: the step is compiled with"
                 " jax.jit already."
             )
+        read = nnx_compat.read_raw_values
         aux, new_trainable, new_state_vars, new_internal_state = self.compiled(
             root_rng,
             trainer_state.get_raw_value(),
-            {key: var.get_raw_value() for key, var in self.trainable},
-            {key: var.get_raw_value() for key, var in self.frozen},
-            {key: var.get_raw_value() for key, var in self.state_vars},
+            dict(zip(self.trainable_keys, read(self.trainable_vars), strict=True)),
+            dict(zip(self.frozen_keys, read(self.frozen_vars), strict=True)),
+            dict(zip(self.state_var_keys, read(self.state_var_vars), strict=True)),
             kwargs,
         )
         nnx_compat.write_raw_values_unchecked(

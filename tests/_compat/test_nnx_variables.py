@@ -147,7 +147,7 @@ def test_current_trace_differs_inside_a_jit_and_matches_nnx():
 
 
 def test_raw_value_slot_fast_route_is_active():
-    assert nnx_compat.raw_value_slot_is_writable(), (
+    assert nnx_compat.raw_value_slot_is_usable(), (
         "a value stored in nnx.Variable's raw-value slot"
         f" ({nnx_compat._RAW_VALUE_SLOT!r}) is not what get_raw_value() returns: NNX renamed"
         " the slot; pz_flax._compat.nnx.write_raw_values_unchecked falls back to set_raw_value"
@@ -165,7 +165,7 @@ def test_write_raw_values_unchecked_stores_values_even_inside_a_trace():
 
 
 def test_write_raw_values_unchecked_falls_back_to_the_checked_setter(monkeypatch):
-    monkeypatch.setattr(nnx_compat, "raw_value_slot_is_writable", lambda: False)
+    monkeypatch.setattr(nnx_compat, "raw_value_slot_is_usable", lambda: False)
     variable = nnx.Variable(jnp.zeros(()))
     nnx_compat.write_raw_values_unchecked([variable], [jnp.ones(())])
     assert float(variable.get_raw_value()) == 1.0
@@ -178,3 +178,12 @@ def test_write_raw_values_unchecked_falls_back_to_the_checked_setter(monkeypatch
     with pytest.raises(flax_errors.TraceContextError):
         write(2.0)
     assert float(variable.get_raw_value()) == 1.0
+
+
+@pytest.mark.parametrize("fast_route", [True, False], ids=["slot", "get_raw_value"])
+def test_read_raw_values_gives_what_get_raw_value_gives(monkeypatch, fast_route):
+    monkeypatch.setattr(nnx_compat, "raw_value_slot_is_usable", lambda: fast_route)
+    variables = [nnx.Variable(jnp.zeros(())), nnx.Param(jnp.ones((2,)))]
+    values = nnx_compat.read_raw_values(iter(variables))
+    assert [id(value) for value in values] == [id(v.get_raw_value()) for v in variables]
+    assert nnx_compat.read_raw_values([]) == []

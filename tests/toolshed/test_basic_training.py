@@ -268,7 +268,7 @@ def test_steps_without_the_unchecked_fast_route_train_identically(monkeypatch):
 
     from pz_flax._compat import nnx as nnx_compat
 
-    monkeypatch.setattr(nnx_compat, "raw_value_slot_is_writable", lambda: False)
+    monkeypatch.setattr(nnx_compat, "raw_value_slot_is_usable", lambda: False)
     checked_model = make_model()
     checked = basic_training.StatefulTrainer.build(
         jax.random.key(0), checked_model, optax.adam(0.05), helpers.mse_loss
