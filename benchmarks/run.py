@@ -28,7 +28,15 @@ from typing import Any
 
 import jax
 
-BENCHMARKS = ("train_step", "named_ops", "conversion", "checkpoint_bench", "import_time")
+BENCHMARKS = (
+    "train_step",
+    "tree_mode",
+    "named_ops",
+    "conversion",
+    "checkpoint_bench",
+    "import_time",
+    "real_models",
+)
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 
 # Why a target misses, from profiling the hot path (cProfile); printed beside a missed target.
@@ -72,6 +80,12 @@ WHY_NNX_GRAPH = (
     " pz_flax model has more nodes than the nnx.Linear model (Sequential, Affine, Linear,"
     " AddBias, RenameAxes, Elementwise structs). Inherent to NNX's graph mode; StatefulTrainer"
     " or a jit over raw arrays avoids it."
+)
+WHY_TREE_MODE = (
+    "in tree mode nnx.jit flattens the model, the optimizer and their variables as pytrees on"
+    " every call and snapshots the variables to find the updated ones; a pz_flax model has"
+    " more pytree nodes per dense layer than nnx.Linear (Affine, Linear, RenameAxes, AddBias"
+    " and Elementwise structs), each rebuilt in Python on return."
 )
 WHY_CHECKPOINT = (
     "the pz_flax and plain Orbax paths write and read the same arrays through the same Orbax"
@@ -291,6 +305,35 @@ def _depth_targets(rows: list[dict]) -> list[dict[str, str]]:
     return targets
 
 
+def _tree_mode_targets(rows: list[dict]) -> list[dict[str, str]]:
+    """pz_flax under ``nnx.jit(graph=False)`` against Flax's own model in tree mode.
+
+    Both ratios are to raw jit in the same rounds, so their quotient compares the two
+    contenders round by round rather than through two separately measured medians.
+    """
+    from benchmarks import tree_mode
+
+    targets = []
+    for case in ("dispatch-bound", "compute-bound"):
+        in_case = [row for row in rows if row["case"].startswith(case)]
+        flax_row = _find(in_case, contender=_is(tree_mode.FLAX_TREE))
+        for contender in (tree_mode.PZ_FLAX_TREE_BARE, tree_mode.PZ_FLAX_TREE_MODULE):
+            row = _find(in_case, contender=_is(contender))
+            if row is None or flax_row is None:
+                continue
+            relative = row["ratio"] / flax_row["ratio"]
+            targets.append(
+                _target(
+                    f"{contender}, {case}, <= 1.1x Flax's own tree-mode step",
+                    f"{relative:.2f}x Flax ({row['ratio']:.2f}x raw vs Flax"
+                    f" {flax_row['ratio']:.2f}x raw)",
+                    relative <= 1.1,
+                    f"misses by {relative - 1.1:.2f}x: {WHY_TREE_MODE}",
+                )
+            )
+    return targets
+
+
 def _conversion_targets(rows: list[dict]) -> list[dict[str, str]]:
     targets = []
     sweep = [row for row in rows if "x 16 wide" in row["case"]]
@@ -380,6 +423,7 @@ def evaluate_targets(results: dict[str, list[dict[str, Any]]]) -> list[dict[str,
     """
     targets = []
     targets += _train_step_targets(results.get("train_step", []))
+    targets += _tree_mode_targets(results.get("tree_mode", []))
     targets += _conversion_targets(results.get("conversion", []))
     targets += _checkpoint_targets(results.get("checkpoint_bench", []))
     targets += _import_time_targets(results.get("import_time", []))
@@ -434,6 +478,10 @@ _SECTION_NOTES = {
         " memory high-water mark during the operation minus resident size before it."
     ),
     "checkpoint_bench": "Save/restore time and throughput, ratio to plain Orbax on the same arrays.",
+    "tree_mode": (
+        "The train_step problem under NNX tree mode (`nnx.jit(graph=False)`); ratios are to"
+        " raw `jax.jit` in the same rounds, as in train_step."
+    ),
 }
 
 

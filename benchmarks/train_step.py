@@ -127,15 +127,31 @@ class NnxMlp(nnx.Module):
         return inputs
 
 
-def _nnx_optimizer_step(model: nnx.Module, forward, size: MlpSize) -> Callable[[], Any]:
-    """The tutorial ``nnx.jit`` + ``nnx.Optimizer`` step for ``model`` (called as ``forward``)."""
-    optimizer = nnx.Optimizer(model, optax.adam(LEARNING_RATE), wrt=nnx.Param)
+def nnx_optimizer_step(
+    model: Any, forward, size: MlpSize, *, graph: bool = True
+) -> Callable[[], Any]:
+    """The tutorial ``nnx.jit`` + ``nnx.Optimizer`` step for ``model`` (called as ``forward``).
+
+    Args:
+        model: What the optimizer trains: an ``nnx.Module``, or in tree mode any pytree of NNX
+            variables (a bare pz_flax model).
+        forward: ``forward(model, inputs)`` gives the predictions.
+        size: The problem size (for the batch).
+        graph: NNX's graph mode (True, the default and the tutorials' mode) or tree mode
+            (False: ``nnx.jit(graph=False)``, modules flattened as plain pytrees).
+    """
+    with nnx.set_graph_mode(graph):
+        optimizer = nnx.Optimizer(model, optax.adam(LEARNING_RATE), wrt=nnx.Param)
     x, y = make_batch(size)
 
-    @nnx.jit
+    @nnx.jit(graph=graph)
     def train_step(model, optimizer, inputs, targets):
-        loss, grads = nnx.value_and_grad(lambda m: _mse(forward(m, inputs), targets))(model)
-        optimizer.update(model, grads)
+        loss, grads = nnx.value_and_grad(lambda m: _mse(forward(m, inputs), targets), graph=graph)(
+            model
+        )
+        # The optimizer reads NNX's global mode; inside the step it must match the jit's.
+        with nnx.set_graph_mode(graph):
+            optimizer.update(model, grads)
         return loss
 
     return lambda: train_step(model, optimizer, x, y)
@@ -144,7 +160,7 @@ def _nnx_optimizer_step(model: nnx.Module, forward, size: MlpSize) -> Callable[[
 def nnx_step(size: MlpSize) -> Callable[[], Any]:
     """Flax's tutorial step on an ``nnx.Module`` of ``nnx.Linear`` layers."""
     model = NnxMlp(size, nnx.Rngs(0))
-    return _nnx_optimizer_step(model, lambda m, inputs: m(inputs), size)
+    return nnx_optimizer_step(model, lambda m, inputs: m(inputs), size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,7 +291,9 @@ def pz_flax_param_dict_step(size: MlpSize) -> Callable[[], Any]:
     return step
 
 
-class _PzFlaxHolder(nnx.Module):
+class PzFlaxHolder(nnx.Module):
+    """A pz_flax layer as an attribute of an ``nnx.Module``, as NNX code holds one."""
+
     def __init__(self, layer):
         self.layer = layer
 
@@ -283,8 +301,8 @@ class _PzFlaxHolder(nnx.Module):
 def pz_flax_nnx_step(size: MlpSize) -> Callable[[], Any]:
     """The pz_flax model inside an ``nnx.Module``, trained with ``nnx.jit`` + ``nnx.Optimizer``."""
     pz = _pz_flax_namespace()
-    holder = _PzFlaxHolder(penzai_style_mlp(pz, size))
-    return _nnx_optimizer_step(holder, lambda m, inputs: named_forward(pz, m.layer, inputs), size)
+    holder = PzFlaxHolder(penzai_style_mlp(pz, size))
+    return nnx_optimizer_step(holder, lambda m, inputs: named_forward(pz, m.layer, inputs), size)
 
 
 RAW_JIT = "raw jax.jit"

@@ -15,8 +15,15 @@ Two pieces cooperate:
 * ``Struct`` supplies the flatten/unflatten methods JAX needs plus a handful of conveniences
   (``select``, ``attributes_dict``, ``from_attributes``, treescope rendering).
 
-Flattening is on the dispatch path of every jitted call that takes a model, so the field
-layout of each class is computed once, at decoration time, instead of on every flatten.
+Flattening is on the dispatch path of every jitted call that takes a model: ``jax.jit``
+flattens each argument and unflattens each result on every call, node by node. Most structs
+are therefore registered with ``jax.tree_util.register_dataclass``, which flattens in C++
+(reading the fields with ``getattr``) and compares treedefs without calling Python; it rebuilds
+a struct by calling the class with every field as a keyword argument. That is only the same as
+penzai's unflattening (which never runs ``__init__``) when ``__init__`` is the one dataclasses
+generated for exactly these fields, with no ``__post_init__`` and default path keys; every
+other struct keeps Python flatten/unflatten methods, whose field layout is computed once per
+class and whose flatten metadata is kept with each instance.
 """
 
 from __future__ import annotations
@@ -47,6 +54,10 @@ T = TypeVar("T")
 _PYTREE_DATACLASS_INFO = "__pz_flax_pytree_dataclass_info__"
 # Instance ``__dict__`` key under which a struct keeps its flatten metadata (not a field).
 _STATIC_METADATA_CACHE = "__pz_flax_static_metadata__"
+# Class ``__dict__`` key under which ``Struct.__init_subclass__`` keeps the ``__init__`` a class
+# body defined (or None), while the class's own ``__init__`` refuses to build instances until
+# ``pytree_dataclass`` is applied.
+_DECLARED_INIT = "__pz_flax_declared_init__"
 
 
 class PyTreeDataclassSafetyError(Exception):
@@ -65,6 +76,7 @@ class _ClassLayout:
     static_field_names: tuple[str, ...]
     all_field_names: frozenset[str]
     uses_default_keys: bool
+    flattens_natively: bool
 
 
 def is_pytree_dataclass_type(cls: type[Any]) -> bool:
@@ -128,6 +140,79 @@ class StructStaticMetadata:
             return hash((tuple(self.child_field_names), tuple(self.static_fields)))
 
 
+def uses_native_flattening(cls: type[Any]) -> bool:
+    """Tells whether JAX flattens instances of ``cls`` in C++ (``register_dataclass``).
+
+    Both registrations give the same leaves, paths and rebuilt structs; the native one is
+    faster on ``jax.jit`` dispatch. See the module docstring for which classes get it.
+
+    Args:
+        cls: A class decorated with ``pytree_dataclass``.
+
+    Returns:
+        True if ``cls`` is registered with ``jax.tree_util.register_dataclass``.
+
+    Raises:
+        TypeError: If ``cls`` was not decorated with ``pytree_dataclass``.
+    """
+    if not is_pytree_dataclass_type(cls):
+        raise TypeError(f"{cls!r} is not a class decorated with @pytree_dataclass.")
+    return cls.__dict__[_PYTREE_DATACLASS_INFO].flattens_natively
+
+
+def _can_flatten_natively(cls: type[Any], generated_init: Callable[..., None] | None) -> bool:
+    """Whether calling ``cls(**fields)`` rebuilds an instance exactly as penzai's unflatten does.
+
+    JAX's C++ dataclass nodes rebuild by calling the class; that is a plain field assignment
+    only for a dataclass-generated ``__init__`` taking every field, with no ``__post_init__``
+    (which could validate or transform placeholder leaves), and paths only match when the
+    class keeps the default ``GetAttrKey`` keys.
+    """
+    return (
+        generated_init is not None
+        and getattr(cls, "__post_init__", None) is None
+        and getattr(cls, "key_for_field", None) is Struct.key_for_field
+        and all(field.init for field in dataclasses.fields(cls))
+    )
+
+
+def _refuse_undecorated_init(self, *args, **kwargs):
+    """The ``__init__`` of a ``Struct`` subclass until ``pytree_dataclass`` is applied to it."""
+    del args, kwargs
+    cls = type(self)
+    raise TypeError(
+        f"Cannot instantiate {cls.__module__}.{cls.__qualname__}: it subclasses Struct but is"
+        " not decorated with @pytree_dataclass, so it is abstract. Decorate it to make it"
+        " concrete."
+    )
+
+
+def _restore_declared_init(cls: type[Any]) -> Callable[..., None] | None:
+    """Puts back the ``__init__`` the class body defined; returns it (None if there was none)."""
+    declared = cls.__dict__.get(_DECLARED_INIT)
+    if _DECLARED_INIT in cls.__dict__:
+        delattr(cls, _DECLARED_INIT)
+    if cls.__dict__.get("__init__") is _refuse_undecorated_init:
+        if declared is None:
+            delattr(cls, "__init__")
+        else:
+            cls.__init__ = declared
+    return cls.__dict__.get("__init__")
+
+
+def _inherited_init(cls: type[Any]) -> Callable[..., None]:
+    """The ``__init__`` ``cls`` inherits, looking through the placeholders of undecorated bases."""
+    for base in cls.__mro__[1:]:
+        if base is Struct:
+            break
+        if _DECLARED_INIT in base.__dict__:
+            if base.__dict__[_DECLARED_INIT] is not None:
+                return base.__dict__[_DECLARED_INIT]
+        elif "__init__" in base.__dict__:
+            return base.__dict__["__init__"]
+    return object.__init__
+
+
 def _check_no_stray_inherited_fields(cls: type[Any], has_implicitly_inherited_fields: bool):
     """Makes a class spell out its fields, so dataclass inheritance cannot reorder them."""
     declared = list(inspect.get_annotations(cls))
@@ -175,6 +260,8 @@ def _wrap_custom_init(cls: type[Any], custom_init: Callable[..., None]):
             "_MutableInitProxy": None,
         },
     )
+    # ``Struct.__init_subclass__`` parked the proxy's ``__init__``; the proxy needs it live.
+    _restore_declared_init(proxy_cls)
     # The proxy is instantiable (the metaclass checks for this marker) but is never registered
     # with JAX: it only ever exists inside ``__init__``.
     setattr(
@@ -266,7 +353,11 @@ def pytree_dataclass(
     if _PYTREE_DATACLASS_INFO in cls.__dict__:
         raise ValueError(f"pytree_dataclass was applied twice to {cls.__name__}.")
 
-    custom_init = cls.__dict__.get("__init__")
+    custom_init = _restore_declared_init(cls)
+    inherited_init = _inherited_init(cls)
+    if not init and custom_init is None:
+        # Undecorated ancestors hold refusing placeholders; inherit what their bodies defined.
+        cls.__init__ = inherited_init
     if init and custom_init is None and not overwrite_parent_init:
         inherited_layout = getattr(cls, _PYTREE_DATACLASS_INFO, None)
         harmless_init = (
@@ -274,9 +365,9 @@ def pytree_dataclass(
             if inherited_layout is not None and inherited_layout.generated_init is not None
             else object.__init__
         )
-        if cls.__init__ is not harmless_init:
+        if inherited_init is not harmless_init:
             raise PyTreeDataclassSafetyError(
-                f"@pytree_dataclass would replace the hand-written __init__ {cls.__init__} that"
+                f"@pytree_dataclass would replace the hand-written __init__ {inherited_init} that"
                 f" {cls.__name__} inherits with a generated one. Pass overwrite_parent_init=True"
                 " to generate one anyway, init=False to keep the inherited one, or define"
                 f" __init__ in {cls.__name__}."
@@ -303,18 +394,24 @@ def pytree_dataclass(
         )
 
     fields = dataclasses.fields(cls)
-    setattr(
-        cls,
-        _PYTREE_DATACLASS_INFO,
-        _ClassLayout(
-            generated_init=cls.__init__ if init and custom_init is None else None,
-            child_field_names=tuple(f.name for f in fields if is_pytree_node_field(f)),
-            static_field_names=tuple(f.name for f in fields if not is_pytree_node_field(f)),
-            all_field_names=frozenset(f.name for f in fields),
-            uses_default_keys=getattr(cls, "key_for_field", None) is Struct.key_for_field,
-        ),
+    generated_init = cls.__init__ if init and custom_init is None else None
+    layout = _ClassLayout(
+        generated_init=generated_init,
+        child_field_names=tuple(f.name for f in fields if is_pytree_node_field(f)),
+        static_field_names=tuple(f.name for f in fields if not is_pytree_node_field(f)),
+        all_field_names=frozenset(f.name for f in fields),
+        uses_default_keys=getattr(cls, "key_for_field", None) is Struct.key_for_field,
+        flattens_natively=_can_flatten_natively(cls, generated_init),
     )
-    jax.tree_util.register_pytree_with_keys_class(cls)
+    setattr(cls, _PYTREE_DATACLASS_INFO, layout)
+    if layout.flattens_natively:
+        jax.tree_util.register_dataclass(
+            cls,
+            data_fields=list(layout.child_field_names),
+            meta_fields=list(layout.static_field_names),
+        )
+    else:
+        jax.tree_util.register_pytree_with_keys_class(cls)
     nnx.register_data_type(cls)
 
     if use_mutable_proxy_in_init and custom_init is not None:
@@ -323,21 +420,15 @@ def pytree_dataclass(
 
 
 class AbstractStructMetaclass(abc.ABCMeta):
-    """Metaclass of ``Struct``: only classes decorated with ``pytree_dataclass`` instantiate.
+    """Metaclass of ``Struct`` (an ``ABCMeta``, so structs can declare abstract methods).
 
-    A ``Struct`` subclass without the decorator is treated as abstract. This catches the easy
-    mistake of forgetting ``@pytree_dataclass`` on a subclass, which would otherwise produce
-    objects JAX cannot flatten.
+    Only classes decorated with ``pytree_dataclass`` instantiate: a ``Struct`` subclass without
+    the decorator is abstract, which catches the easy mistake of forgetting the decorator on a
+    subclass (its objects would be ones JAX cannot flatten). The check is not a ``__call__``
+    here, because JAX rebuilds natively flattened structs by calling their class on every
+    jitted call: ``Struct.__init_subclass__`` gives each new subclass an ``__init__`` that
+    refuses, and ``pytree_dataclass`` replaces it with the real one.
     """
-
-    def __call__(cls, *args, **kwargs):
-        if not is_pytree_dataclass_type(cls):
-            raise TypeError(
-                f"Cannot instantiate {cls.__module__}.{cls.__qualname__}: it subclasses Struct"
-                " but is not decorated with @pytree_dataclass, so it is abstract. Decorate it to"
-                " make it concrete."
-            )
-        return super().__call__(*args, **kwargs)
 
 
 class Struct(metaclass=AbstractStructMetaclass):
@@ -351,6 +442,15 @@ class Struct(metaclass=AbstractStructMetaclass):
     Structs flatten with keys (``jax.tree_util.GetAttrKey(field)`` by default, see
     ``key_for_field``), which is what gives selectors, treescope and checkpoints their paths.
     """
+
+    __init__ = _refuse_undecorated_init
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Park the class body's own __init__ (restored by pytree_dataclass), so that the class
+        # refuses instantiation until it is decorated, whatever __init__ it would inherit.
+        setattr(cls, _DECLARED_INIT, cls.__dict__.get("__init__"))
+        cls.__init__ = _refuse_undecorated_init
 
     @typing.final
     @classmethod
@@ -421,7 +521,10 @@ class Struct(metaclass=AbstractStructMetaclass):
         if metadata is None:
             layout: _ClassLayout = type(self).__dict__[_PYTREE_DATACLASS_INFO]
             metadata = StructStaticMetadata(
-                layout.child_field_names, {n: values[n] for n in layout.static_field_names}
+                # getattr, not the instance dict: an ``init=False`` field with a plain default
+                # lives on the class until assigned.
+                layout.child_field_names,
+                {n: getattr(self, n) for n in layout.static_field_names},
             )
             values[_STATIC_METADATA_CACHE] = metadata
         return metadata
@@ -430,19 +533,19 @@ class Struct(metaclass=AbstractStructMetaclass):
     def tree_flatten_with_keys(self) -> tuple[list[tuple[Any, Any]], StructStaticMetadata]:
         """Flattens to ``(key, child)`` pairs plus static metadata (JAX's keyed protocol)."""
         layout: _ClassLayout = type(self).__dict__[_PYTREE_DATACLASS_INFO]
-        values = self.__dict__
         if layout.uses_default_keys:
-            keyed = [(jax.tree_util.GetAttrKey(n), values[n]) for n in layout.child_field_names]
+            keyed = [
+                (jax.tree_util.GetAttrKey(n), getattr(self, n)) for n in layout.child_field_names
+            ]
         else:
-            keyed = [(self.key_for_field(n), values[n]) for n in layout.child_field_names]
+            keyed = [(self.key_for_field(n), getattr(self, n)) for n in layout.child_field_names]
         return keyed, self._static_metadata()
 
     @typing.final
     def tree_flatten(self) -> tuple[list[Any], StructStaticMetadata]:
         """Flattens to children plus static metadata (JAX's unkeyed fast path)."""
-        values = self.__dict__
-        metadata = values.get(_STATIC_METADATA_CACHE) or self._static_metadata()
-        return [values[n] for n in metadata.child_field_names], metadata
+        metadata = self.__dict__.get(_STATIC_METADATA_CACHE) or self._static_metadata()
+        return [getattr(self, n) for n in metadata.child_field_names], metadata
 
     @typing.final
     @classmethod

@@ -17,6 +17,7 @@ from benchmarks import harness
 from benchmarks import named_ops
 from benchmarks import run
 from benchmarks import train_step
+from benchmarks import tree_mode
 
 
 def _assert_timing_row(row):
@@ -33,6 +34,37 @@ def test_train_step_quick_times_every_contender():
         assert row["benchmark"] == "train step"
     floor = next(row for row in rows if row["contender"] == train_step.RAW_JIT)
     assert floor["ratio"] == floor["min_ratio"] == floor["cpu_ratio"] == 1.0
+
+
+def test_tree_mode_quick_times_every_contender_and_restores_graph_mode():
+    from flax import nnx
+
+    before = nnx.set_graph_mode.current_value()
+    rows = tree_mode.run(quick=True)
+    assert nnx.set_graph_mode.current_value() == before
+    assert [row["contender"] for row in rows] == list(tree_mode.CONTENDERS)
+    for row in rows:
+        _assert_timing_row(row)
+        assert row["benchmark"] == "tree-mode train step"
+
+
+def test_targets_judge_tree_mode_rows_against_flax_tree_mode():
+    case = "dispatch-bound 8x64, batch 32"
+    rows = [
+        _train_row(case, train_step.RAW_JIT, 1.0),
+        _train_row(case, tree_mode.FLAX_TREE, 4.0),
+        _train_row(case, tree_mode.PZ_FLAX_TREE_BARE, 4.2),
+        _train_row(case, tree_mode.PZ_FLAX_TREE_MODULE, 4.8),
+    ]
+    targets = {t["target"]: t for t in run.evaluate_targets({"tree_mode": rows})}
+    bare = targets[
+        f"{tree_mode.PZ_FLAX_TREE_BARE}, dispatch-bound, <= 1.1x Flax's own tree-mode step"
+    ]
+    assert bare["status"] == "met" and bare["measured"].startswith("1.05x Flax")
+    module = targets[
+        f"{tree_mode.PZ_FLAX_TREE_MODULE}, dispatch-bound, <= 1.1x Flax's own tree-mode step"
+    ]
+    assert module["status"] == "missed" and "misses by 0.10x" in module["why"]
 
 
 def test_named_ops_quick_covers_both_libraries_and_forward_contenders():

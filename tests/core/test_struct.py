@@ -234,8 +234,21 @@ def test_matches_penzai_flattening():
     assert ours == theirs
 
 
+@struct.pytree_dataclass
+class CheckedPair(struct.Struct):
+    """A struct whose ``__post_init__`` rejects placeholders: it must keep Python unflatten."""
+
+    left: jax.Array
+    right: jax.Array
+    tag: str = dataclasses.field(default="pair", metadata={"pytree_node": False})
+
+    def __post_init__(self):
+        if not hasattr(self.left, "shape"):
+            raise TypeError("left must be an array")
+
+
 def test_flatten_metadata_is_kept_so_rebuilt_structs_match_their_treedef_by_identity():
-    pair = Pair(jnp.ones(2), jnp.zeros(2), tag="t")
+    pair = CheckedPair(jnp.ones(2), jnp.zeros(2), tag="t")
     _, first = pair.tree_flatten()
     _, again = pair.tree_flatten_with_keys()
     assert first is again
@@ -244,5 +257,121 @@ def test_flatten_metadata_is_kept_so_rebuilt_structs_match_their_treedef_by_iden
     assert jax.tree_util.tree_structure(rebuilt) == jax.tree_util.tree_structure(pair)
     # The kept metadata is bookkeeping, not a field: it never shows up as one.
     assert rebuilt.attributes_dict().keys() == {"left", "right", "tag"}
-    assert Pair.from_attributes(**rebuilt.attributes_dict()) == rebuilt
+    assert CheckedPair.from_attributes(**rebuilt.attributes_dict()) == rebuilt
     assert dataclasses.replace(rebuilt, tag="u").tree_flatten()[1].static_fields == {"tag": "u"}
+
+
+def test_plain_structs_flatten_without_calling_python(monkeypatch):
+    # JAX's C++ dataclass nodes read the fields themselves: the Python protocol methods are
+    # never called, which is what keeps jax.jit dispatch of a model cheap.
+    assert struct.uses_native_flattening(Pair)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Python flatten protocol called")
+
+    for name in ("tree_flatten", "tree_flatten_with_keys", "tree_unflatten"):
+        monkeypatch.setattr(Pair, name, refuse)
+    pair = Pair(jnp.ones(2), jnp.zeros(2), tag="t")
+    leaves, treedef = jax.tree_util.tree_flatten(pair)
+    rebuilt = treedef.unflatten([leaf + 1 for leaf in leaves])
+    assert type(rebuilt) is Pair and rebuilt.tag == "t"
+    np.testing.assert_array_equal(rebuilt.left, [2.0, 2.0])
+    assert [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(pair)] == [
+        ".left",
+        ".right",
+    ]
+    doubled = jax.jit(lambda p: jax.tree_util.tree_map(lambda x: 2 * x, p))(pair)
+    assert type(doubled) is Pair and doubled.tag == "t"
+
+
+@struct.pytree_dataclass
+class KeyedPair(struct.Struct):
+    left: jax.Array
+    right: jax.Array
+    tag: str = dataclasses.field(default="pair", metadata={"pytree_node": False})
+
+    def key_for_field(self, field_name):
+        return jax.tree_util.DictKey(field_name)
+
+
+@struct.pytree_dataclass
+class PairWithDerivedField(struct.Struct):
+    left: jax.Array
+    right: jax.Array
+    tag: str = dataclasses.field(default="pair", metadata={"pytree_node": False})
+    derived: int = dataclasses.field(default=0, init=False, metadata={"pytree_node": False})
+
+
+@pytest.mark.parametrize(
+    "cls, native",
+    [
+        (Pair, True),
+        (CheckedPair, False),
+        (KeyedPair, False),
+        (PairWithDerivedField, False),
+    ],
+)
+def test_both_registrations_rebuild_without_init_semantics(cls, native):
+    """Native where calling the class is plain field assignment; Python elsewhere, same result."""
+    assert struct.uses_native_flattening(cls) is native
+    instance = cls(jnp.ones(2), jnp.zeros(2), tag="t")
+    leaves, treedef = jax.tree_util.tree_flatten(instance)
+    assert len(leaves) == 2
+    # Placeholders in place of arrays (what tree_map to shapes or selections produces): never
+    # validated by __post_init__, never run through a custom __init__.
+    placeholders = treedef.unflatten([object(), object()])
+    assert type(placeholders) is cls and placeholders.tag == "t"
+    assert jax.tree_util.tree_structure(placeholders) == treedef
+    rebuilt = jax.jit(lambda x: x)(instance)
+    assert type(rebuilt) is cls and rebuilt.tag == "t"
+    np.testing.assert_array_equal(rebuilt.left, instance.left)
+
+
+def test_custom_init_struct_keeps_python_unflatten():
+    assert not struct.uses_native_flattening(Doubling)
+    rebuilt = jax.tree_util.tree_map(lambda leaf: leaf, Doubling(3))
+    assert rebuilt.stored == 6  # not doubled again: __init__ did not run
+
+
+def test_uses_native_flattening_needs_a_decorated_class():
+    with pytest.raises(TypeError, match="not a class decorated with @pytree_dataclass"):
+        struct.uses_native_flattening(struct.Struct)
+
+
+def test_struct_itself_and_undecorated_subclasses_with_their_own_init_are_abstract():
+    with pytest.raises(TypeError, match="not decorated with @pytree_dataclass"):
+        struct.Struct()
+
+    class OwnInit(struct.Struct):
+        def __init__(self, value):
+            self.value = value
+
+    with pytest.raises(TypeError, match="OwnInit: it subclasses Struct but is not decorated"):
+        OwnInit(1)
+
+
+def test_hand_written_init_of_an_undecorated_base_is_inherited_and_guarded():
+    class Base(struct.Struct):
+        def __init__(self, value):
+            # Inherited by a frozen class, outside the mutable init proxy of its own class.
+            object.__setattr__(self, "stored", value + 1)
+
+    @struct.pytree_dataclass(init=False)
+    class Inheriting(Base):
+        stored: int
+
+    assert Inheriting(1).stored == 2
+    assert not struct.uses_native_flattening(Inheriting)
+    with pytest.raises(struct.PyTreeDataclassSafetyError, match="hand-written __init__"):
+
+        @struct.pytree_dataclass
+        class Replacing(Base):
+            stored: int
+
+
+def test_init_false_struct_without_any_init_behaves_like_a_dataclass():
+    @struct.pytree_dataclass(init=False)
+    class NoInit(struct.Struct):
+        a: int = 0
+
+    assert NoInit().a == 0
