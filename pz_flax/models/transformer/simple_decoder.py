@@ -21,6 +21,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from pz_flax.models.transformer import _assembly
 from pz_flax.models.transformer import model_parts
 from pz_flax.nn import attention
 from pz_flax.nn import basic_ops
@@ -28,7 +29,6 @@ from pz_flax.nn import combinators
 from pz_flax.nn import embeddings
 from pz_flax.nn import grouping
 from pz_flax.nn import layer as layer_base
-from pz_flax.nn import layer_stack
 from pz_flax.nn import linear_and_affine
 from pz_flax.nn import standardization
 
@@ -139,62 +139,20 @@ def build_attention(
     Returns:
       The attention layer.
     """
-    heads = {"heads": config.num_heads, "projection": config.projection_dim}
-
-    def projection(kind: str) -> linear_and_affine.Linear:
-        return linear_and_affine.Linear.from_config(
-            name=f"{name}/{kind}",
-            init_base_rng=init_base_rng,
-            input_axes={"embedding": config.embedding_dim},
-            output_axes=heads,
-            dtype=config.parameter_dtype,
-        )
-
-    def rope() -> embeddings.ApplyRoPE:
-        return embeddings.ApplyRoPE(
+    return _assembly.causal_self_attention(
+        projection=_assembly.projection_builder(
+            linear_and_affine.Linear, name, init_base_rng, config.parameter_dtype
+        ),
+        rope=lambda: embeddings.ApplyRoPE(
             embedding_axis="projection",
             max_wavelength=config.rope_wavelength,
             positions_input_name="token_positions",
-        )
-
-    query_scale = jnp.asarray(config.projection_dim**-0.5, config.activation_dtype)
-    return attention.Attention(
-        input_to_query=grouping.Sequential(
-            [projection("query"), rope(), linear_and_affine.ConstantRescale(by=query_scale)]
         ),
-        input_to_key=grouping.Sequential([projection("key"), rope()]),
-        input_to_value=grouping.Sequential([projection("value")]),
-        query_key_to_attn=grouping.Sequential(
-            [
-                linear_and_affine.NamedEinsum(
-                    (
-                        {"seq": "q", "heads": "h", "projection": "p"},
-                        {"seq": "k", "heads": "h", "projection": "p"},
-                    ),
-                    {"seq": "q", "heads": "h", "kv_seq": "k"},
-                ),
-                _attention_mask(config),
-                basic_ops.Softmax("kv_seq"),
-            ]
-        ),
-        attn_value_to_output=grouping.Sequential(
-            [
-                linear_and_affine.NamedEinsum(
-                    (
-                        {"seq": "q", "heads": "h", "kv_seq": "k"},
-                        {"seq": "k", "heads": "h", "projection": "p"},
-                    ),
-                    {"seq": "q", "heads": "h", "projection": "p"},
-                ),
-                linear_and_affine.Linear.from_config(
-                    name=f"{name}/output",
-                    init_base_rng=init_base_rng,
-                    input_axes=heads,
-                    output_axes={"embedding": config.embedding_dim},
-                    dtype=config.parameter_dtype,
-                ),
-            ]
-        ),
+        heads=_assembly.HeadLayout.for_heads(config.num_heads, 1),
+        embedding_dim=config.embedding_dim,
+        projection_dim=config.projection_dim,
+        query_scale=jnp.asarray(config.projection_dim**-0.5, config.activation_dtype),
+        logit_layers=[_attention_mask(config)],
     )
 
 
@@ -211,23 +169,16 @@ def build_feedforward(
     Returns:
       The feedforward block.
     """
+    affine = _assembly.projection_builder(
+        linear_and_affine.Affine, name, init_base_rng, config.parameter_dtype
+    )
+    embedding = {"embedding": config.embedding_dim}
+    neurons = {"neurons": config.mlp_hidden_dim}
     return model_parts.TransformerFeedForward(
         [
-            linear_and_affine.Affine.from_config(
-                name=f"{name}/in",
-                init_base_rng=init_base_rng,
-                input_axes={"embedding": config.embedding_dim},
-                output_axes={"neurons": config.mlp_hidden_dim},
-                dtype=config.parameter_dtype,
-            ),
+            affine("in", embedding, neurons),
             basic_ops.Elementwise(config.activation_fn),
-            linear_and_affine.Affine.from_config(
-                name=f"{name}/out",
-                init_base_rng=init_base_rng,
-                input_axes={"neurons": config.mlp_hidden_dim},
-                output_axes={"embedding": config.embedding_dim},
-                dtype=config.parameter_dtype,
-            ),
+            affine("out", neurons, embedding),
         ]
     )
 
@@ -291,37 +242,20 @@ def build_simple_decoder(
 
     input_table = embedding_table("embedder")
     output_table = input_table if config.tie_embeddings else embedding_table("unembedder")
-
-    layers: list[layer_base.Layer] = [embeddings.EmbeddingLookup(input_table)]
-    if config.activation_dtype != config.parameter_dtype:
-        layers.append(basic_ops.CastToDType(config.activation_dtype))
-    if config.use_layer_stack:
-        layers.append(
-            layer_stack.LayerStack.from_sublayer_builder(
-                builder=build_block,
-                stack_axis="blocks",
-                stack_axis_size=config.num_blocks,
-                init_base_rng=init_base_rng,
-                builder_kwargs={"name": f"{name}/blocks", "config": config},
-            )
-        )
-    else:
-        layers.extend(
-            build_block(f"{name}/block_{index}", init_base_rng, config)
-            for index in range(config.num_blocks)
-        )
-    layers.append(_rms_norm(f"{name}/final_norm", init_base_rng, config))
-    layers.append(embeddings.EmbeddingDecode(output_table))
-
-    return model_parts.TransformerLM(
-        body=grouping.Sequential(layers),
-        metadata=model_parts.TransformerMetadata(
-            common_head_axes={"heads": config.num_heads},
-            query_only_head_axes={},
-            embedding_dim=config.embedding_dim,
-            projection_dim=config.projection_dim,
-            mlp_hidden_dim=config.mlp_hidden_dim,
-            vocab_size=config.vocab_size,
-            activation_dtype=config.activation_dtype,
+    return _assembly.transformer_lm(
+        config,
+        embedding_table=input_table,
+        blocks=_assembly.decoder_blocks(
+            build_block,
+            name=name,
+            init_base_rng=init_base_rng,
+            config=config,
+            num_blocks=config.num_blocks,
+            use_layer_stack=config.use_layer_stack,
         ),
+        head=[
+            _rms_norm(f"{name}/final_norm", init_base_rng, config),
+            embeddings.EmbeddingDecode(output_table),
+        ],
+        heads=_assembly.HeadLayout.for_heads(config.num_heads, 1),
     )

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from pz_flax.core import named_axes
+from pz_flax.models.transformer import _assembly
 from pz_flax.models.transformer import model_parts
 from pz_flax.models.transformer.variants import _binding
 from pz_flax.models.transformer.variants import _huggingface
@@ -33,7 +34,6 @@ from pz_flax.nn import basic_ops
 from pz_flax.nn import combinators
 from pz_flax.nn import embeddings
 from pz_flax.nn import grouping
-from pz_flax.nn import layer_stack
 from pz_flax.nn import linear_and_affine
 from pz_flax.nn import standardization
 
@@ -93,22 +93,6 @@ class GPTNeoXTransformerConfig:
     use_layer_stack: bool = False
 
 
-def _affine(
-    name: str,
-    init_base_rng: jax.Array | None,
-    config: GPTNeoXTransformerConfig,
-    input_axes: dict[str, int],
-    output_axes: dict[str, int],
-) -> linear_and_affine.Affine:
-    return linear_and_affine.Affine.from_config(
-        name=name,
-        init_base_rng=init_base_rng,
-        input_axes=input_axes,
-        output_axes=output_axes,
-        dtype=config.parameter_dtype,
-    )
-
-
 def _layer_norm(
     name: str, init_base_rng: jax.Array | None, config: GPTNeoXTransformerConfig
 ) -> standardization.LayerNorm:
@@ -139,18 +123,17 @@ def build_gpt_neox_feedforward(
     Raises:
       ValueError: If ``config.activation_fn`` is not a known activation.
     """
-    if config.activation_fn not in _ACTIVATIONS:
-        raise ValueError(
-            f"Unsupported activation_fn {config.activation_fn!r}; expected one of"
-            f" {sorted(_ACTIVATIONS)}."
-        )
+    activation = _assembly.named_option(_ACTIVATIONS, config.activation_fn, "activation_fn")
+    affine = _assembly.projection_builder(
+        linear_and_affine.Affine, name, init_base_rng, config.parameter_dtype
+    )
     embedding = {"embedding": config.embedding_dim}
     neurons = {"neurons": config.mlp_hidden_dim}
     return model_parts.TransformerFeedForward(
         [
-            _affine(f"{name}/in", init_base_rng, config, embedding, neurons),
-            basic_ops.Elementwise(_ACTIVATIONS[config.activation_fn]),
-            _affine(f"{name}/out", init_base_rng, config, neurons, embedding),
+            affine("in", embedding, neurons),
+            basic_ops.Elementwise(activation),
+            affine("out", neurons, embedding),
         ]
     )
 
@@ -172,51 +155,25 @@ def build_gpt_neox_attention(
       The attention layer.
     """
     dtype = config.activation_dtype
-    embedding = {"embedding": config.embedding_dim}
-    per_head = {"heads": config.num_attention_heads, "projection": config.projection_dim}
-
-    def partial_rope():
-        return embeddings.ApplyRoPEToSubset(
+    return _assembly.causal_self_attention(
+        projection=_assembly.projection_builder(
+            linear_and_affine.Affine, name, init_base_rng, config.parameter_dtype
+        ),
+        rope=lambda: embeddings.ApplyRoPEToSubset(
             positions_input_name="token_positions",
             embedding_axis="projection",
             max_wavelength=config.rope_wavelength,
             rope_subset_size=config.rope_subset_size,
-        )
-
-    query_spec = {"seq": "tq", "heads": "h", "projection": "p"}
-    kv_spec = {"seq": "tkv", "heads": "h", "projection": "p"}
-    pattern_spec = {"seq": "tq", "heads": "h", "kv_seq": "tkv"}
-    return attention.Attention(
-        input_to_query=grouping.Sequential(
-            [
-                _affine(f"{name}/query", init_base_rng, config, embedding, per_head),
-                partial_rope(),
-                linear_and_affine.ConstantRescale(
-                    by=jnp.array(config.projection_dim**-0.5, dtype=dtype)
-                ),
-            ]
         ),
-        input_to_key=grouping.Sequential(
-            [_affine(f"{name}/key", init_base_rng, config, embedding, per_head), partial_rope()]
-        ),
-        input_to_value=grouping.Sequential(
-            [_affine(f"{name}/value", init_base_rng, config, embedding, per_head)]
-        ),
-        query_key_to_attn=grouping.Sequential(
-            [
-                linear_and_affine.NamedEinsum((query_spec, kv_spec), pattern_spec),
-                attention.ApplyCausalAttentionMask(
-                    masked_out_value=jnp.array(_MASKED_OUT_LOGIT, dtype=dtype)
-                ),
-                basic_ops.Softmax("kv_seq"),
-            ]
-        ),
-        attn_value_to_output=grouping.Sequential(
-            [
-                linear_and_affine.NamedEinsum((pattern_spec, kv_spec), query_spec),
-                _affine(f"{name}/output", init_base_rng, config, per_head, embedding),
-            ]
-        ),
+        heads=_assembly.HeadLayout.for_heads(config.num_attention_heads, 1),
+        embedding_dim=config.embedding_dim,
+        projection_dim=config.projection_dim,
+        query_scale=jnp.array(config.projection_dim**-0.5, dtype=dtype),
+        logit_layers=[
+            attention.ApplyCausalAttentionMask(
+                masked_out_value=jnp.array(_MASKED_OUT_LOGIT, dtype=dtype)
+            )
+        ],
     )
 
 
@@ -273,55 +230,34 @@ def build_gpt_neox_transformer(
     Returns:
       The model: token ids with a ``"seq"`` axis in, logits over ``"vocabulary"`` out.
     """
-    body: list[Any] = [
-        embeddings.EmbeddingLookup(
-            embeddings.EmbeddingTable.from_config(
-                name=f"{name}/embedder",
-                init_base_rng=init_base_rng,
-                vocab_size=config.vocab_size,
-                embedding_axes={"embedding": config.embedding_dim},
-                dtype=config.parameter_dtype,
-            )
-        )
-    ]
-    if config.activation_dtype != config.parameter_dtype:
-        body.append(basic_ops.CastToDType(config.activation_dtype))
-    if config.use_layer_stack:
-        body.append(
-            layer_stack.LayerStack.from_sublayer_builder(
-                builder=build_gpt_neox_block,
-                stack_axis="blocks",
-                stack_axis_size=config.num_decoder_blocks,
-                init_base_rng=init_base_rng,
-                builder_kwargs={"name": f"{name}/blocks", "config": config},
-            )
-        )
-    else:
-        body.extend(
-            build_gpt_neox_block(f"{name}/block_{index}", init_base_rng, config)
-            for index in range(config.num_decoder_blocks)
-        )
-    body.append(_layer_norm(f"{name}/final_norm", init_base_rng, config))
-    body.append(
-        linear_and_affine.Linear.from_config(
-            name=f"{name}/lm_head",
+    return _assembly.transformer_lm(
+        config,
+        embedding_table=embeddings.EmbeddingTable.from_config(
+            name=f"{name}/embedder",
             init_base_rng=init_base_rng,
-            input_axes={"embedding": config.embedding_dim},
-            output_axes={"vocabulary": config.vocab_size},
-            dtype=config.parameter_dtype,
-        )
-    )
-    return model_parts.TransformerLM(
-        metadata=model_parts.TransformerMetadata(
-            common_head_axes={"heads": config.num_attention_heads},
-            query_only_head_axes={},
-            embedding_dim=config.embedding_dim,
-            projection_dim=config.projection_dim,
-            mlp_hidden_dim=config.mlp_hidden_dim,
             vocab_size=config.vocab_size,
-            activation_dtype=config.activation_dtype,
+            embedding_axes={"embedding": config.embedding_dim},
+            dtype=config.parameter_dtype,
         ),
-        body=grouping.Sequential(body),
+        blocks=_assembly.decoder_blocks(
+            build_gpt_neox_block,
+            name=name,
+            init_base_rng=init_base_rng,
+            config=config,
+            num_blocks=config.num_decoder_blocks,
+            use_layer_stack=config.use_layer_stack,
+        ),
+        head=[
+            _layer_norm(f"{name}/final_norm", init_base_rng, config),
+            linear_and_affine.Linear.from_config(
+                name=f"{name}/lm_head",
+                init_base_rng=init_base_rng,
+                input_axes={"embedding": config.embedding_dim},
+                output_axes={"vocabulary": config.vocab_size},
+                dtype=config.parameter_dtype,
+            ),
+        ],
+        heads=_assembly.HeadLayout.for_heads(config.num_attention_heads, 1),
     )
 
 
@@ -383,11 +319,7 @@ def gpt_neox_from_huggingface_model(
         model, "GPTNeoXForCausalLM", "GPTNeoXConfig", _HANDLED_CONFIG_ATTRIBUTES
     )
     hf_config = model.config
-    if hf_config.hidden_act not in _HF_ACTIVATIONS:
-        raise ValueError(
-            f"Unsupported hidden_act {hf_config.hidden_act!r}; expected one of"
-            f" {sorted(_HF_ACTIVATIONS)}."
-        )
+    activation_fn = _assembly.named_option(_HF_ACTIVATIONS, hf_config.hidden_act, "hidden_act")
     parameter_dtype = _huggingface.parameter_dtype(model)
     num_heads = hf_config.num_attention_heads
     projection_dim = hf_config.hidden_size // num_heads
@@ -399,7 +331,7 @@ def gpt_neox_from_huggingface_model(
         mlp_hidden_dim=hf_config.intermediate_size,
         num_decoder_blocks=hf_config.num_hidden_layers,
         vocab_size=hf_config.vocab_size,
-        activation_fn=_HF_ACTIVATIONS[hf_config.hidden_act],
+        activation_fn=activation_fn,
         rope_wavelength=rope_wavelength,
         rope_subset_size=int(rotated_fraction * projection_dim),
         layernorm_epsilon=hf_config.layer_norm_eps,

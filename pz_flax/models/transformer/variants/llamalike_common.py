@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from pz_flax.core import named_axes
+from pz_flax.models.transformer import _assembly
 from pz_flax.models.transformer import model_parts
 from pz_flax.models.transformer.variants import _binding
 from pz_flax.nn import attention
@@ -41,7 +42,6 @@ from pz_flax.nn import basic_ops
 from pz_flax.nn import combinators
 from pz_flax.nn import embeddings
 from pz_flax.nn import grouping
-from pz_flax.nn import layer_stack
 from pz_flax.nn import linear_and_affine
 from pz_flax.nn import standardization
 
@@ -155,21 +155,11 @@ def build_llamalike_feedforward(
     Raises:
       ValueError: If ``config.mlp_variant`` is not a known variant.
     """
-    if config.mlp_variant not in _MLP_ACTIVATIONS:
-        raise ValueError(
-            f"Unsupported MLP variant {config.mlp_variant!r}; expected one of"
-            f" {sorted(_MLP_ACTIVATIONS)}."
-        )
+    activation = _assembly.named_option(_MLP_ACTIVATIONS, config.mlp_variant, "mlp_variant")
 
-    def linear(part: str, input_axes: dict[str, int], output_axes: dict[str, int]):
-        return linear_and_affine.Linear.from_config(
-            name=f"{name}/{part}",
-            init_base_rng=init_base_rng,
-            input_axes=input_axes,
-            output_axes=output_axes,
-            dtype=config.parameter_dtype,
-        )
-
+    linear = _assembly.projection_builder(
+        linear_and_affine.Linear, name, init_base_rng, config.parameter_dtype
+    )
     embedding = {"embedding": config.embedding_dim}
     neurons = {"neurons": config.mlp_hidden_dim}
     return model_parts.TransformerFeedForward(
@@ -180,7 +170,7 @@ def build_llamalike_feedforward(
                         "gate",
                         [
                             linear("gating_linear", embedding, neurons),
-                            basic_ops.Elementwise(_MLP_ACTIVATIONS[config.mlp_variant]),
+                            basic_ops.Elementwise(activation),
                         ],
                     ),
                     linear("value_linear", embedding, neurons),
@@ -191,36 +181,8 @@ def build_llamalike_feedforward(
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class _HeadLayout:
-    """How the attention heads of a configuration are named.
-
-    Attributes:
-      shared_axes: Head axes of queries, keys and values.
-      query_axes: Head axes only the queries have.
-      shared_letters: Einsum letters of ``shared_axes``.
-      query_letters: Einsum letters of ``query_axes``.
-    """
-
-    shared_axes: dict[str, int]
-    query_axes: dict[str, int]
-    shared_letters: dict[str, str]
-    query_letters: dict[str, str]
-
-
-def _head_layout(config: LlamalikeTransformerConfig) -> _HeadLayout:
-    if config.query_head_multiplier == 1:
-        return _HeadLayout({"heads": config.num_kv_heads}, {}, {"heads": "h"}, {})
-    if config.num_kv_heads == 1:
-        return _HeadLayout(
-            {}, {"query_heads": config.query_head_multiplier}, {}, {"query_heads": "h"}
-        )
-    return _HeadLayout(
-        {"head_groups": config.num_kv_heads},
-        {"query_heads": config.query_head_multiplier},
-        {"head_groups": "hg"},
-        {"query_heads": "hq"},
-    )
+def _head_layout(config: LlamalikeTransformerConfig) -> _assembly.HeadLayout:
+    return _assembly.HeadLayout.for_heads(config.num_kv_heads, config.query_head_multiplier)
 
 
 def _block_attention_type(
@@ -286,57 +248,26 @@ def build_llamalike_attention(
         _block_attention_type(config, block_index), jnp.array(_MASKED_OUT_LOGIT, dtype=dtype)
     )
 
-    def projection(part: str, input_axes: dict[str, int], output_axes: dict[str, int]):
-        return linear_and_affine.Linear.from_config(
-            name=f"{name}/{part}",
-            init_base_rng=init_base_rng,
-            input_axes=input_axes,
-            output_axes=output_axes,
-            dtype=config.parameter_dtype,
+    logit_layers: list[Any] = []
+    if config.attn_logits_soft_cap is not None:
+        logit_layers.append(
+            basic_ops.TanhSoftCap(soft_cap=jnp.array(config.attn_logits_soft_cap, dtype=dtype))
         )
-
-    def rope():
-        return embeddings.ApplyRoPE(
+    logit_layers.append(mask)
+    return _assembly.causal_self_attention(
+        projection=_assembly.projection_builder(
+            linear_and_affine.Linear, name, init_base_rng, config.parameter_dtype
+        ),
+        rope=lambda: embeddings.ApplyRoPE(
             positions_input_name="token_positions",
             embedding_axis="projection",
             max_wavelength=config.rope_wavelength,
-        )
-
-    embedding = {"embedding": config.embedding_dim}
-    query_vectors = {**heads.shared_axes, **heads.query_axes, "projection": config.projection_dim}
-    kv_vectors = {**heads.shared_axes, "projection": config.projection_dim}
-    query_spec = {"seq": "tq", **heads.shared_letters, **heads.query_letters}
-    kv_spec = {"seq": "tkv", **heads.shared_letters, "projection": "p"}
-    pattern_spec = {**query_spec, "kv_seq": "tkv"}
-
-    scores = [
-        linear_and_affine.NamedEinsum(({**query_spec, "projection": "p"}, kv_spec), pattern_spec)
-    ]
-    if config.attn_logits_soft_cap is not None:
-        scores.append(
-            basic_ops.TanhSoftCap(soft_cap=jnp.array(config.attn_logits_soft_cap, dtype=dtype))
-        )
-    scores += [mask, basic_ops.Softmax("kv_seq")]
-
-    return attention.Attention(
-        input_to_query=grouping.Sequential(
-            [
-                projection("query", embedding, query_vectors),
-                rope(),
-                linear_and_affine.ConstantRescale(by=jnp.array(query_scale, dtype=dtype)),
-            ]
         ),
-        input_to_key=grouping.Sequential([projection("key", embedding, kv_vectors), rope()]),
-        input_to_value=grouping.Sequential([projection("value", embedding, kv_vectors)]),
-        query_key_to_attn=grouping.Sequential(scores),
-        attn_value_to_output=grouping.Sequential(
-            [
-                linear_and_affine.NamedEinsum(
-                    (pattern_spec, kv_spec), {**query_spec, "projection": "p"}
-                ),
-                projection("output", query_vectors, embedding),
-            ]
-        ),
+        heads=heads,
+        embedding_dim=config.embedding_dim,
+        projection_dim=config.projection_dim,
+        query_scale=jnp.array(query_scale, dtype=dtype),
+        logit_layers=logit_layers,
     )
 
 
@@ -426,37 +357,19 @@ def build_llamalike_transformer(
         embedding_axes={"embedding": config.embedding_dim},
         dtype=config.parameter_dtype,
     )
-    body: list[Any] = [embeddings.EmbeddingLookup(embedding_table)]
-    if config.activation_dtype != config.parameter_dtype:
-        body.append(basic_ops.CastToDType(config.activation_dtype))
+    after_embedding = []
     if config.tie_embedder_and_logits:
-        body.append(
+        after_embedding.append(
             linear_and_affine.ConstantRescale(
                 by=jnp.sqrt(config.embedding_dim).astype(config.activation_dtype)
             )
         )
 
-    if config.use_layer_stack:
-        body.append(
-            layer_stack.LayerStack.from_sublayer_builder(
-                builder=build_llamalike_block,
-                stack_axis="blocks",
-                stack_axis_size=config.num_decoder_blocks,
-                init_base_rng=init_base_rng,
-                builder_kwargs={"name": f"{name}/blocks", "config": config},
-            )
-        )
-    else:
-        body.extend(
-            build_llamalike_block(f"{name}/block_{index}", init_base_rng, config, index)
-            for index in range(config.num_decoder_blocks)
-        )
-
-    body.append(_rms_norm(f"{name}/final_norm", init_base_rng, config))
+    head: list[Any] = [_rms_norm(f"{name}/final_norm", init_base_rng, config)]
     if config.tie_embedder_and_logits:
-        body.append(embeddings.EmbeddingDecode(embedding_table))
+        head.append(embeddings.EmbeddingDecode(embedding_table))
     else:
-        body.append(
+        head.append(
             linear_and_affine.Linear.from_config(
                 name=f"{name}/lm_head",
                 init_base_rng=init_base_rng,
@@ -466,24 +379,27 @@ def build_llamalike_transformer(
             )
         )
     if config.final_logit_softcap:
-        body.append(
+        head.append(
             basic_ops.TanhSoftCap(
                 soft_cap=jnp.array(config.final_logit_softcap, dtype=config.activation_dtype)
             )
         )
 
-    heads = _head_layout(config)
-    return model_parts.TransformerLM(
-        metadata=model_parts.TransformerMetadata(
-            common_head_axes=heads.shared_axes,
-            query_only_head_axes=heads.query_axes,
-            embedding_dim=config.embedding_dim,
-            projection_dim=config.projection_dim,
-            mlp_hidden_dim=config.mlp_hidden_dim,
-            vocab_size=config.vocab_size,
-            activation_dtype=config.activation_dtype,
+    return _assembly.transformer_lm(
+        config,
+        embedding_table=embedding_table,
+        after_embedding=after_embedding,
+        blocks=_assembly.decoder_blocks(
+            build_llamalike_block,
+            name=name,
+            init_base_rng=init_base_rng,
+            config=config,
+            num_blocks=config.num_decoder_blocks,
+            use_layer_stack=config.use_layer_stack,
+            pass_block_index=True,
         ),
-        body=grouping.Sequential(body),
+        head=head,
+        heads=_head_layout(config),
     )
 
 
