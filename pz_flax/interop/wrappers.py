@@ -274,13 +274,13 @@ class NNXWrapper(layer_base.Layer):
                 f" {self.sown.label!r}, which is bound as a frozen snapshot; bind a mutable"
                 " variable (bind_variables(..., unfreeze_as_copy=True)) to record them."
             )
-        module, bindings = self._module()
+        module, bound_pairs = self._module()
         positional, leading = naming_lib.to_positional(argument, self.input_axes)
         with jax.named_scope(_type_name(self.module_type)):
             output = _run_capturing_sown(
                 module, positional, keyword_arguments, self.sown, self._nested_recorders()
             )
-        write_back_changed_variables(bindings)
+        _write_back(bound_pairs)
         return _name_output(
             self,
             argument,
@@ -329,19 +329,20 @@ class NNXWrapper(layer_base.Layer):
             self.__dict__[_NESTED_RECORDERS_KEY] = found
         return found
 
-    def _module(self) -> tuple[nnx.Module, list[tuple[Any, Any, tuple[Hashable, ...]]]]:
-        """The NNX module for this call, with the bindings of its variables."""
+    def _module(self) -> tuple[nnx.Module, list[tuple[Any, nnx.Variable]]]:
+        """The NNX module for this call, with ``(pz variable, NNX variable)`` of each binding."""
         from pz_flax.interop import convert  # convert builds wrappers; import at call time
 
         built = self.__dict__.get(_BUILT_MODULE_KEY)
         if built is not None and built.is_current(self):
-            return built.module, built.bindings
+            return built.module, built.pairs
         bindings: list[tuple[Any, Any, tuple[Hashable, ...]]] = []
         module = convert.rebuild_wrapped_module(self, bindings)
-        if _is_concrete(bindings):
+        pairs = [(pz_variable, variable_at(owner, path)) for pz_variable, owner, path in bindings]
+        if _is_concrete(pairs):
             # Only eager calls reuse a module: a traced one holds tracers of one trace.
-            self.__dict__[_BUILT_MODULE_KEY] = _BuiltModule(self, module, bindings)
-        return module, bindings
+            self.__dict__[_BUILT_MODULE_KEY] = _BuiltModule(self, module, pairs)
+        return module, pairs
 
     def treescope_color(self) -> str:
         return "#e8c7b3"
@@ -364,9 +365,9 @@ class _BuiltModule:
     is reused only if the same entries hold the same arrays.
     """
 
-    def __init__(self, wrapper: NNXWrapper, module: nnx.Module, bindings: list):
+    def __init__(self, wrapper: NNXWrapper, module: nnx.Module, pairs: list):
         self.module = module
-        self.bindings = bindings
+        self.pairs = pairs
         self.entries = _entries_of(wrapper)
 
     def is_current(self, wrapper: NNXWrapper) -> bool:
@@ -374,7 +375,7 @@ class _BuiltModule:
         return (
             len(entries) == len(self.entries)
             and all(now is then for now, then in zip(entries, self.entries))
-            and _bindings_current(self.bindings)
+            and _pairs_current(self.pairs)
         )
 
 
@@ -386,20 +387,20 @@ def _entries_of(wrapper: NNXWrapper) -> tuple[Any, ...]:
     )
 
 
-def _is_concrete(bindings: list) -> bool:
+def _is_concrete(pairs: list) -> bool:
     return not any(
         isinstance(leaf, jax.core.Tracer)
-        for pz_variable, _, _ in bindings
+        for pz_variable, _ in pairs
         for leaf in jax.tree_util.tree_leaves(raw_value_of(pz_variable))
     )
 
 
-def _bindings_current(bindings: list) -> bool:
+def _pairs_current(pairs: list) -> bool:
     """Whether every NNX variable of a built module still holds its pz_flax variable's array."""
-    for pz_variable, module, path in bindings:
+    for pz_variable, nnx_variable in pairs:
         if not isinstance(pz_variable, variables.LabeledVariable):
             return False
-        if variable_at(module, path).get_raw_value() is not pz_variable.get_raw_value():
+        if nnx_variable.get_raw_value() is not pz_variable.get_raw_value():
             return False
     return True
 
@@ -688,8 +689,14 @@ def write_back_changed_variables(bindings) -> None:
         ValueError: If the module changed a variable that is bound as a frozen snapshot, which
             cannot hold the new value.
     """
-    for pz_variable, module, path in bindings:
-        nnx_variable = variable_at(module, path)
+    _write_back(
+        [(pz_variable, variable_at(module, path)) for pz_variable, module, path in bindings]
+    )
+
+
+def _write_back(pairs: list[tuple[Any, nnx.Variable]]) -> None:
+    """``write_back_changed_variables`` on ``(pz variable, NNX variable)`` pairs."""
+    for pz_variable, nnx_variable in pairs:
         new_raw = nnx_variable.get_value()
         if new_raw is raw_value_of(pz_variable):
             continue
