@@ -412,6 +412,35 @@ def _import_time_targets(rows: list[dict]) -> list[dict[str, str]]:
     ]
 
 
+# (measurement, pz_flax contender, bound on its ratio to NNX's, target text).
+_REAL_MODEL_TARGETS = (
+    ("eager forward", "pz_flax eager", 1.2, "eager forward of a converted model <= 1.2x NNX eager"),
+    ("jitted forward", "pz_flax variable_jit", 1.0, "jitted forward <= 1.0x nnx.jit"),
+    ("conversion", "from_nnx", 3.0, "from_nnx <= 3x nnx.split + nnx.merge"),
+)
+
+
+def _real_model_targets(rows: list[dict]) -> list[dict[str, str]]:
+    targets = []
+    for measurement, contender, bound, text in _REAL_MODEL_TARGETS:
+        measured = [
+            row
+            for row in rows
+            if row["measurement"] == measurement and row["contender"] == contender
+        ]
+        if measured:
+            worst = max(measured, key=lambda row: row["ratio"])
+            targets.append(
+                _target(
+                    f"{text} (every real-style model)",
+                    ", ".join(f"{row['model']}: {row['ratio']:.2f}x" for row in measured),
+                    all(row["ratio"] <= bound for row in measured),
+                    f"worst is {worst['model']}, {_ratio_text(worst)}.",
+                )
+            )
+    return targets
+
+
 def evaluate_targets(results: dict[str, list[dict[str, Any]]]) -> list[dict[str, str]]:
     """Compares the measured rows with the project's performance targets.
 
@@ -427,6 +456,7 @@ def evaluate_targets(results: dict[str, list[dict[str, Any]]]) -> list[dict[str,
     targets += _conversion_targets(results.get("conversion", []))
     targets += _checkpoint_targets(results.get("checkpoint_bench", []))
     targets += _import_time_targets(results.get("import_time", []))
+    targets += _real_model_targets(results.get("real_models", []))
     return targets
 
 
