@@ -22,6 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
+from pz_flax.core import named_axes
+from pz_flax.core import struct
+from pz_flax.nn import layer as layer_base
+
 #### Gemma-style decoder: GQA, RoPE, own RMSNorm, QK-norm, tied embedding ####
 
 
@@ -373,6 +377,23 @@ class BiRNNTagger(nnx.Module):
 
     def __call__(self, x):
         return self.head(self.encoder(x))
+
+
+#### A pz_flax layer of the user's own, for edits ####
+
+
+@struct.pytree_dataclass
+class ScaleByName(layer_base.Layer):
+    """Multiplies its input by a named array, broadcast by axis name (e.g. to ablate a head).
+
+    Defined here, beside the models, so that checkpoints of edited models restore with
+    ``allow_modules=["tests.interop.real_models"]``.
+    """
+
+    factor: named_axes.NamedArray
+
+    def __call__(self, value, **_unused_side_inputs):
+        return value * self.factor
 
 
 #### Cases ####

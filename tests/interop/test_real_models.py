@@ -21,27 +21,20 @@ from pz_flax import pz
 from pz_flax.checkpoint import errors
 from pz_flax.checkpoint import storage
 from pz_flax.core import named_axes
-from pz_flax.core import struct
 from pz_flax.core import variables
 from pz_flax.interop import convert
 from pz_flax.interop import wrappers
-from pz_flax.nn import layer as layer_base
+from pz_flax.nn import attention
+from pz_flax.nn import basic_ops
+from pz_flax.nn import grouping
 from pz_flax.nn import layer_stack
+from pz_flax.nn import standardization
+from pz_flax.toolshed import save_intermediates
 from tests.interop import helpers
 from tests.interop import real_models
 
 CASES = [make_case() for make_case in real_models.ALL_CASES]
 IDS = [case.name for case in CASES]
-
-
-@struct.pytree_dataclass
-class ScaleByName(layer_base.Layer):
-    """Multiplies its input by a named array (broadcast by axis name): head ablation."""
-
-    factor: named_axes.NamedArray
-
-    def __call__(self, value, **_unused_side_inputs):
-        return value * self.factor
 
 
 def _first(output):
@@ -119,17 +112,10 @@ def test_selector_edit_reaches_the_nnx_model(case):
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_training_after_to_nnx_matches_training_the_original(case):
     original, converted = case.make(), convert.to_nnx(convert.from_nnx(case.make()))
-
-    @nnx.jit
-    def step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda model: case.loss(_nnx_call(model, case)))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = {}
-    for name, model in (("original", original), ("converted", converted)):
-        optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-        losses[name] = [float(step(model, optimizer)) for _ in range(3)]
+    losses = {
+        name: _nnx_training_losses(model, case, steps=3)
+        for name, model in (("original", original), ("converted", converted))
+    }
     assert losses["converted"][-1] < losses["converted"][0]
     np.testing.assert_allclose(losses["converted"], losses["original"], rtol=1e-5)
     for path, variable in helpers.flat_state(original).items():
@@ -240,129 +226,6 @@ def test_one_dimensional_conv_without_its_seq_axis_is_an_error():
     )
 
 
-def _attention_weights_recorder(layer):
-    """The ViT with a recorder after every attention softmax, and the recorders."""
-    from pz_flax.nn import attention
-    from pz_flax.nn import basic_ops
-    from pz_flax.toolshed import save_intermediates
-
-    recorded = (
-        pz.select(layer)
-        .at_instances_of(attention.Attention)
-        .at(lambda block: block.query_key_to_attn)
-        .at_instances_of(basic_ops.Softmax)
-        .insert_after(save_intermediates.SaveIntermediate())
-    )
-    recorders = pz.select(recorded).at_instances_of(save_intermediates.SaveIntermediate)
-    return recorded, recorders.get_sequence()
-
-
-def test_vit_workflow_select_capture_ablate_swap_back_to_nnx_and_train():
-    from pz_flax.nn import attention
-    from pz_flax.nn import basic_ops
-    from pz_flax.nn import standardization
-
-    case = real_models.vit_case()
-    module = case.make()
-    layer = convert.from_nnx(module)
-    baseline = _pz_call(layer, case)
-
-    # Every attention block, found by type.
-    blocks = pz.select(layer).at_instances_of(attention.Attention).get_sequence()
-    assert len(blocks) == 2
-
-    # The attention weights of each layer, as named arrays.
-    recorded, recorders = _attention_weights_recorder(layer)
-    _assert_close(_pz_call(recorded, case), baseline)
-    weights = recorders[0].saved.value
-    assert dict(weights.named_shape) == {"batch": 2, "seq": 5, "heads": 2, "kv_seq": 5}
-    _assert_close(weights.untag("kv_seq").sum().unwrap("batch", "seq", "heads"), 1.0)
-
-    # Ablate head 1 of the first block by its name: its attention weights become zero.
-    keep = named_axes.wrap(jnp.array([1.0, 0.0])).tag("heads")
-    ablated = (
-        pz.select(recorded)
-        .at_instances_of(attention.Attention)
-        .pick_nth_selected(0)
-        .at(lambda block: block.query_key_to_attn)
-        .at_instances_of(basic_ops.Softmax)
-        .insert_after(ScaleByName(keep))
-    )
-    ablated_output = _pz_call(ablated, case)
-    assert not np.allclose(ablated_output, baseline)
-    # Swap the final LayerNorm for a pz_flax RMS norm.
-    swapped = (
-        pz.select(ablated)
-        .at_instances_of(wrappers.FromNNX)
-        .where(lambda found: found.nnx_type is nnx.LayerNorm)
-        .pick_nth_selected(4)
-        .apply(
-            lambda found: standardization.RMSLayerNorm.from_config(
-                name="final_norm", init_base_rng=jax.random.key(0), across_axes={"features": 8}
-            )
-        )
-    )
-    swapped_output = _pz_call(swapped, case)
-    assert not np.allclose(swapped_output, ablated_output)
-
-    # Back to the user's own class: the NNX model computes the edited model.
-    rebuilt = convert.to_nnx(swapped)
-    assert type(rebuilt) is real_models.ViT
-    assert isinstance(rebuilt.norm, wrappers.PzModule)
-    _assert_close(rebuilt(case.inputs), swapped_output)
-
-    # And keeps training with nnx.Optimizer.
-    optimizer = nnx.Optimizer(rebuilt, optax.adam(1e-2), wrt=nnx.Param)
-
-    @nnx.jit
-    def step(model, optimizer):
-        loss, grads = nnx.value_and_grad(lambda model: case.loss(model(case.inputs)))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    losses = [float(step(rebuilt, optimizer)) for _ in range(4)]
-    assert losses[-1] < losses[0]
-
-
-def test_gemma_workflow_select_attention_ablate_a_head_and_back_to_nnx():
-    from pz_flax.nn import grouping
-
-    case = real_models.gemma_case()
-    module = case.make()
-    layer = convert.from_nnx(module)
-    baseline = _pz_call(layer, case)
-    attention_blocks = (
-        pz.select(layer)
-        .at_instances_of(wrappers.NNXWrapper)
-        .where(lambda wrapper: wrapper.module_type is real_models.GemmaAttention)
-    )
-    # Wrappers of user classes nest: select inside each block.
-    blocks = pz.select(layer).at_instances_of(list).get_sequence()[0]
-    attention_blocks = [block.children["attn"] for block in blocks]
-    assert all(block.module_type is real_models.GemmaAttention for block in attention_blocks)
-    # Ablate head 0 of the first layer: zero its slice of the output projection's input.
-    keep = named_axes.wrap(jnp.array([0.0, 1.0, 1.0, 1.0])).tag("features_0")
-    output_projection = attention_blocks[0].children["attn_vec_einsum"]
-    ablated_projection = wrappers.FromNNX(
-        layer=grouping.Sequential([ScaleByName(keep), output_projection.layer]),
-        nnx_type=output_projection.nnx_type,
-        nnx_config=output_projection.nnx_config,
-    )
-    ablated = (
-        pz.select(layer)
-        .at_instances_of(wrappers.FromNNX)
-        .where(lambda found: found is output_projection)
-        .set(ablated_projection)
-    )
-    ablated_output = _pz_call(ablated, case)
-    assert not np.allclose(ablated_output, baseline)
-    rebuilt = convert.to_nnx(ablated)
-    assert type(rebuilt) is real_models.GemmaStyleDecoder
-    assert isinstance(rebuilt.layers[0].attn.attn_vec_einsum, wrappers.PzModule)
-    _assert_close(_nnx_call(rebuilt, case), ablated_output)
-    del attention_blocks
-
-
 def _restore_in_fresh_process(path, expected, case_name, tmp_path):
     np.save(tmp_path / "expected.npy", np.asarray(expected))
     script = textwrap.dedent(
@@ -418,3 +281,223 @@ def test_checkpoint_save_and_restore_in_a_fresh_process(case, tmp_path):
     expected = _pz_call(layer, case)
     path = storage.save(tmp_path / "checkpoint", layer)
     _restore_in_fresh_process(path, expected, case.name, tmp_path)
+
+
+#### The workflow issue 11 asks for, on the ViT- and Gemma-style models ####
+# Convert; find every attention block with a selector; capture one layer's attention weights
+# as a named array; ablate one head by its named axis; swap a norm for a pz_flax layer; check
+# each change against NNX computing the same thing its own way; to_nnx back to the user's
+# class; keep training with nnx.Optimizer; save, and restore in a fresh process.
+
+
+def _nnx_training_losses(model, case, steps):
+    """Trains an NNX model with Adam for ``steps`` jitted steps; the loss of each step."""
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(lambda model: case.loss(_nnx_call(model, case)))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    return [float(step(model, optimizer)) for _ in range(steps)]
+
+
+def _rms_norm_with_gain(name, gain):
+    """A pz_flax RMS norm over ``features`` whose learned gain is ``gain``."""
+    norm = standardization.RMSLayerNorm.from_config(
+        name=name, init_base_rng=jax.random.key(0), across_axes={"features": gain.shape[0]}
+    )
+    return (
+        pz.select(norm)
+        .at_instances_of(variables.Parameter)
+        .apply(lambda scale: scale.replace(named_axes.wrap(gain).tag("features")))
+    )
+
+
+_GAIN = 1.0 + 0.5 * jax.random.normal(jax.random.key(9), (8,))
+
+
+def _save_trained_and_restore_in_a_fresh_process(trained, case, tmp_path):
+    """The trained NNX model goes back through from_nnx into a checkpoint; a new process that
+    never ran the edit restores it and computes what the trained model computes."""
+    path = storage.save(tmp_path / "edited", convert.from_nnx(trained))
+    _restore_in_fresh_process(path, _nnx_call(trained, case), case.name, tmp_path)
+
+
+@pytest.mark.slow
+def test_vit_workflow_record_ablate_a_head_swap_a_norm_train_and_restore(tmp_path):
+    case = real_models.vit_case()
+    layer = convert.from_nnx(case.make())
+    baseline = _pz_call(layer, case)
+
+    # Every attention block, found by type.
+    attention_blocks = pz.select(layer).at_instances_of(attention.Attention)
+    assert len(attention_blocks.get_sequence()) == 2
+
+    # A recorder after each block's softmax. One new recorder per site: a single recorder
+    # inserted everywhere (``insert_after(SaveIntermediate())``) is one shared variable, which
+    # the last block overwrites.
+    recorded = (
+        attention_blocks.at(lambda block: block.query_key_to_attn)
+        .at_instances_of(basic_ops.Softmax)
+        .apply_and_inline(lambda softmax: [softmax, save_intermediates.SaveIntermediate()])
+    )
+    _assert_close(_pz_call(recorded, case), baseline)
+    first, second = [
+        recorder.saved
+        for recorder in pz.select(recorded)
+        .at_instances_of(save_intermediates.SaveIntermediate)
+        .get_sequence()
+    ]
+    assert first is not second
+    weights = first.value
+    assert dict(weights.named_shape) == {"batch": 2, "seq": 5, "heads": 2, "kv_seq": 5}
+    _assert_close(weights.untag("kv_seq").sum().unwrap("batch", "seq", "heads"), 1.0)
+    before = weights.unwrap("batch", "seq", "heads", "kv_seq")
+
+    # Ablate head 1 of the first block by its name, between its softmax and its recorder:
+    # that head's weights are zero, the other head's are unchanged.
+    keep = named_axes.wrap(jnp.array([1.0, 0.0])).tag("heads")
+    ablated = (
+        pz.select(recorded)
+        .at_instances_of(attention.Attention)
+        .pick_nth_selected(0)
+        .at(lambda block: block.query_key_to_attn)
+        .at_instances_of(basic_ops.Softmax)
+        .insert_after(real_models.ScaleByName(keep))
+    )
+    ablated_output = _pz_call(ablated, case)
+    recorder = pz.select(ablated).at_instances_of(save_intermediates.SaveIntermediate)
+    after = recorder.get_sequence()[0].saved.value.unwrap("batch", "seq", "heads", "kv_seq")
+    assert not np.any(after[:, :, 1])
+    np.testing.assert_array_equal(after[:, :, 0], before[:, :, 0])
+    # NNX computes the same ablation its own way: head 1's slice of the output projection zeroed.
+    reference = case.make()
+    out_kernel = reference.blocks[0].attn.out.kernel
+    out_kernel[...] = out_kernel[...].at[1].set(0.0)
+    _assert_close(ablated_output, _nnx_call(reference, case))
+    assert not np.allclose(ablated_output, baseline, atol=1e-3)
+
+    # Swap the final LayerNorm for a pz_flax RMS norm: NNX's RMSNorm with the same gain, on the
+    # same input, computes the same.
+    swapped = (
+        pz.select(ablated)
+        .at(lambda model: model.children["norm"])
+        .set(_rms_norm_with_gain("final_norm", _GAIN))
+    )
+    swapped_output = _pz_call(swapped, case)
+    reference.norm = nnx.RMSNorm(8, epsilon=1e-6, rngs=nnx.Rngs(0))
+    reference.norm.scale[...] = _GAIN
+    _assert_close(swapped_output, _nnx_call(reference, case))
+
+    # The recorders are for looking; take them out, and go back to the user's own class.
+    finished = (
+        pz.select(swapped).at_instances_of(save_intermediates.SaveIntermediate).remove_from_parent()
+    )
+    rebuilt = convert.to_nnx(finished)
+    assert type(rebuilt) is real_models.ViT
+    assert isinstance(rebuilt.norm, wrappers.PzModule)
+    _assert_close(_nnx_call(rebuilt, case), swapped_output)
+
+    losses = _nnx_training_losses(rebuilt, case, steps=4)
+    assert losses[-1] < losses[0]
+    _save_trained_and_restore_in_a_fresh_process(rebuilt, case, tmp_path)
+
+
+def _is_gemma_attention(node):
+    return isinstance(node, wrappers.NNXWrapper) and node.module_type is real_models.GemmaAttention
+
+
+@pytest.mark.slow
+def test_gemma_workflow_capture_sown_weights_ablate_a_head_swap_a_norm_train_and_restore(tmp_path):
+    case = real_models.gemma_case()
+    layer = convert.from_nnx(case.make())
+    baseline = _pz_call(layer, case)
+
+    # Every attention block: the wrappers of the user's GemmaAttention, however deep.
+    attention_blocks = pz.select(layer).at_subtrees_where(_is_gemma_attention)
+    assert len(attention_blocks.get_sequence()) == 2
+
+    # GemmaAttention computes its weights inside its own code and sows them; record what
+    # layer 0 sows, and name it.
+    recording = attention_blocks.pick_nth_selected(0).apply(
+        lambda block: block.capturing_sown("layer0/attention")
+    )
+    _assert_close(_pz_call(recording, case), baseline)
+    [recorder] = [
+        block.sown
+        for block in pz.select(recording).at_subtrees_where(_is_gemma_attention).get_sequence()
+        if block.sown is not None
+    ]
+    [sown] = recorder.value["attention_weights"]
+    weights = named_axes.wrap(sown).tag("batch", "seq", "heads", "kv_seq")
+    assert dict(weights.named_shape) == {"batch": 2, "seq": 5, "heads": 4, "kv_seq": 5}
+    _assert_close(weights.untag("kv_seq").sum().unwrap("batch", "seq", "heads"), 1.0)
+    future = np.triu(np.ones((5, 5), bool), k=1)  # causal: no weight on later positions
+    assert not np.any(weights.unwrap("batch", "heads", "seq", "kv_seq")[:, :, future])
+    _, nnx_sown = nnx.capture(case.make(), nnx.Intermediate)(case.inputs, **case.call_kwargs)
+    nnx_weights = dict(nnx.to_flat_state(nnx_sown))[("layers", 0, "attn", "attention_weights")]
+    _assert_close(sown, nnx_weights.get_value()[0])
+
+    # Ablate head 0 of layer 0 by its name (the heads axis of the output projection's input,
+    # named by the einsum convention): NNX with that head's slice of the projection zeroed
+    # computes the same.
+    keep = named_axes.wrap(jnp.array([0.0, 1.0, 1.0, 1.0])).tag("features_0")
+    ablated = (
+        attention_blocks.pick_nth_selected(0)
+        .at(lambda block: block.children["attn_vec_einsum"].layer)
+        .apply(lambda projection: grouping.Sequential([real_models.ScaleByName(keep), projection]))
+    )
+    ablated_output = _pz_call(ablated, case)
+    reference = case.make()
+    out_kernel = reference.layers[0].attn.attn_vec_einsum.kernel
+    out_kernel[...] = out_kernel[...].at[0].set(0.0)
+    _assert_close(ablated_output, _nnx_call(reference, case))
+    assert not np.allclose(ablated_output, baseline, atol=1e-3)
+
+    # Swap the model's own final RMS norm for pz_flax's: the user's norm with the same gain
+    # (it stores gain - 1) on the same input computes the same.
+    swapped = (
+        pz.select(ablated)
+        .at(lambda model: model.children["final_norm"])
+        .set(_rms_norm_with_gain("final_norm", _GAIN))
+    )
+    swapped_output = _pz_call(swapped, case)
+    reference.final_norm.scale[...] = _GAIN - 1.0
+    _assert_close(swapped_output, _nnx_call(reference, case))
+
+    rebuilt = convert.to_nnx(swapped)
+    assert type(rebuilt) is real_models.GemmaStyleDecoder
+    assert isinstance(rebuilt.layers[0].attn.attn_vec_einsum, wrappers.PzModule)
+    assert isinstance(rebuilt.final_norm, wrappers.PzModule)
+    _assert_close(_nnx_call(rebuilt, case), swapped_output)
+
+    losses = _nnx_training_losses(rebuilt, case, steps=4)
+    assert losses[-1] < losses[0]
+    _save_trained_and_restore_in_a_fresh_process(rebuilt, case, tmp_path)
+
+
+def test_an_nnx_model_holding_an_edited_mapped_layer_converts_back_and_saves(tmp_path):
+    # to_nnx turns an edited mapped layer into a PzModule that names its input as the NNX
+    # class did; that naming is data, so the NNX model converts back and checkpoints.
+    module = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.relu)
+    keep = named_axes.wrap(jnp.array([1.0, 0.0, 1.0])).tag("features")
+    edited = (
+        pz.select(convert.from_nnx(module))
+        .at_subtrees_where(
+            lambda node: isinstance(node, wrappers.FromNNX) and node.nnx_type is nnx.Linear
+        )
+        .at(lambda found: found.layer)
+        .apply(lambda affine: grouping.Sequential([real_models.ScaleByName(keep), affine]))
+    )
+    rebuilt = convert.to_nnx(edited)
+    assert isinstance(rebuilt.layers[0], wrappers.PzModule)
+    x = helpers.random_input((2, 3))
+    expected = module(x * jnp.array([1.0, 0.0, 1.0]))
+    _assert_close(rebuilt(x), expected)
+    path = storage.save(tmp_path / "edited", convert.from_nnx(rebuilt))
+    restored = storage.restore(path, allow_modules=["tests.interop.real_models"])
+    _assert_close(
+        restored(helpers.named(x, "batch", "features")).unwrap("batch", "features"), expected
+    )
