@@ -124,7 +124,54 @@ def test_every_module_of_core_and_nn_is_an_attribute(package):
     assert set(names) <= set(dir(subpackage))
 
 
-@pytest.mark.parametrize("package", ["pz_flax", "pz_flax.core", "pz_flax.nn"])
+def test_pz_namespace_import_loads_nothing_until_a_name_is_used():
+    loaded = modules_loaded_by("from pz_flax import pz")
+    assert sorted(name for name in loaded if name.startswith("pz_flax")) == [
+        "pz_flax",
+        "pz_flax._lazy",
+        "pz_flax.pz",
+    ]
+    assert "jax" not in loaded and "flax" not in loaded
+    loaded = modules_loaded_by("from pz_flax import pz\npz.nn.Linear")
+    assert "pz_flax.nn.linear_and_affine" in loaded
+    assert "pz_flax.nn.attention" not in loaded and "pz_flax.core.selectors" not in loaded
+
+
+def _type_checking_imports(path: pathlib.Path) -> dict[str, tuple[str, str | None]]:
+    """Public name -> (module, attribute or None for a module) under ``if TYPE_CHECKING``."""
+    import ast
+
+    (block,) = [
+        node
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+    ]
+    names = {}
+    for statement in block.body:
+        for alias in statement.names:
+            names[alias.asname or alias.name] = (statement.module, alias.name)
+    return names
+
+
+@pytest.mark.parametrize("namespace", ["pz_flax.pz", "pz_flax.pz.nn"])
+def test_lazy_names_are_what_the_type_checking_imports_say(namespace):
+    """Type checkers read the ``TYPE_CHECKING`` imports, users get the lazy table: one list."""
+    module = importlib.import_module(namespace)
+    path = ROOT / (
+        namespace.replace(".", "/") + ("/__init__.py" if namespace == "pz_flax.pz" else ".py")
+    )
+    declared = _type_checking_imports(path)
+    assert set(declared) == set(module.__all__)
+    assert set(module.__all__) <= set(dir(module))
+    for name, (source_module, attribute) in declared.items():
+        source = importlib.import_module(source_module)
+        expected = getattr(source, attribute, None)
+        if expected is None:  # ``from package import submodule``
+            expected = importlib.import_module(f"{source_module}.{attribute}")
+        assert getattr(module, name) is expected, name
+
+
+@pytest.mark.parametrize("package", ["pz_flax", "pz_flax.core", "pz_flax.nn", "pz_flax.pz"])
 def test_unknown_attribute_raises_attribute_error_naming_it(package):
     module = importlib.import_module(package)
     with pytest.raises(

@@ -9,6 +9,14 @@ def test_time_statement_times_only_the_statement():
     assert import_time.time_statement("import time; time.sleep(0.2)") >= 0.2
 
 
+def test_statements_run_from_a_private_bytecode_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", "1")
+    environment = import_time.bytecode_cached_environment(str(tmp_path))
+    assert "PYTHONDONTWRITEBYTECODE" not in environment
+    import_time.time_statement("import benchmarks.import_time", environment)
+    assert list(tmp_path.rglob("import_time*.pyc")), "the statement's bytecode was not cached"
+
+
 def test_rows_are_judged_against_flax_nnx():
     rows = [
         {"statement": "import flax.nnx", "s": 1.4, "ratio_to_flax_nnx": 1.0},
