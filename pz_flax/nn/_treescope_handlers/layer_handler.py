@@ -6,6 +6,11 @@ then its sublayers, parameters and configuration as fields), on the colour its
 ``CheckedSequential`` is marked ``# Sequential`` / ``# CheckedSequential`` on its first
 line, because such a block runs its sublayers in order however specific its name is, and
 that is the one fact a reader of the tree needs to know about it.
+
+A field declared with ``metadata={"treescope_always_collapse": True}`` stays on one line even
+when treescope expands everything around it: layers use it for bookkeeping a reader rarely
+needs (an ``NNXWrapper``'s graph definition, paths and naming settings), so that the
+sublayers and parameters get the room.
 """
 
 from __future__ import annotations
@@ -34,6 +39,9 @@ def handle_layer(
     subtree_renderer: renderers.TreescopeSubtreeRenderer,
 ) -> rendering_parts.RenderableTreePart | rendering_parts.RenderableAndLineAnnotations:
     """Renders a layer as a foldable, coloured constructor call.
+
+    Fields marked ``treescope_always_collapse`` are rendered collapsed (treescope's
+    ``build_field_children`` reads the mark from the dataclass field passed to it).
 
     Args:
         node: The layer to render.

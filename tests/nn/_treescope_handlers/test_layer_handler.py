@@ -1,5 +1,6 @@
 """Tests for pz_flax.nn._treescope_handlers.layer_handler: how layers render in treescope."""
 
+import dataclasses
 import re
 
 import jax
@@ -112,3 +113,25 @@ def test_handle_layer_hands_each_field_its_key_path():
         rendering_parts.build_full_line_with_annotations(rendering)
     )
     assert text == "RenameAxes(old=<model[0].old>, new=<model[0].new>)"
+
+
+@struct.pytree_dataclass
+class _LayerWithBookkeeping(grouping.Sequential):
+    """A sequential block with a static field marked to stay collapsed."""
+
+    sublayers: list
+    notes: dict = dataclasses.field(
+        default_factory=dict,
+        metadata={"pytree_node": False, "treescope_always_collapse": True},
+    )
+    settings: dict = dataclasses.field(default_factory=dict, metadata={"pytree_node": False})
+
+
+def test_fields_marked_always_collapse_stay_on_one_line_when_all_else_expands():
+    entries = {f"entry_{i}": i for i in range(3)}
+    layer = _LayerWithBookkeeping(_renamings(2), notes=dict(entries), settings=dict(entries))
+    with treescope.using_expansion_strategy(max_height=None, target_width=30):
+        lines = treescope.render_to_text(layer).splitlines()
+    assert "  notes={'entry_0': 0, 'entry_1': 1, 'entry_2': 2}," in lines
+    assert "  settings={" in lines and "    'entry_0': 0," in lines
+    assert "  sublayers=[" in lines
