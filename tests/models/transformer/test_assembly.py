@@ -1,5 +1,7 @@
 """Tests for pz_flax.models.transformer._assembly, the pieces every decoder shares."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -9,6 +11,9 @@ from pz_flax.models.transformer import _assembly
 from pz_flax.models.transformer import simple_decoder
 from pz_flax.models.transformer.variants import gpt_neox
 from pz_flax.models.transformer.variants import llamalike_common
+from tests.models.transformer import helpers
+from tests.models.transformer.variants import test_gpt_neox
+from tests.models.transformer.variants import test_llamalike_common
 
 
 @pytest.mark.parametrize(
@@ -62,46 +67,15 @@ def test_written_out_blocks_get_their_index_only_when_asked():
 def test_every_model_casts_embeddings_only_to_a_different_activation_dtype(activation_dtype):
     models = [
         simple_decoder.build_simple_decoder(
-            simple_decoder.SimpleDecoderConfig(
-                vocab_size=11,
-                embedding_dim=8,
-                num_heads=2,
-                projection_dim=4,
-                mlp_hidden_dim=8,
-                num_blocks=1,
-                use_layer_stack=False,
-                activation_dtype=activation_dtype,
-            ),
+            helpers.tiny_config(use_layer_stack=False, activation_dtype=activation_dtype),
             jax.random.key(0),
         ),
         gpt_neox.build_gpt_neox_transformer(
-            gpt_neox.GPTNeoXTransformerConfig(
-                num_attention_heads=2,
-                embedding_dim=8,
-                projection_dim=4,
-                mlp_hidden_dim=8,
-                num_decoder_blocks=1,
-                vocab_size=11,
-                activation_fn="relu",
-                rope_subset_size=2,
-                rope_wavelength=10_000.0,
-                layernorm_epsilon=1e-6,
-                parameter_dtype=jnp.float32,
-                activation_dtype=activation_dtype,
-            ),
-            jax.random.key(0),
+            test_gpt_neox.make_config(activation_dtype=activation_dtype), jax.random.key(0)
         ),
         llamalike_common.build_llamalike_transformer(
-            llamalike_common.LlamalikeTransformerConfig(
-                num_kv_heads=1,
-                query_head_multiplier=2,
-                embedding_dim=8,
-                projection_dim=4,
-                mlp_hidden_dim=8,
-                num_decoder_blocks=1,
-                vocab_size=11,
-                mlp_variant="swiglu",
-                tie_embedder_and_logits=True,
+            dataclasses.replace(
+                test_llamalike_common.make_config("multi_head_swiglu_untied"),
                 activation_dtype=activation_dtype,
             ),
             jax.random.key(0),
@@ -113,4 +87,4 @@ def test_every_model_casts_embeddings_only_to_a_different_activation_dtype(activ
         assert casts == (0 if activation_dtype == jnp.float32 else 1), type(model)
         assert model.metadata.activation_dtype == activation_dtype
         logits = model(tokens, token_positions=pz.nx.arange("seq", 5))
-        assert dict(logits.named_shape) == {"seq": 5, "vocabulary": 11}
+        assert dict(logits.named_shape) == {"seq": 5, "vocabulary": model.metadata.vocab_size}
