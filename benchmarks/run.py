@@ -41,13 +41,16 @@ RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
 
 # Why a target misses, from profiling the hot path (cProfile); printed beside a missed target.
 WHY_MODEL_PYTREE = (
-    "each call flattens three model-shaped trees (the model and Adam's two moment trees) through"
-    " Python-registered pytree nodes and unflattens three on return; at 8 layers a tree is 81"
-    " nodes with 16 nnx.Variables, ~28 us to flatten (51 us before structs kept their flatten"
-    " metadata) and ~37 us to unflatten (profile: struct.tree_flatten / tree_unflatten, nnx"
-    " variablelib._variable_unflatten), so the overhead grows with the number of layers. Unbind"
-    " the parameters once and jit over a dict of raw arrays (the 'param dict' row, README's"
-    " fast loop), or use StatefulTrainer."
+    "each call flattens three model-shaped trees (the model and Adam's two moment trees) and"
+    " unflattens three on return. Layer structs now flatten in C++ (register_dataclass; model"
+    " flatten 58 -> 28 us on a loaded machine, the structs' share 45 -> 7 us) but are still"
+    " rebuilt by calling their class, and the 16 nnx.Variables per tree are flattened (sorted"
+    " metadata) and rebuilt (a new TraceState each) by NNX in Python: 48 variable nodes each"
+    " way per call, now most of the Python time (profile: nnx variablelib._variable_flatten /"
+    " _variable_unflatten / _new). A faster variable registration would replace NNX's own per"
+    " subclass and needs its private slots, so it was not adopted. Unbind the parameters once"
+    " and jit over a dict of raw arrays (the 'param dict' row, README's fast loop), or use"
+    " StatefulTrainer."
 )
 WHY_TRAINER = (
     "Python work around the jitted call. Profiled at 8x64: NNX's Variable.set_raw_value ran a"
