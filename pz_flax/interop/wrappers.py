@@ -697,10 +697,17 @@ def write_back_changed_variables(bindings) -> None:
 def _write_back(pairs: list[tuple[Any, nnx.Variable]]) -> None:
     """``write_back_changed_variables`` on ``(pz variable, NNX variable)`` pairs."""
     for pz_variable, nnx_variable in pairs:
+        # Raw values are compared by identity: ``get_value`` costs tens of microseconds per
+        # variable (it checks for array references), ``get_raw_value`` almost nothing, and a
+        # variable the module did not assign still holds the very array it was built with.
+        new_raw = nnx_variable.get_raw_value()
+        frozen = isinstance(pz_variable, variables.AbstractVariableValue)
+        if new_raw is (raw_value_of(pz_variable) if frozen else pz_variable.get_raw_value()):
+            continue
         new_raw = nnx_variable.get_value()
         if new_raw is raw_value_of(pz_variable):
             continue
-        if isinstance(pz_variable, variables.AbstractVariableValue):
+        if frozen:
             raise ValueError(
                 f"The wrapped NNX module changed the variable labelled {pz_variable.label!r},"
                 " which is bound as a frozen snapshot; bind a mutable variable"
