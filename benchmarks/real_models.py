@@ -109,12 +109,16 @@ def run(quick: bool) -> list[dict[str, Any]]:
         cases = [case for case in cases if case.name in ("mnist", "gemma")]
     for case in cases:
         for measurement, contenders in _contenders(case).items():
-            timings = harness.time_interleaved(
-                contenders,
-                rounds=2 if quick else 7,
-                window_seconds=0.05 if quick else 0.25,
-                warmup_steps=1 if quick else 3,
-            )
+            try:
+                timings = harness.time_interleaved(
+                    contenders,
+                    rounds=2 if quick else 5,
+                    window_seconds=0.05 if quick else 0.15,
+                    warmup_steps=1 if quick else 3,
+                )
+            except Exception as error:  # a route that fails on this model is reported, not timed
+                print(f"[real_models] {case.name}: {measurement} not measured: {error!r:.300}")
+                continue
             rows += harness.rows_against_floor(
                 timings,
                 _FLOORS[measurement],
