@@ -3,7 +3,8 @@
 Usage: ``python -m tests.penzai_notebooks.run_notebook NOTEBOOK LIBRARY OUT_JSON``, where
 LIBRARY is ``penzai`` (the notebook as published) or ``pz_flax`` (the same notebook with
 the module name ``penzai`` replaced by ``pz_flax``). Cells that download weights are
-replaced (the same way for both libraries) by `offline_setup`'s tiny local release.
+replaced (the same way for both libraries) by `offline_setup`'s tiny local release, and
+the block counts and indices the notebooks write out are rewritten for its size.
 
 For every code cell the output records whether it raised (and what), whether treescope
 reported an error while rendering, and a fingerprint of every array-valued variable the
@@ -19,6 +20,8 @@ import re
 import sys
 import time
 import traceback
+
+from tests.penzai_notebooks import offline_setup
 
 # What the published notebooks do online, and what they do here instead.
 SUBSTITUTIONS = (
@@ -48,7 +51,7 @@ def substitute(source: str) -> str:
         if marker in source:
             release = re.search(r"Flax/(\w+)'", source)
             return replacement.format(release=release.group(1) if release else "")
-    return source
+    return offline_setup.shrink_block_references(source)
 
 
 def rewrite_imports(source: str) -> str:
