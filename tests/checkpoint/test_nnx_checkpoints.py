@@ -180,8 +180,10 @@ def test_nnx_checkpoint_without_ocdbt_loads(tmp_path):
     # Orbax's per-array layout (``use_ocdbt=False``, the default of older Orbax releases): the
     # stored-metadata check must find each array's zarr metadata there too.
     module = sample_models.make_nnx_model()
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False))
-    checkpointer.save(tmp_path / "ckpt", args=ocp.args.StandardSave(nnx.state(module)))
+    # The PyTree handler (which the standard one wraps) takes `use_ocdbt` in every supported
+    # Orbax release; the standard handler only since 0.11.2x.
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
+    checkpointer.save(tmp_path / "ckpt", args=ocp.args.PyTreeSave(nnx.state(module)))
     assert not (tmp_path / "ckpt" / "manifest.ocdbt").exists()
     restored = nnx_checkpoints.load_nnx_module(tmp_path / "ckpt", sample_models.make_nnx_model)
     _assert_states_identical(restored, module)
