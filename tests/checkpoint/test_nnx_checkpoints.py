@@ -181,7 +181,7 @@ def test_nnx_checkpoint_without_ocdbt_loads(tmp_path):
     # stored-metadata check must find each array's zarr metadata there too.
     module = sample_models.make_nnx_model()
     # The PyTree handler (which the standard one wraps) takes `use_ocdbt` in every supported
-    # Orbax release; the standard handler only since 0.11.2x.
+    # Orbax release; the standard handler does not in 0.11.20, the oldest supported.
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=False))
     checkpointer.save(tmp_path / "ckpt", args=ocp.args.PyTreeSave(nnx.state(module)))
     assert not (tmp_path / "ckpt" / "manifest.ocdbt").exists()
