@@ -14,6 +14,7 @@ __all__ = [
     "named_axes",
     "partitioning",
     "random_stream",
+    "registry",
     "selectors",
     "shapecheck",
     "struct",
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from pz_flax.core import named_axes
     from pz_flax.core import partitioning
     from pz_flax.core import random_stream
+    from pz_flax.core import registry
     from pz_flax.core import selectors
     from pz_flax.core import shapecheck
     from pz_flax.core import struct
