@@ -33,6 +33,10 @@ from pz_flax.core import registry as registry_lib
 from pz_flax.core import selectors
 from pz_flax.core import struct
 from pz_flax.core import variables
+
+# Annotations inside NNXWrapper cannot say ``variables.StateVariable``: its ``variables`` field
+# shadows the module there.
+from pz_flax.core.variables import StateVariable
 from pz_flax.interop import naming as naming_lib
 from pz_flax.nn import layer as layer_base
 
@@ -237,7 +241,7 @@ class NNXWrapper(layer_base.Layer):
     feature_axis: str = _bookkeeping(default="features")
     vocabulary_axis: tuple[int, str] | None = _bookkeeping(default=None)
     wrapped_because: str = _bookkeeping(default="")
-    sown: variables.StateVariable | None = None
+    sown: StateVariable | None = None
 
     def __call__(self, argument: Any, /, **side_inputs: Any) -> Any:
         """Runs the NNX module on the positional form of ``argument``.
@@ -304,7 +308,7 @@ class NNXWrapper(layer_base.Layer):
         """
         return dataclasses.replace(self, sown=variables.StateVariable(None, label=label))
 
-    def _nested_recorders(self) -> list[tuple[str, variables.StateVariable]]:
+    def _nested_recorders(self) -> list[tuple[str, StateVariable]]:
         """``(NNX path, sown variable)`` of each wrapper below this one that records sows.
 
         Wrappers among ``children`` run as NNX code inside this module, so their sown values
