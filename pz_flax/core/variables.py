@@ -755,6 +755,17 @@ class LabeledVariableValue(AbstractVariableValue, Generic[T]):
         default_factory=dict, metadata={"pytree_node": False}
     )
 
+    def _unfrozen_as(self, variable_type: type[Any]) -> Any:
+        # The snapshot's value was placed (sharded, where NNX shards eagerly) when its variable
+        # was first made. Constructing the copy with a sharding annotation would place it again,
+        # which inside a trace without a mesh is an error (a sharded model under variable_jit);
+        # NNX's set_metadata attaches the annotation without placing anything.
+        metadata = _checked_user_metadata(variable_type.__name__, self.metadata)
+        copy_ = variable_type(label=self.label, value=self.value)
+        if metadata:
+            copy_.set_metadata(**metadata)
+        return copy_
+
 
 #### Parameters ####
 
@@ -792,7 +803,7 @@ class ParameterValue(LabeledVariableValue[T]):
     """
 
     def unfreeze_as_copy(self) -> Parameter[T]:
-        return Parameter(label=self.label, value=self.value, metadata=self.metadata)
+        return self._unfrozen_as(Parameter)
 
     def get_slot(self) -> ParameterSlot:
         return ParameterSlot(label=self.label)
@@ -948,7 +959,7 @@ class StateVariableValue(LabeledVariableValue[T]):
     """
 
     def unfreeze_as_copy(self) -> StateVariable[T]:
-        return StateVariable(label=self.label, value=self.value, metadata=self.metadata)
+        return self._unfrozen_as(StateVariable)
 
     def get_slot(self) -> StateVariableSlot:
         return StateVariableSlot(label=self.label)

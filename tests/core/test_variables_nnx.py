@@ -383,3 +383,23 @@ def test_deepcopy_copies_raw_value_and_metadata():
     duplicate.value = named_axes.wrap(jnp.zeros(3)).tag("b")
     assert param.value.named_shape == {"a": 3}
     np.testing.assert_array_equal(param.get_raw_value(), np.arange(3.0))
+
+
+def test_unfreezing_a_sharding_annotated_snapshot_does_not_place_it_again():
+    # A variable annotated without eager placement (as NNX's eager_sharding=False variables,
+    # e.g. from nnx.with_partitioning, are) must survive freeze -> unfreeze outside a mesh, and
+    # inside variable_jit, where NNX would otherwise try to shard the value and find no mesh.
+    from jax.sharding import PartitionSpec
+
+    param = variables.Parameter(label="w", value=jnp.arange(16.0).reshape(2, 8))
+    param.set_metadata(out_sharding=PartitionSpec(None, "model"))
+    copy = param.freeze().unfreeze_as_copy()
+    assert copy.metadata == param.metadata
+    assert copy.metadata["out_sharding"] == PartitionSpec(None, "model")
+    np.testing.assert_array_equal(copy.value, param.value)
+    state = variables.StateVariable(label="s", value=jnp.zeros(8))
+    state.set_metadata(out_sharding=PartitionSpec("model"))
+    assert state.freeze().unfreeze_as_copy().metadata == state.metadata
+
+    total = variables.variable_jit(lambda p: p.value.sum())(param)
+    assert float(total) == float(jnp.arange(16.0).sum())
