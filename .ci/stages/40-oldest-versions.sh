@@ -13,9 +13,7 @@ rm -rf "$venv"
 python3 -m venv "$venv"
 "$venv/bin/pip" install --quiet -e ".[test]" -c .ci/constraints-oldest.txt
 "$venv/bin/python" -m pytest -n auto -q -m "not slow" \
-  tests/_compat/test_versions.py \
-  tests/_compat/test_nnx_graph.py \
-  tests/_compat/test_nnx_wrappers.py \
+  tests/_compat \
   tests/core/test_variables.py \
   tests/core/test_variables_nnx.py \
   tests/core/test_tree_util.py \

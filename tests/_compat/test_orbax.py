@@ -25,9 +25,11 @@ FINISHED_ASSUMPTION = (
 )
 
 
-def _save(directory: epath.Path, tree, **handler_options) -> epath.Path:
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(**handler_options))
-    checkpointer.save(directory, args=ocp.args.StandardSave(tree))
+def _save(directory: epath.Path, tree, *, use_ocdbt: bool) -> epath.Path:
+    # The PyTree handler takes ``use_ocdbt`` in every supported Orbax release (the standard
+    # handler, which wraps it, does not in 0.11.20, the oldest supported).
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_ocdbt=use_ocdbt))
+    checkpointer.save(directory, args=ocp.args.PyTreeSave(tree))
     return directory
 
 
