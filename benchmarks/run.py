@@ -34,6 +34,7 @@ BENCHMARKS = (
     "named_ops",
     "conversion",
     "checkpoint_bench",
+    "multiprocess_save",
     "import_time",
     "real_models",
 )
@@ -401,6 +402,20 @@ def _checkpoint_targets(rows: list[dict]) -> list[dict[str, str]]:
     return targets
 
 
+def _multiprocess_save_targets(rows: list[dict]) -> list[dict[str, str]]:
+    row = _find(rows, contender=_is("pz_flax"))
+    if row is None:
+        return []
+    return [
+        _target(
+            f"multi-process checkpoint save ({row['processes']}), pz_flax, <= 1.1x plain Orbax",
+            f"{row['ratio_to_orbax']:.2f}x ({row['mb_per_s']} MB/s, {row['rounds']} rounds)",
+            row["ratio_to_orbax"] <= 1.1,
+            WHY_CHECKPOINT,
+        )
+    ]
+
+
 def _import_time_targets(rows: list[dict]) -> list[dict[str, str]]:
     bare = _find(rows, statement=_is("import pz_flax"))
     if bare is None:
@@ -458,6 +473,7 @@ def evaluate_targets(results: dict[str, list[dict[str, Any]]]) -> list[dict[str,
     targets += _tree_mode_targets(results.get("tree_mode", []))
     targets += _conversion_targets(results.get("conversion", []))
     targets += _checkpoint_targets(results.get("checkpoint_bench", []))
+    targets += _multiprocess_save_targets(results.get("multiprocess_save", []))
     targets += _import_time_targets(results.get("import_time", []))
     targets += _real_model_targets(results.get("real_models", []))
     return targets
@@ -511,6 +527,21 @@ _SECTION_NOTES = {
         " memory high-water mark during the operation minus resident size before it."
     ),
     "checkpoint_bench": "Save/restore time and throughput, ratio to plain Orbax on the same arrays.",
+    "multiprocess_save": (
+        "A 2-process job on localhost (gloo collectives), each process with 2 CPU devices,"
+        " saving the same sharded arrays collectively with plain Orbax and with"
+        " `pz_flax.checkpoint.save`; a round's time is its slowest process's, and the ratio is"
+        " the median over rounds."
+    ),
+    "import_time": (
+        "Each statement in a fresh interpreter with warm bytecode caches, interleaved over"
+        " rounds; ratio to `import flax.nnx` in the same round."
+    ),
+    "real_models": (
+        "The real-style NNX models of `tests/interop/real_models.py`, converted with"
+        " `from_nnx`; each pz_flax figure is a ratio to NNX doing the same (eager call,"
+        " `nnx.jit`, `nnx.split` + `nnx.merge`), in the same round-robin rounds."
+    ),
     "tree_mode": (
         "The train_step problem under NNX tree mode (`nnx.jit(graph=False)`); ratios are to"
         " raw `jax.jit` in the same rounds, as in train_step."
