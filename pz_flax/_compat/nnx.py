@@ -18,6 +18,7 @@ import inspect
 import operator
 import types
 import warnings
+from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -332,3 +333,89 @@ def write_raw_values_unchecked(variables: Iterable[nnx.Variable], values: Iterab
     else:
         for variable, value in zip(variables, values, strict=True):
             variable.set_raw_value(value)
+
+
+#### Key/value heads of nnx.MultiHeadAttention ####
+
+# Grouped-query attention (``num_kv_heads``, fewer key/value heads than query heads) arrived in
+# flax 0.12.6; before it every ``nnx.MultiHeadAttention`` projects keys and values to
+# ``num_heads`` heads and has no ``num_kv_heads`` attribute. Whether the installed release has
+# the option is read from the constructor's signature (not from a missing attribute, which
+# would also hide a later rename); ``tests/_compat/test_nnx_modules.py`` checks that a release
+# with the parameter keeps it as the attribute.
+_ATTENTION_HAS_KV_HEADS = "num_kv_heads" in inspect.signature(nnx.MultiHeadAttention).parameters
+
+
+def attention_kv_heads(module: nnx.MultiHeadAttention) -> int:
+    """How many key/value heads an ``nnx.MultiHeadAttention`` projects to.
+
+    Args:
+        module: The attention module.
+
+    Returns:
+        ``module.num_kv_heads`` on flax 0.12.6+, ``module.num_heads`` on releases without
+        grouped-query attention.
+
+    Raises:
+        RuntimeError: If the release takes ``num_kv_heads`` but the module does not keep it.
+    """
+    if not _ATTENTION_HAS_KV_HEADS:
+        return module.num_heads
+    try:
+        return module.num_kv_heads
+    except AttributeError as exc:
+        raise RuntimeError(
+            "This flax release's nnx.MultiHeadAttention takes num_kv_heads but keeps no"
+            " num_kv_heads attribute. pz_flax._compat.nnx.attention_kv_heads needs updating."
+        ) from exc
+
+
+#### Calling a module with a fresh collection for what it sows ####
+
+# ``nnx.capture`` (flax 0.12.6+) runs a module, or a function whose first argument holds the
+# modules, with ``Module.sow`` writing into a per-call collection instead of onto the modules.
+# Earlier releases have no such API: ``sow`` always stores on the module, adding to whatever an
+# earlier call stored there. The fallback gets the same result through public calls: the sown
+# values already on the modules are popped first and put back afterwards, so that the call
+# starts from an empty collection and leaves the modules as it found them.
+# ``tests/_compat/test_nnx_modules.py`` runs both routes.
+def _capture_by_popping(
+    fn: Callable[..., Any], *variable_types: type[nnx.Variable]
+) -> Callable[..., Any]:
+    # Without types, what ``sow`` and ``perturb`` write is dropped: ``nnx.Intermediate`` and its
+    # subclass ``nnx.Perturbation``.
+    sown_types = variable_types or (nnx.Intermediate,)
+
+    def pop_sown(modules: Any) -> tuple[nnx.State, ...]:
+        popped = nnx.pop(modules, *sown_types)
+        return popped if len(sown_types) > 1 else (popped,)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        modules = fn if isinstance(fn, nnx.Module) else args[0]
+        earlier = pop_sown(modules)
+        try:
+            output = fn(*args, **kwargs)
+            collected = pop_sown(modules)
+        finally:
+            nnx.update(modules, *earlier)
+        return (output, *collected) if variable_types else output
+
+    return call
+
+
+def capture(fn: Callable[..., Any], *variable_types: type[nnx.Variable]) -> Callable[..., Any]:
+    """``fn`` as a function whose modules' sown values are collected per call, off the modules.
+
+    Args:
+        fn: An NNX module, or a function whose first argument is a module (or a list or other
+            NNX graph node of modules) whose sown values to collect.
+        *variable_types: The variable types to collect (``nnx.Intermediate``, say); none to
+            drop what the modules sow.
+
+    Returns:
+        A function taking ``fn``'s arguments and returning its output, or
+        ``(output, *collected)``, one ``nnx.State`` per type, when types are given.
+    """
+    if hasattr(nnx, "capture"):
+        return nnx.capture(fn, *variable_types)
+    return _capture_by_popping(fn, *variable_types)

@@ -12,6 +12,8 @@ naming the assumption (see ``tests/checkpoint/test_module_schema.py``'s canary).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -73,6 +75,35 @@ def empty_module_with(cls: type, attributes: list[tuple[str, Any, bool]]) -> nnx
     for name, value, _ in attributes:
         object.__setattr__(module, name, value)
     return module
+
+
+def shallow_copy_without(module: nnx.Pytree, removed: Iterable[str]) -> nnx.Pytree:
+    """A shallow copy of ``module`` without the attributes ``removed``; ``module`` is untouched.
+
+    The copy shares the module's attribute values (variables, submodules); only its attribute
+    dictionary and its record of data attributes are its own. ``copy.copy`` alone shares that
+    record (``_pytree__nodes``) with ``module``, and flax 0.12.3's ``Pytree.__delattr__``
+    deletes from it in place, so deleting an attribute of the copy would also drop it from the
+    original's record (and change the original's graph definition). Flax 0.12.4+ replace the
+    record on every delete; giving the copy its own record first does the same on every release.
+
+    Raises:
+        AttributeError: If ``module`` has no attribute named in ``removed``.
+        RuntimeError: If this flax release does not record data attributes as flax 0.12 does.
+    """
+    removed = frozenset(removed)
+    nodes = vars(module).get(_NODES_ATTRIBUTE)
+    if nodes is None or not hasattr(nodes, "items"):
+        raise _broken("copy an NNX module")
+    missing = sorted(removed - vars(module).keys())
+    if missing:
+        raise AttributeError(f"{type(module).__name__} has no attributes {missing} to remove")
+    shell = copy.copy(module)
+    own_nodes = type(nodes)({name: data for name, data in nodes.items() if name not in removed})
+    object.__setattr__(shell, _NODES_ATTRIBUTE, own_nodes)
+    for name in removed:
+        delattr(shell, name)
+    return shell
 
 
 def module_of_graphdef(graphdef: Any) -> nnx.Module:
