@@ -1,4 +1,4 @@
-"""One Adam training step on a dense ReLU MLP, done six ways, timed side by side.
+"""One Adam training step on a dense ReLU MLP, done ten ways, timed side by side.
 
 Every contender computes the same thing: ``depth`` dense layers of ``width`` units (a weight
 matrix and a bias each, ReLU between layers), a mean-squared-error loss against a fixed target,
@@ -16,6 +16,14 @@ the step is dispatched:
 * ``pz_flax + jax.jit (model pytree)``: the hand-written loop a user writes once they know that a
   pz_flax model is a JAX pytree: ``jax.jit`` of a step that takes the model itself, takes
   ``jax.grad`` with respect to it and applies Optax updates to it.
+* ``pz_flax + jax.jit (frozen model pytree)``: the same loop over ``pz.freeze_params(model)``,
+  penzai's own idiom for passing a model to ``jax.jit``: every parameter is a ``ParameterValue``
+  struct, so the whole model is a tree of structs.
+* ``penzai + jax.jit (frozen model pytree)``: penzai 0.2.5 running that loop on its own frozen
+  model (penzai refuses a model with live parameters in ``jax.jit``).
+* ``flax NNX model pytree + jax.jit``: Flax's ``nnx.Linear`` MLP handed to ``jax.jit`` as a
+  pytree, as Flax's "Module & Pytree" guide does: the same loop, the same number of
+  ``nnx.Param`` variables as the live pz_flax model, hence the floor of any live-variable model.
 * ``pz_flax + jax.jit (param dict)``: the same loop with the parameters unbound once into a
   dict of raw arrays (label -> array), the model rebuilt inside the traced step.
 * ``pz_flax + nnx.jit``: the pz_flax model as an attribute of an ``nnx.Module``, trained with
@@ -29,6 +37,7 @@ floor. The depth sweep shows how per-step cost grows with the number of paramete
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -233,21 +242,23 @@ def pz_flax_trainer_step(size: MlpSize) -> Callable[[], Any]:
     return lambda: trainer.step(inputs=x, targets=y)
 
 
-def pz_flax_model_pytree_step(size: MlpSize) -> Callable[[], Any]:
-    """Hand-written ``jax.jit`` + Optax loop taking the pz_flax model itself as the pytree."""
-    pz = _pz_flax_namespace()
+def model_pytree_step(model: Any, forward, size: MlpSize) -> Callable[[], Any]:
+    """Hand-written ``jax.jit`` + Optax loop that takes ``model`` itself as the pytree.
+
+    Args:
+        model: Any pytree model whose float leaves are all trained.
+        forward: ``forward(model, inputs)`` gives the predictions.
+        size: The problem size (for the batch).
+    """
     optimizer = optax.adam(LEARNING_RATE)
     x, y = make_batch(size)
 
     @jax.jit
     def train_step(model, opt_state, inputs, targets):
-        loss, grads = jax.value_and_grad(lambda m: _mse(named_forward(pz, m, inputs), targets))(
-            model
-        )
+        loss, grads = jax.value_and_grad(lambda m: _mse(forward(m, inputs), targets))(model)
         updates, opt_state = optimizer.update(grads, opt_state, model)
         return optax.apply_updates(model, updates), opt_state, loss
 
-    model = penzai_style_mlp(pz, size)
     carry = {"model": model, "opt_state": optimizer.init(model)}
 
     def step():
@@ -257,6 +268,36 @@ def pz_flax_model_pytree_step(size: MlpSize) -> Callable[[], Any]:
         return loss
 
     return step
+
+
+def pz_flax_model_pytree_step(size: MlpSize) -> Callable[[], Any]:
+    """The pytree loop over the pz_flax model with its live ``Parameter`` variables."""
+    pz = _pz_flax_namespace()
+    return model_pytree_step(penzai_style_mlp(pz, size), functools.partial(named_forward, pz), size)
+
+
+def pz_flax_frozen_model_step(size: MlpSize) -> Callable[[], Any]:
+    """The pytree loop over ``pz.freeze_params`` of the pz_flax model (penzai's idiom)."""
+    pz = _pz_flax_namespace()
+    return model_pytree_step(
+        pz.freeze_params(penzai_style_mlp(pz, size)), functools.partial(named_forward, pz), size
+    )
+
+
+def penzai_frozen_model_step(size: MlpSize) -> Callable[[], Any]:
+    """The pytree loop over penzai 0.2.5's own frozen model."""
+    from penzai import pz as penzai_pz
+
+    return model_pytree_step(
+        penzai_pz.freeze_params(penzai_style_mlp(penzai_pz, size)),
+        functools.partial(named_forward, penzai_pz),
+        size,
+    )
+
+
+def nnx_model_pytree_step(size: MlpSize) -> Callable[[], Any]:
+    """The pytree loop over Flax's ``nnx.Linear`` MLP, an NNX module being a JAX pytree."""
+    return model_pytree_step(NnxMlp(size, nnx.Rngs(0)), lambda m, inputs: m(inputs), size)
 
 
 def pz_flax_param_dict_step(size: MlpSize) -> Callable[[], Any]:
@@ -306,12 +347,17 @@ def pz_flax_nnx_step(size: MlpSize) -> Callable[[], Any]:
 
 
 RAW_JIT = "raw jax.jit"
+FLAX_MODEL_PYTREE = "flax NNX model pytree + jax.jit"
+PZ_FLAX_FROZEN_MODEL_PYTREE = "pz_flax + jax.jit (frozen model pytree)"
 CONTENDERS: dict[str, Callable[[MlpSize], Callable[[], Any]]] = {
     RAW_JIT: raw_jit_step,
     "flax nnx.jit + nnx.Optimizer": nnx_step,
     "penzai StatefulTrainer": penzai_trainer_step,
     "pz_flax StatefulTrainer": pz_flax_trainer_step,
     "pz_flax + jax.jit (model pytree)": pz_flax_model_pytree_step,
+    FLAX_MODEL_PYTREE: nnx_model_pytree_step,
+    PZ_FLAX_FROZEN_MODEL_PYTREE: pz_flax_frozen_model_step,
+    "penzai + jax.jit (frozen model pytree)": penzai_frozen_model_step,
     "pz_flax + jax.jit (param dict)": pz_flax_param_dict_step,
     "pz_flax + nnx.jit + nnx.Optimizer": pz_flax_nnx_step,
 }

@@ -107,16 +107,27 @@ def _split_variables(model_variables):
 def _make_step_function(
     skeleton: ModelPyTree,
     templates: dict[str, variables.AbstractVariable],
+    group_keys: tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]],
     loss_fn: LossFunction,
     optimizer_def: optax.GradientTransformation,
 ) -> Callable[..., Any]:
-    """Builds the pure step function over raw arrays; the model is rebuilt inside it."""
+    """Builds the pure step function over raw arrays; the model is rebuilt inside it.
+
+    The raw values of each variable group (trainable, frozen, state variables) come in, and
+    go out, as tuples in ``group_keys`` order: the label-keyed dicts the optimizer state is
+    built from only exist inside the trace, so a step builds no dict and JAX flattens no
+    sorted-key dict on dispatch.
+    """
+    trainable_keys, frozen_keys, state_var_keys = group_keys
 
     def rebind(raw_values: dict[str, Any]) -> tuple[ModelPyTree, dict[str, Any]]:
         fresh = {key: templates[key].replace(raw) for key, raw in raw_values.items()}
         return variables.bind_variables(skeleton, tuple(fresh.values())), fresh
 
-    def step_fn(root_rng, state, trainable, frozen, state_vars, kwargs):
+    def step_fn(root_rng, state, trainable_values, frozen_values, state_var_values, kwargs):
+        trainable = dict(zip(trainable_keys, trainable_values, strict=True))
+        frozen = dict(zip(frozen_keys, frozen_values, strict=True))
+        state_vars = dict(zip(state_var_keys, state_var_values, strict=True))
         step_rng = jax.random.fold_in(root_rng, state.step)
 
         def loss_and_updates(trainable_values):
@@ -135,7 +146,12 @@ def _make_step_function(
         new_state = InternalTrainerState(
             step=state.step + 1, opt_state=new_opt_state, loss_fn_state=new_loss_fn_state
         )
-        return aux, new_trainable, new_state_vars, new_state
+        return (
+            aux,
+            tuple(new_trainable[key] for key in trainable_keys),
+            tuple(new_state_vars[key] for key in state_var_keys),
+            new_state,
+        )
 
     return step_fn
 
@@ -209,7 +225,13 @@ class StatefulTrainer(struct.Struct):
             ),
             trainable,
         )
-        step_fn = _make_step_function(skeleton, templates, loss_fn, optimizer_def)
+        step_fn = _make_step_function(
+            skeleton,
+            templates,
+            (tuple(trainable), tuple(frozen), tuple(state_vars)),
+            loss_fn,
+            optimizer_def,
+        )
         if jit:
             # Index 1-4: trainer state, trainable params, frozen params, state variables.
             step_fn = jax.jit(step_fn, donate_argnums=(1, 2, 4) if donate_states else ())
@@ -306,9 +328,10 @@ class _BoundStep:
 
     def __init__(self, compiled, trainable, frozen, state_vars, wait_for_each_step):
         self.compiled = compiled
-        self.trainable_keys, self.trainable_vars = tuple(trainable), tuple(trainable.values())
-        self.frozen_keys, self.frozen_vars = tuple(frozen), tuple(frozen.values())
-        self.state_var_keys, self.state_var_vars = tuple(state_vars), tuple(state_vars.values())
+        # In the order of the keys `_make_step_function` was given (the dicts' order).
+        self.trainable_vars = tuple(trainable.values())
+        self.frozen_vars = tuple(frozen.values())
+        self.state_var_vars = tuple(state_vars.values())
         self.written_variables = (*self.trainable_vars, *self.state_var_vars)
         self.home_trace = nnx_compat.current_trace()
         # XLA's in-process CPU collectives can deadlock when many multi-device steps are queued
@@ -329,18 +352,14 @@ class _BoundStep:
         aux, new_trainable, new_state_vars, new_internal_state = self.compiled(
             root_rng,
             trainer_state.get_raw_value(),
-            dict(zip(self.trainable_keys, read(self.trainable_vars), strict=True)),
-            dict(zip(self.frozen_keys, read(self.frozen_vars), strict=True)),
-            dict(zip(self.state_var_keys, read(self.state_var_vars), strict=True)),
+            read(self.trainable_vars),
+            read(self.frozen_vars),
+            read(self.state_var_vars),
             kwargs,
         )
         nnx_compat.write_raw_values_unchecked(
             (*self.written_variables, trainer_state),
-            (
-                *map(new_trainable.__getitem__, self.trainable_keys),
-                *map(new_state_vars.__getitem__, self.state_var_keys),
-                new_internal_state,
-            ),
+            (*new_trainable, *new_state_vars, new_internal_state),
         )
         if self.wait_for_each_step:
             jax.block_until_ready(new_internal_state)

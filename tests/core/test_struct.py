@@ -1,6 +1,7 @@
 """Tests for pz_flax.core.struct."""
 
 import dataclasses
+import inspect
 import pickle
 
 import jax
@@ -375,3 +376,110 @@ def test_init_false_struct_without_any_init_behaves_like_a_dataclass():
         a: int = 0
 
     assert NoInit().a == 0
+
+
+# The same field layouts, once as plain frozen dataclasses and once as natively flattened
+# structs (whose __init__ pz_flax writes itself): each pair must accept and refuse the same calls.
+def _every_kind_of_field(base: type, decorate):
+    @decorate
+    class EveryKind(base):
+        plain: int
+        defaulted: str = dataclasses.field(default="d", metadata={"pytree_node": False})
+        made: list = dataclasses.field(default_factory=list)
+        _: dataclasses.KW_ONLY
+        keyword: float = 1.5
+        keyword_required: int = dataclasses.field(default=7)
+
+    return EveryKind
+
+
+DataclassEveryKind = _every_kind_of_field(object, dataclasses.dataclass(frozen=True))
+StructEveryKind = _every_kind_of_field(struct.Struct, struct.pytree_dataclass)
+
+
+def _fields_of(instance) -> dict:
+    return {field.name: getattr(instance, field.name) for field in dataclasses.fields(instance)}
+
+
+def test_native_struct_init_has_the_dataclass_signature():
+    assert struct.uses_native_flattening(StructEveryKind)
+    expected = inspect.signature(DataclassEveryKind.__init__).parameters
+    actual = inspect.signature(StructEveryKind.__init__).parameters
+    assert [(p.name, p.kind) for p in actual.values()] == [
+        (p.name, p.kind) for p in expected.values()
+    ]
+    for name in ("defaulted", "keyword", "keyword_required"):
+        assert actual[name].default is expected[name].default
+    # A default_factory field shows dataclasses' own placeholder default.
+    assert repr(actual["made"].default) == repr(expected["made"].default)
+    assert StructEveryKind.__init__.__qualname__.endswith("EveryKind.__init__")
+
+
+@pytest.mark.parametrize(
+    "args, kwargs",
+    [
+        ((1,), {}),
+        ((1, "x", [3]), {"keyword": 2.0, "keyword_required": 9}),
+        ((), {"plain": 1, "made": [4], "keyword_required": 0}),
+    ],
+)
+def test_native_struct_init_stores_what_the_dataclass_init_stores(args, kwargs):
+    expected = DataclassEveryKind(*args, **kwargs)
+    built = StructEveryKind(*args, **kwargs)
+    assert _fields_of(built) == _fields_of(expected)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.plain = 2
+
+
+def test_native_struct_init_calls_default_factories_once_per_instance():
+    first, second = StructEveryKind(1), StructEveryKind(1)
+    assert first.made == [] and first.made is not second.made
+    given = [1]
+    assert StructEveryKind(1, made=given).made is given
+
+
+@pytest.mark.parametrize(
+    "args, kwargs",
+    [
+        ((), {}),  # a required field missing
+        ((1, "x", [], 2.0), {}),  # a keyword-only field given positionally
+        ((1,), {"unknown": 0}),
+        ((1,), {"plain": 2}),  # given twice
+    ],
+)
+def test_native_struct_init_refuses_what_the_dataclass_init_refuses(args, kwargs):
+    with pytest.raises(TypeError):
+        DataclassEveryKind(*args, **kwargs)
+    with pytest.raises(TypeError):
+        StructEveryKind(*args, **kwargs)
+
+
+def test_a_field_named_like_the_init_helpers_keeps_the_dataclass_init():
+    @struct.pytree_dataclass
+    class Shadowing(struct.Struct):
+        _instance_dict: int
+        _defaults: int = 0
+
+    assert struct.uses_native_flattening(Shadowing)
+    built = Shadowing(1, 2)
+    assert (built._instance_dict, built._defaults) == (1, 2)
+    rebuilt = jax.tree_util.tree_map(lambda leaf: leaf + 1, built)
+    assert (rebuilt._instance_dict, rebuilt._defaults) == (2, 3)
+
+
+def test_subclass_of_a_native_struct_may_regenerate_its_init():
+    @struct.pytree_dataclass
+    class Extended(Pair):
+        left: jax.Array
+        right: jax.Array
+        tag: str = dataclasses.field(default="pair", metadata={"pytree_node": False})
+        extra: int = 0
+
+    built = Extended(1, 2, extra=3)
+    assert (built.left, built.right, built.tag, built.extra) == (1, 2, "pair", 3)
+    assert struct.uses_native_flattening(Extended)
+
+
+def test_post_init_validation_still_runs_on_construction():
+    with pytest.raises(TypeError, match="left must be an array"):
+        CheckedPair(object(), jnp.zeros(2))

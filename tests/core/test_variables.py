@@ -647,3 +647,79 @@ def test_parameter_replace_and_copy_store_a_named_array_like_value_does():
     # A raw value keeps the axis names, as set_value does.
     kept = original.replace(jnp.full((2, 3), 7.0))
     assert dict(kept.value.named_shape) == {"a": 2, "b": 3}
+
+
+# ---------------------------------------------------------------- models as jax.jit pytrees
+
+
+def _labelled_model():
+    from pz_flax import pz
+
+    return pz.nn.Sequential(
+        [
+            pz.nn.Affine.from_config(
+                name="layer",
+                init_base_rng=jax.random.key(0),
+                input_axes={"features": 3},
+                output_axes={"features": 2},
+            ),
+            pz.nn.Elementwise(jax.nn.relu),
+        ]
+    )
+
+
+def _described(tree):
+    """Everything about a model but its array values: structure, kinds, labels, metadata."""
+    described = []
+    for node in jax.tree_util.tree_leaves(
+        tree, is_leaf=lambda x: isinstance(x, (variables.Parameter, variables.ParameterValue))
+    ):
+        if isinstance(node, (variables.Parameter, variables.ParameterValue)):
+            value = node.value
+            described.append(
+                (type(node), node.label, node.metadata, dict(value.named_axes), value.dtype)
+            )
+    return jax.tree_util.tree_structure(tree), described
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["live", "frozen"])
+def test_model_passes_tree_map_and_jit_keeping_labels_metadata_and_values(frozen):
+    from pz_flax import pz
+
+    model = _labelled_model()
+    if frozen:
+        model = pz.freeze_params(model)
+    structure, described = _described(model)
+    assert len(described) == 2
+    for transform in (
+        lambda m: jax.tree_util.tree_map(lambda leaf: leaf, m),
+        jax.jit(lambda m: m),
+        jax.jit(lambda m: jax.tree_util.tree_map(lambda leaf: leaf * 1.0, m)),
+    ):
+        rebuilt = transform(model)
+        assert _described(rebuilt) == (structure, described)
+        for before, after in zip(
+            jax.tree_util.tree_leaves(model), jax.tree_util.tree_leaves(rebuilt), strict=True
+        ):
+            np.testing.assert_array_equal(after, before)
+    inputs = named(np.ones((4, 3)), "batch", "features")
+    np.testing.assert_array_equal(
+        jax.jit(lambda m, x: m(x).unwrap("batch", "features"))(model, inputs),
+        model(inputs).unwrap("batch", "features"),
+    )
+
+
+def test_frozen_parameter_rebuilt_by_jax_is_still_a_validated_snapshot():
+    value = named(np.arange(3.0), "features")
+    snapshot = variables.ParameterValue(label="w", value=value, metadata={"trainable": False})
+    rebuilt = jax.jit(lambda s: s)(snapshot)
+    assert type(rebuilt) is variables.ParameterValue
+    assert (rebuilt.label, rebuilt.metadata) == ("w", {"trainable": False})
+    unfrozen = rebuilt.unfreeze_as_copy()
+    assert unfrozen.label == "w" and unfrozen.metadata == {"trainable": False}
+    # Construction-time validation of what becomes a variable still rejects bad input.
+    bad = variables.ParameterValue(label="w", value=value, metadata={1: "not a str key"})
+    with pytest.raises(TypeError, match="metadata keys must be strings"):
+        bad.unfreeze_as_copy()
+    with pytest.raises(TypeError, match="label must be hashable"):
+        variables.Parameter(label=["unhashable"], value=value)
