@@ -19,7 +19,9 @@ parameters (they are ``nnx.Param`` objects), so ``nnx.Optimizer`` trains them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
+import types
 from collections.abc import Callable
 from collections.abc import Hashable
 from typing import Any
@@ -278,13 +280,22 @@ class NNXWrapper(layer_base.Layer):
                 f" {self.sown.label!r}, which is bound as a frozen snapshot; bind a mutable"
                 " variable (bind_variables(..., unfreeze_as_copy=True)) to record them."
             )
-        module, bound_pairs = self._module()
+        built = self._module()
+        # A sowing switch passed to this call may reach any stock layer in the module.
+        sowing_modules = (
+            None if SOW_SWITCH_NAMES.intersection(keyword_arguments) else built.sowing_modules
+        )
         positional, leading = naming_lib.to_positional(argument, self.input_axes)
         with jax.named_scope(_type_name(self.module_type)):
             output = _run_capturing_sown(
-                module, positional, keyword_arguments, self.sown, self._nested_recorders()
+                built.module,
+                positional,
+                keyword_arguments,
+                self.sown,
+                self._nested_recorders(),
+                sowing_modules,
             )
-        _write_back(bound_pairs)
+        _write_back(built.pairs)
         return _name_output(
             self,
             argument,
@@ -333,20 +344,21 @@ class NNXWrapper(layer_base.Layer):
             self.__dict__[_NESTED_RECORDERS_KEY] = found
         return found
 
-    def _module(self) -> tuple[nnx.Module, list[tuple[Any, nnx.Variable]]]:
-        """The NNX module for this call, with ``(pz variable, NNX variable)`` of each binding."""
+    def _module(self) -> _BuiltModule:
+        """The NNX module for this call, built or reused (see ``_BuiltModule``)."""
         from pz_flax.interop import convert  # convert builds wrappers; import at call time
 
         built = self.__dict__.get(_BUILT_MODULE_KEY)
         if built is not None and built.is_current(self):
-            return built.module, built.pairs
+            return built
         bindings: list[tuple[Any, Any, tuple[Hashable, ...]]] = []
         module = convert.rebuild_wrapped_module(self, bindings)
         pairs = [(pz_variable, variable_at(owner, path)) for pz_variable, owner, path in bindings]
+        built = _BuiltModule(self, module, pairs)
         if _is_concrete(pairs):
             # Only eager calls reuse a module: a traced one holds tracers of one trace.
-            self.__dict__[_BUILT_MODULE_KEY] = _BuiltModule(self, module, pairs)
-        return module, pairs
+            self.__dict__[_BUILT_MODULE_KEY] = built
+        return built
 
     def treescope_color(self) -> str:
         return "#e8c7b3"
@@ -367,12 +379,21 @@ class _BuiltModule:
     A wrapper is frozen, but its ``variables`` and ``children`` dictionaries could still be
     given other entries, and its variables other arrays (training, ``set_value``); the module
     is reused only if the same entries hold the same arrays.
+
+    Attributes:
+        module: The NNX module.
+        pairs: ``(pz variable, NNX variable)`` of each variable bound into it, for write-back.
+        entries: The wrapper's variables, children and pz attributes it was built from.
+        sowing_modules: The outermost submodules whose code may sow (see ``may_sow``): a
+            call that records nothing captures sows in these subtrees only, and none at all
+            when the list is empty.
     """
 
     def __init__(self, wrapper: NNXWrapper, module: nnx.Module, pairs: list):
         self.module = module
         self.pairs = pairs
         self.entries = _entries_of(wrapper)
+        self.sowing_modules = outermost_sowing_modules(module)
 
     def is_current(self, wrapper: NNXWrapper) -> bool:
         entries = _entries_of(wrapper)
@@ -438,6 +459,7 @@ def _run_capturing_sown(
     keyword_arguments: dict[str, Any],
     sown: variables.StateVariable | None,
     nested: list[tuple[str, variables.StateVariable]],
+    sowing_modules: list[nnx.Module] | None = None,
 ) -> Any:
     """Calls ``module``, keeping what its code sows out of the module itself.
 
@@ -445,11 +467,23 @@ def _run_capturing_sown(
     rather than onto the (possibly reused) module, where values would pile up call after call.
     The ``nnx.Intermediate`` values collected are stored by ``/``-joined NNX path: all of them
     in ``sown`` (paths below ``module``), and those below each ``nested`` wrapper's path in its
-    variable (paths below that wrapper's module). Without recorders they are dropped.
+    variable (paths below that wrapper's module). Without recorders they are dropped, and
+    then, if ``sowing_modules`` is given, only those subtrees are prepared for sowing (the
+    graph walks of ``nnx.capture`` cost as much as a small model's computation): none when
+    the list is empty.
     """
     if sown is None and not nested:
-        return nnx.capture(module)(positional, **keyword_arguments)
-    output, collected = nnx.capture(module, nnx.Intermediate)(positional, **keyword_arguments)
+        if sowing_modules is None:
+            return compat_nnx.capture(module)(positional, **keyword_arguments)
+        if not sowing_modules:
+            return module(positional, **keyword_arguments)
+        # ``nnx.capture`` prepares the modules below its function's first argument.
+        return compat_nnx.capture(lambda _prepared, inputs: module(inputs, **keyword_arguments))(
+            sowing_modules, positional
+        )
+    output, collected = compat_nnx.capture(module, nnx.Intermediate)(
+        positional, **keyword_arguments
+    )
     values = {
         "/".join(str(part) for part in path): value.get_value()
         for path, value in nnx.to_flat_state(collected)
@@ -728,6 +762,180 @@ def variable_at(module: Any, path: tuple[Hashable, ...]) -> Any:
         indexable = isinstance(part, int) or isinstance(node, dict)
         node = node[part] if indexable else getattr(node, part)
     return node
+
+
+#### Which NNX modules can sow ####
+
+# ``Module`` methods through which NNX code keeps values for ``nnx.capture`` to collect.
+_SOWING_METHODS = frozenset({"sow", "perturb"})
+# Packages whose functions know nothing of NNX modules, so never sow into one: not read.
+_NEVER_SOWING_PACKAGES = frozenset({"jax", "jaxlib", "numpy", "builtins", "functools", "math"})
+# Functions of this package take a module to sow into (``dot_product_attention(module=)``), so
+# they are read from any class that calls them.
+_STOCK_LAYER_HELPERS = "flax.nnx.nn"
+
+
+# Stock layers whose code sows only when a call argument asks it to, by that argument's name:
+# such a layer may sow only in a model whose code mentions the name (or whose call passes it).
+_SOW_SWITCHES: dict[type[Any], str] = {nnx.MultiHeadAttention: "sow_weights"}
+SOW_SWITCH_NAMES = frozenset(_SOW_SWITCHES.values())
+
+
+def may_sow(module: nnx.Module, switches_on: frozenset[str] = SOW_SWITCH_NAMES) -> bool:
+    """Whether the code of ``module`` may sow or perturb values (read from the code, cached).
+
+    A conservative reading of the bytecode: the module may sow if a method of its class (or
+    of a base class below ``nnx.Module``), a function nested in one, a function one of them
+    refers to by a global name (in the class's own package, or a stock NNX layer helper), or a
+    function held by the module mentions ``sow`` or ``perturb``. A stock layer that sows only
+    when asked by a call argument (``MultiHeadAttention``'s ``sow_weights``) may sow if that
+    argument's name is in ``switches_on``. Code that reaches ``Module.sow`` in no such way
+    (through ``getattr`` with a computed name, or passing ``sow_weights`` positionally) is not
+    seen: such a module called while nothing records would store its sown values on itself,
+    as NNX does outside ``nnx.capture``.
+
+    Args:
+        module: The NNX module (its submodules are not looked at).
+        switches_on: Names of the sowing switches that the calling code may set.
+    """
+    switch = _SOW_SWITCHES.get(type(module))
+    if switch is not None:
+        return switch in switches_on
+    if _class_may_sow(type(module)):
+        return True
+    return any(
+        _callable_may_sow(value)
+        for value in vars(module).values()
+        if isinstance(value, types.FunctionType | functools.partial)
+    )
+
+
+def outermost_sowing_modules(module: nnx.Module) -> list[nnx.Module]:
+    """The submodules of ``module`` (itself included) that may sow, outermost ones only.
+
+    A sowing switch counts as set if the code of any class in the tree mentions its name.
+    """
+    modules = dict(nnx.iter_modules(module))
+    classes = {type(sub) for sub in modules.values()} - _SOW_SWITCHES.keys()
+    switches_on = frozenset(
+        name for name in SOW_SWITCH_NAMES if any(_class_mentions(cls, name) for cls in classes)
+    )
+    sowing = {path for path, sub in modules.items() if may_sow(sub, switches_on)}
+    return [
+        modules[path]
+        for path in sowing
+        if not any(path[:length] in sowing for length in range(len(path)))
+    ]
+
+
+def _class_functions(cls: type[Any]) -> list[types.FunctionType]:
+    """The functions defined by ``cls`` and its bases below ``nnx.Module``."""
+    found = []
+    for klass in cls.__mro__:
+        if klass in nnx.Module.__mro__:
+            continue
+        for member in vars(klass).values():
+            if isinstance(member, staticmethod | classmethod):
+                member = member.__func__
+            candidates = (
+                [member.fget, member.fset, member.fdel]
+                if isinstance(member, property)
+                else [member]
+            )
+            found.extend(f for f in candidates if isinstance(f, types.FunctionType))
+    return found
+
+
+@functools.cache
+def _class_may_sow(cls: type[Any]) -> bool:
+    package = cls.__module__.split(".")[0]
+    return any(_code_may_sow(function, package) for function in _class_functions(cls))
+
+
+@functools.cache
+def _class_mentions(cls: type[Any], name: str) -> bool:
+    """Whether the code of ``cls`` uses ``name`` as a name or a keyword (or string) constant."""
+
+    def mentions(code: types.CodeType) -> bool:
+        if name in code.co_names or name in code.co_varnames:
+            return True
+        for const in code.co_consts:
+            if isinstance(const, types.CodeType) and mentions(const):
+                return True
+            if const == name or (isinstance(const, tuple) and name in const):
+                return True
+        return False
+
+    return any(mentions(function.__code__) for function in _class_functions(cls))
+
+
+def _callable_may_sow(value: Any) -> bool:
+    while isinstance(value, functools.partial):
+        value = value.func
+    if not isinstance(value, types.FunctionType):
+        return False
+    package = (value.__module__ or "").split(".")[0]
+    return package not in _NEVER_SOWING_PACKAGES and _code_may_sow(value, package)
+
+
+def _code_may_sow(function: types.FunctionType, package: str) -> bool:
+    key = (function.__code__, package)
+    if key not in _CODE_MAY_SOW:
+        _CODE_MAY_SOW[key] = _code_object_may_sow(
+            function.__code__, function.__globals__, package, set()
+        )
+    return _CODE_MAY_SOW[key]
+
+
+# Per code object and package read from: whether the code may sow. Only whole readings are
+# kept (one cut short by recursion would not be a complete answer); code objects live as long
+# as their functions' modules, and the table grows only with the code read.
+_CODE_MAY_SOW: dict[tuple[types.CodeType, str], bool] = {}
+
+
+def _code_object_may_sow(
+    code: types.CodeType, namespace: dict[str, Any], package: str, seen: set[types.CodeType]
+) -> bool:
+    if code in seen:  # already being read further up
+        return False
+    seen.add(code)
+    if _SOWING_METHODS.intersection(code.co_names):
+        return True
+    if any(
+        _code_object_may_sow(const, namespace, package, seen)
+        for const in code.co_consts
+        if isinstance(const, types.CodeType)
+    ):
+        return True
+    for function in _functions_named(code.co_names, namespace):
+        module_name = function.__module__ or ""
+        followed = module_name.split(".")[0] == package or module_name.startswith(
+            _STOCK_LAYER_HELPERS
+        )
+        if followed and _code_object_may_sow(
+            function.__code__, function.__globals__, package, seen
+        ):
+            return True
+    return False
+
+
+def _functions_named(names: tuple[str, ...], namespace: dict[str, Any]) -> list[Any]:
+    """Functions that global names in ``names`` may refer to, directly or as module members."""
+    found = []
+    for name in names:
+        value = namespace.get(name)
+        if isinstance(value, types.ModuleType):
+            # The module's own table: a module's ``__getattr__`` may warn or import.
+            found.extend(vars(value).get(member) for member in names)
+        else:
+            found.append(value)
+    unwrapped = []
+    for value in found:
+        while isinstance(value, functools.partial):
+            value = value.func
+        if isinstance(value, types.FunctionType):
+            unwrapped.append(value)
+    return unwrapped
 
 
 #### Axis names for the variables of wrapped modules ####
