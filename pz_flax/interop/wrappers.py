@@ -27,6 +27,8 @@ from collections.abc import Hashable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pz_flax._compat import nnx as compat_nnx
@@ -1080,12 +1082,15 @@ class PzModule(nnx.Module):
         """Runs the layer on ``x`` (named by the convention if positional).
 
         Args:
-            x: A positional array, or a value the layer accepts directly.
+            x: A positional array (JAX or NumPy, as NNX layers take both), or a value the
+                layer accepts directly.
             **side_inputs: Passed to the layer as side inputs.
 
         Returns:
             The layer's output, positional if ``x`` was.
         """
+        if isinstance(x, np.ndarray):
+            x = jnp.asarray(x)
         if isinstance(x, named_axes.NamedArrayBase) or not isinstance(x, jax.Array):
             return self.layer(x, **side_inputs)
         names = self.input_names

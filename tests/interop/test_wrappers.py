@@ -210,6 +210,17 @@ def test_pz_module_names_inputs_and_forwards_side_inputs():
     assert dict(module(named_value).named_shape) == {"batch": 2, "time": 3, "features": 4}
 
 
+def test_pz_module_names_numpy_inputs_like_jax_arrays_also_under_nnx_jit():
+    affine = linear_and_affine.Linear.from_config(
+        "probe", jax.random.key(0), input_axes={"features": 4}, output_axes={"features_out": 3}
+    )
+    module = wrappers.PzModule(affine)
+    data = np.arange(8.0, dtype=np.float32).reshape(2, 4)
+    expected = module(jnp.asarray(data))
+    np.testing.assert_array_equal(module(data), expected)
+    np.testing.assert_array_equal(nnx.jit(lambda m, x: m(x))(module, data), expected)
+
+
 def test_pz_module_state_is_visible_to_nnx():
     layer = linear_and_affine.Affine.from_config(
         "proj", jax.random.key(0), {"features": 2}, {"features": 3}
@@ -383,6 +394,181 @@ def test_a_frozen_sown_recorder_is_an_error_naming_its_label():
     frozen = variables.bind_variables(pure, state)
     with pytest.raises(ValueError, match=r"'weights'.*frozen snapshot"):
         frozen(helpers.named(x, *_SEQ_NAMES))
+
+
+#### Which modules can sow (a call that records nothing skips capturing elsewhere) ####
+
+
+def _keep_for_later(module, value):
+    module.sow(nnx.Intermediate, "kept", value)
+
+
+class SowsThroughAHelper(nnx.Module):
+    def __call__(self, x):
+        _keep_for_later(self, x)
+        return x
+
+
+class SowsInAClosure(nnx.Module):
+    def __call__(self, x):
+        def keep(value):
+            self.sow(nnx.Intermediate, "kept", value)
+            return value
+
+        return keep(x)
+
+
+class Perturbs(nnx.Module):
+    def __call__(self, x):
+        return self.perturb("x", x)
+
+
+class HoldsASowingFunction(nnx.Module):
+    def __init__(self):
+        self.hook = _keep_for_later
+
+    def __call__(self, x):
+        self.hook(self, x)
+        return x
+
+
+class Plain(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(4, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return jnp.tanh(self.linear(x))
+
+
+class Attends(nnx.Module):
+    """Stock attention whose weights are kept only when ``keep_weights`` is set."""
+
+    def __init__(self, keep_weights, rngs):
+        self.attn = nnx.MultiHeadAttention(2, 4, decode=False, rngs=rngs)
+        self.keep_weights = keep_weights
+
+    def __call__(self, x):
+        if self.keep_weights:
+            return self.attn(x, sow_weights=True)
+        return self.attn(x)
+
+
+class AttendsPlainly(nnx.Module):
+    def __init__(self, rngs):
+        self.attn = nnx.MultiHeadAttention(2, 4, decode=False, rngs=rngs)
+
+    def __call__(self, x, **attention_options):
+        return self.attn(x, **attention_options)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        SowingAttention(nnx.Rngs(0)),
+        SowsThroughAHelper(),
+        SowsInAClosure(),
+        Perturbs(),
+        HoldsASowingFunction(),
+    ],
+    ids=type,
+)
+def test_may_sow_sees_sows_in_methods_helpers_closures_perturbs_and_held_functions(module):
+    assert wrappers.may_sow(module)
+
+
+def test_may_sow_is_false_for_code_that_never_sows_and_switched_stock_layers():
+    assert not wrappers.may_sow(Plain(nnx.Rngs(0)))
+    assert not wrappers.may_sow(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    attention = nnx.MultiHeadAttention(2, 4, decode=False, rngs=nnx.Rngs(0))
+    assert not wrappers.may_sow(attention, switches_on=frozenset())
+    assert wrappers.may_sow(attention)  # by default every switch counts as set
+
+
+def test_outermost_sowing_modules_follow_the_models_own_code():
+    block = SowingBlock(nnx.Rngs(0))
+    assert wrappers.outermost_sowing_modules(block) == [block]  # not also block.attn
+    assert wrappers.outermost_sowing_modules(Plain(nnx.Rngs(0))) == []
+    keeping = Attends(True, nnx.Rngs(0))
+    assert wrappers.outermost_sowing_modules(keeping) == [keeping.attn]
+    # Mentioning the switch anywhere in the model's code counts, whatever its value.
+    assert wrappers.outermost_sowing_modules(Attends(False, nnx.Rngs(0))) != []
+    assert wrappers.outermost_sowing_modules(AttendsPlainly(nnx.Rngs(0))) == []
+
+
+@pytest.fixture
+def capture_calls(monkeypatch):
+    """Counts the calls of ``nnx.capture`` made by wrappers."""
+    calls = []
+    original = nnx.capture
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(wrappers.nnx, "capture", counting)
+    return calls
+
+
+def test_a_call_that_records_nothing_captures_only_where_code_may_sow(capture_calls):
+    x = helpers.random_input((2, 3, 4))
+    plain = Plain(nnx.Rngs(0))
+    layer = convert.from_nnx(plain)
+    output = layer(helpers.named(x, *_SEQ_NAMES)).unwrap(*_SEQ_NAMES)
+    np.testing.assert_array_equal(output, plain(x))
+    assert capture_calls == []
+    _, sowing, _ = _sowing_layer_and_input()
+    sowing(helpers.named(x, *_SEQ_NAMES))
+    assert len(capture_calls) == 1
+    # Recording always captures the whole module.
+    wrappers.capture_sown(layer)(helpers.named(x, *_SEQ_NAMES))
+    assert len(capture_calls) == 2
+
+
+@pytest.mark.parametrize("through_side_input", [False, True])
+def test_switched_stock_attention_records_its_weights_and_never_piles_them_up(
+    through_side_input, recwarn
+):
+    x = helpers.random_input((2, 3, 4))
+    named_x = helpers.named(x, *_SEQ_NAMES)
+    model = AttendsPlainly(nnx.Rngs(0)) if through_side_input else Attends(True, nnx.Rngs(0))
+    options = {"sow_weights": True} if through_side_input else {}
+    layer = convert.from_nnx(model)
+    for _ in range(2):
+        layer(named_x, **options)
+    assert len(nnx.state(_built(layer), nnx.Intermediate)) == 0
+    assert not [w for w in recwarn if "sow" in str(w.message)]
+    recording = wrappers.capture_sown(layer)
+    recording(named_x, **options)
+    _, expected = nnx.capture(model, nnx.Intermediate)(x, **options)
+    (weights,) = recording.sown.value["attn/attention_weights"]
+    np.testing.assert_allclose(weights, expected["attn"]["attention_weights"].get_value()[0])
+
+
+class TrainModeNorm(nnx.Module):
+    def __init__(self, rngs):
+        self.linear = nnx.Linear(4, 4, rngs=rngs)
+        self.norm = nnx.BatchNorm(4, use_running_average=False, momentum=0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.norm(self.linear(x))
+
+
+def test_uncaptured_eager_calls_write_batch_statistics_back_every_call(capture_calls):
+    reference, converted = TrainModeNorm(nnx.Rngs(0)), TrainModeNorm(nnx.Rngs(0))
+    layer = convert.from_nnx(converted)
+    for seed in range(3):
+        x = helpers.random_input((6, 4), seed=seed)
+        expected = reference(x)
+        output = layer(helpers.named(x, "batch", "features")).unwrap("batch", "features")
+        np.testing.assert_allclose(output, expected, rtol=1e-6)
+        stats = layer.children["norm"].variables
+        for name in ("mean", "var"):
+            np.testing.assert_allclose(
+                stats[name].value.unwrap("features"),
+                getattr(reference.norm, name).get_value(),
+                rtol=1e-6,
+            )
+    assert capture_calls == []
 
 
 #### Reusing the module an eager call built ####
