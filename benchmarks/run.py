@@ -65,13 +65,15 @@ WHY_FROZEN_MODEL_PYTREE = (
     " model pays it in Python flatten too, see its row)."
 )
 WHY_TRAINER = (
-    "Python work around the jitted call. Profiled at 8x64: NNX's Variable.set_raw_value ran a"
-    " trace-level check twice per variable (~1.4 us each) on every step; the trainer now stores"
-    " raw values directly (measured 1.25x -> 1.15x at 8x64, 1.25x -> 1.10x at 100 layers)."
-    " Passing lists instead of label-keyed dicts and reusing the flattened trainer state gave"
-    " 1.09x in an experiment and was not adopted. What remains is the InternalTrainerState"
-    " struct's Python flatten/unflatten, the rng argument and the calls around the jitted"
-    " function, ~10 us per step."
+    "Python work around the jitted call. NNX's Variable.set_raw_value ran a trace-level check"
+    " twice per variable (~1.4 us each) on every step; the trainer compares the trace once per"
+    " step and stores raw values directly (1.25x -> 1.15x at 8x64). Each step now also hands"
+    " the jitted function the raw values as tuples in build-time order and rebuilds the"
+    " label-keyed dicts inside the trace, so no dict is built, sorted by JAX or rebuilt per"
+    " step (one process, 12 interleaved rounds at load average ~9 on 2 cores: 1.51x -> 1.28x"
+    " raw, medians). What remains is the InternalTrainerState's flatten and rebuild (the step"
+    " counter and Adam's label-keyed moment dicts, 41 pytree nodes whose dict keys JAX sorts"
+    " on every call), the rng argument and the variable writes."
 )
 WHY_COMPUTE = (
     "the compiled programs match raw jit's (checked at 8x64: same fusion and dot counts in the"
