@@ -21,6 +21,7 @@ module, and natively built pz_flax layers either into a ``PzModule`` adapter or,
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ import jax
 from flax import nnx
 
 from pz_flax._compat import nnx as compat_nnx
+from pz_flax._compat import nnx_modules
 from pz_flax.core import named_axes
 from pz_flax.core import struct
 from pz_flax.core import tree_util
@@ -108,7 +110,7 @@ def from_nnx(
         else registry.IdentityMemo()
     )
 
-    stacks = _StackDetector()
+    graph = _GraphIndex()
 
     def convert(obj: Any, path: tuple[Hashable, ...]) -> Any:
         # Modules are converted once; a shared one at the path nnx.state lists it under.
@@ -118,13 +120,13 @@ def from_nnx(
             return memo.get(obj)
         if is_module:
             path = memo.first_paths.get(id(obj), path)
-        stack_size = stacks.stack_size(obj) if is_module else None
+        stack_size = graph.stack_size(obj) if is_module else None
         if stack_size is not None:
             naming = naming_lib.resolve_naming(base_naming, checked_overrides, type(obj), path)
             converted = _convert_stacked(obj, path, stack_size, naming.stack, convert, memo)
         else:
             converted = _convert_from_nnx(
-                obj, path, base_naming, checked_overrides, strict, convert, memo
+                obj, path, base_naming, checked_overrides, strict, convert, memo, graph
             )
         if is_module:
             memo.put(obj, converted)
@@ -133,20 +135,35 @@ def from_nnx(
     return convert(module, ())
 
 
-class _StackDetector:
-    """Recognises modules created by ``nnx.vmap``: stacks of identically built layers.
+class _GraphIndex:
+    """Facts about the nodes of the NNX graph being converted, each worked out once per node.
 
-    A module is a stack of ``n`` layers when every variable below it has a leading axis of size
-    ``n`` and some module below it with a registered mapping has one axis too many for that
-    mapping (its variables are per-layer stacks of the arrays the mapping expects). The stack
-    is the outermost such module that is not a mere holder of one stacked child (a module
-    with no variables of its own and a single child with variables is not itself stacked:
-    its code is what runs the stack, e.g. with ``nnx.scan``).
+    Conversion asks the same questions of nested modules over and over (is this a stack of
+    layers? which embedding tables lie below it?); answering each from a fresh walk of the
+    module's subgraph made conversion quadratic in the model's depth. Here every answer is
+    built from the answers of the node's children and remembered, so one conversion visits
+    each node once per question. The index lives for one conversion: nodes are keyed by
+    identity and held, so their ``id()`` values stay unique while it lives.
+
+    Stacks are modules created by ``nnx.vmap``: a module is a stack of ``n`` layers when every
+    variable below it has a leading axis of size ``n`` and some module below it with a
+    registered mapping has one axis too many for that mapping (its variables are per-layer
+    stacks of the arrays the mapping expects). The stack is the outermost such module that is
+    not a mere holder of one stacked child (a module with no variables of its own and a single
+    child with variables is not itself stacked: its code is what runs the stack, e.g. with
+    ``nnx.scan``).
     """
 
     def __init__(self):
-        self._leading: dict[int, int | None] = {}
-        self._over_ranked: dict[int, bool] = {}
+        self._facts: dict[tuple[str, int], tuple[Any, Any]] = {}
+
+    def _remembered(self, question: str, node: Any, answer: Callable[[Any], Any]) -> Any:
+        key = (question, id(node))
+        found = self._facts.get(key)
+        if found is None:
+            found = (node, answer(node))
+            self._facts[key] = found
+        return found[1]
 
     def stack_size(self, module: nnx.Module) -> int | None:
         """The number of stacked layers ``module`` is, or None if it is not a stack."""
@@ -158,13 +175,24 @@ class _StackDetector:
         own_variables, children = _own_variables_and_children(module)
         if not own_variables and len(children) == 1:
             return None
-        if not any(self._is_over_ranked(node) for _, node in nnx.iter_graph(module)):
+        if not self._has_over_ranked(module):
             return None
         return size
 
+    def embedding_tables(self, node: Any) -> frozenset[tuple[int, int]]:
+        """``(num_embeddings, features)`` of every ``nnx.Embed`` in ``node``'s subgraph."""
+        return self._remembered("tables", node, self._embedding_tables)
+
+    def _embedding_tables(self, node: Any) -> frozenset[tuple[int, int]]:
+        tables = {(node.num_embeddings, node.features)} if isinstance(node, nnx.Embed) else set()
+        for child in _graph_children(node):
+            tables |= self.embedding_tables(child)
+        return frozenset(tables)
+
     def _common_leading_size(self, node: Any) -> int | None:
-        if id(node) in self._leading:
-            return self._leading[id(node)]
+        return self._remembered("leading", node, self._leading_size)
+
+    def _leading_size(self, node: Any) -> int | None:
         own_variables, children = _own_variables_and_children(node)
         sizes = set()
         for variable in own_variables:
@@ -172,32 +200,115 @@ class _StackDetector:
                 sizes.add(leaf.shape[0] if getattr(leaf, "ndim", 0) else None)
         for child in children:
             sizes.add(self._common_leading_size(child))
-        result = sizes.pop() if len(sizes) == 1 else None
-        self._leading[id(node)] = result
-        return result
+        return sizes.pop() if len(sizes) == 1 else None
+
+    def structure(self, module: nnx.Module) -> tuple[Any, tuple[Any, ...]]:
+        """What a mapping's result depends on: the graph definition and the variable shapes.
+
+        ``(graph definition, ((shape, dtype) of each variable leaf, ...))``; the graph
+        definition has the class, its settings, and the variables' types and metadata.
+        """
+        return self._remembered("structure", module, _structure)
+
+    def _has_over_ranked(self, node: Any) -> bool:
+        """Whether ``node`` or a module in its subgraph is over-ranked for its mapping."""
+        return self._remembered(
+            "over_ranked_below",
+            node,
+            lambda node: (
+                self._is_over_ranked(node)
+                or any(self._has_over_ranked(child) for child in _graph_children(node))
+            ),
+        )
 
     def _is_over_ranked(self, node: Any) -> bool:
-        if not isinstance(node, nnx.Module) or id(node) in self._over_ranked:
-            return self._over_ranked.get(id(node), False)
+        if not isinstance(node, nnx.Module):
+            return False
         mapping = registry.get_mapping(type(node))
-        over_ranked = False
-        if mapping is not None and mapping.verify_round_trip:
-            trial = registry.FromNNXContext(
-                naming=naming_lib.DEFAULT_NAMING, path=(), convert_child=lambda child, path: None
-            )
-            try:
-                mapping.to_pz(node, trial)
-            except registry.AxisCountMismatch:
-                over_ranked = True
-            except registry.MappingNotApplicable:
-                over_ranked = False
-            except Exception:
-                # The trial's children are placeholders (None), which a mapping may fairly
-                # trip over; a genuine bug is reported, with the module's path, when the
-                # module itself is converted.
-                over_ranked = False
-        self._over_ranked[id(node)] = over_ranked
-        return over_ranked
+        if mapping is None or not mapping.verify_round_trip:
+            return False
+        return _MAPPING_VERDICTS.get_or_compute(
+            "over_ranked", mapping, self.structure(node), lambda: _is_over_ranked(mapping, node)
+        )
+
+
+def _structure(module: nnx.Module) -> tuple[Any, tuple[Any, ...]]:
+    graphdef, state = nnx.split(module)
+    shapes = tuple(
+        (getattr(leaf, "shape", None), getattr(leaf, "dtype", None))
+        for leaf in jax.tree_util.tree_leaves(state)
+    )
+    return graphdef, shapes
+
+
+class _MappingVerdicts:
+    """Answers about what a mapping makes of a module, remembered across conversions.
+
+    Real models repeat a few layer configurations many times over, and some answers cost
+    several times the conversion itself (the exactness check rebuilds the module). An answer
+    is remembered by what decides it: the question, the mapping, the version of the mapping
+    table (whose entries convert a mapped module's children), the module's structure (see
+    ``_GraphIndex.structure``) and any further facts the question names. Registering or
+    unregistering a mapping changes the table's version, so no stale answer is used.
+    """
+
+    LIMIT = 4096
+
+    def __init__(self):
+        self._answers: dict[Hashable, tuple[registry.LayerMapping, Any]] = {}
+
+    def get_or_compute(
+        self,
+        question: str,
+        mapping: registry.LayerMapping,
+        structure: Hashable,
+        compute: Callable[[], Any],
+        *facts: Hashable,
+    ) -> Any:
+        """The remembered answer, or ``compute()``, remembered (if its key is hashable)."""
+        key = (question, id(mapping), registry.mapping_registry.version, structure, *facts)
+        try:
+            known = self._answers.get(key)
+        except TypeError:  # an unhashable setting or metadata entry: ask every time
+            return compute()
+        if known is not None and known[0] is mapping:
+            return known[1]
+        answer = compute()
+        if len(self._answers) >= self.LIMIT:
+            self._answers.clear()
+        # The mapping is kept with its answer, so that its id() is not reused meanwhile.
+        self._answers[key] = (mapping, answer)
+        return answer
+
+    def clear(self) -> None:
+        """Forgets every answer."""
+        self._answers.clear()
+
+
+_MAPPING_VERDICTS = _MappingVerdicts()
+
+
+def _graph_children(node: Any) -> list[Any]:
+    """The modules (and other NNX pytrees) directly below ``node``."""
+    return [child for child in registry.graph_children(node) if isinstance(child, nnx.Pytree)]
+
+
+def _is_over_ranked(mapping: registry.LayerMapping, module: nnx.Module) -> bool:
+    """Whether ``module``'s variables have one axis too many for ``mapping``."""
+    trial = registry.FromNNXContext(
+        naming=naming_lib.DEFAULT_NAMING, path=(), convert_child=lambda child, path: None
+    )
+    try:
+        mapping.to_pz(module, trial)
+    except registry.AxisCountMismatch:
+        return True
+    except Exception:
+        # MappingNotApplicable: the mapping declines for another reason. Anything else: the
+        # trial's children are placeholders (None), which a mapping may fairly trip over; a
+        # genuine bug is reported, with the module's path, when the module itself is
+        # converted.
+        return False
+    return False
 
 
 def _own_variables_and_children(node: Any) -> tuple[list[nnx.Variable], list[Any]]:
@@ -210,7 +321,7 @@ def _own_variables_and_children(node: Any) -> tuple[list[nnx.Variable], list[Any
     else:
         values = [value for _, value in compat_nnx.own_attributes(node)]
     for value in values:
-        if isinstance(value, nnx.Variable):
+        if registry.is_nnx_variable(value):
             own.append(value)
         elif isinstance(value, nnx.Pytree):
             children.append(value)
@@ -261,7 +372,7 @@ def _is_plain_callable(value: Any) -> bool:
     )
 
 
-def _convert_from_nnx(obj, path, base_naming, overrides, strict, convert, memo):
+def _convert_from_nnx(obj, path, base_naming, overrides, strict, convert, memo, graph):
     """Converts one object found in an NNX tree; ``convert`` recurses into children."""
     if isinstance(obj, nnx.Module):
         mapping = registry.get_mapping(type(obj))
@@ -281,7 +392,7 @@ def _convert_from_nnx(obj, path, base_naming, overrides, strict, convert, memo):
             mark = memo.mark()
             where = _describe_path(path)
             try:
-                return _apply_mapping(mapping, obj, context)
+                return _apply_mapping(mapping, obj, context, graph)
             except registry.MappingNotApplicable as exc:
                 # The module is wrapped instead: what the attempt converted must not be reused.
                 memo.rollback(mark)
@@ -296,7 +407,7 @@ def _convert_from_nnx(obj, path, base_naming, overrides, strict, convert, memo):
                     raise  # Not this mapping's: it passes on what a child's conversion raised.
                 failed = f"{type(mapping).__name__} failed converting the {type(obj).__qualname__}"
                 raise _mapping_error(f"{failed} at {where}", exc) from exc
-        return wrap_module(obj, context, wrapped_because)
+        return wrap_module(obj, context, wrapped_because, graph)
     naming = naming_lib.resolve_naming(base_naming, overrides, None, path)
     if _is_plain_callable(obj):
         return _convert_function(obj, naming)
@@ -341,28 +452,49 @@ def _is_child_failure(exc: BaseException) -> bool:
     return any(isinstance(note, _ChildFailureNote) for note in getattr(exc, "__notes__", ()))
 
 
-def _apply_mapping(mapping: registry.LayerMapping, module: Any, context) -> Any:
+def _apply_mapping(mapping: registry.LayerMapping, module: Any, context, graph: _GraphIndex) -> Any:
     converted = mapping.to_pz(module, context)
     config = dict(mapping.config_for(module))
     if context.naming != naming_lib.DEFAULT_NAMING:
         # The reverse conversion must read axis names the way they were written.
         config["naming"] = context.naming
     if mapping.verify_round_trip:
-        reverse_context = _reverse_context(context.naming)
-        rebuilt = mapping.to_nnx(converted, reverse_context, config)
-        if rebuilt is None:
-            raise registry.MappingNotApplicable(
-                f"{type(mapping).__name__}.to_nnx did not accept its own to_pz result."
-            )
-        if nnx.graphdef(rebuilt) != nnx.graphdef(module):
-            raise registry.MappingNotApplicable(
-                "the module has settings its pz_flax form does not capture"
-                f" ({_differing_settings(module, rebuilt)}; rebuilding it from the pz_flax form"
-                " gives a different graph definition)."
-            )
+        inexact = _inexactness(mapping, module, converted, config, context.naming, graph)
+        if inexact is not None:
+            raise registry.MappingNotApplicable(inexact)
     if not mapping.callable_result:
         return converted
     return wrappers.FromNNX(layer=converted, nnx_type=type(module), nnx_config=config)
+
+
+def _inexactness(
+    mapping: registry.LayerMapping,
+    module: nnx.Module,
+    converted: Any,
+    config: dict[str, Any],
+    naming: naming_lib.NNXNaming,
+    graph: _GraphIndex,
+) -> str | None:
+    """Why ``converted`` does not capture ``module`` exactly, or None if it does.
+
+    Exact means that ``mapping.to_nnx`` rebuilds, from ``converted``, a module with the
+    graph definition of ``module``. The verdict is remembered (see ``_MappingVerdicts``).
+    """
+    structure = graph.structure(module)
+
+    def check() -> str | None:
+        rebuilt = mapping.to_nnx(converted, _reverse_context(naming), config)
+        if rebuilt is None:
+            return f"{type(mapping).__name__}.to_nnx did not accept its own to_pz result."
+        if nnx.graphdef(rebuilt) != structure[0]:
+            return (
+                "the module has settings its pz_flax form does not capture"
+                f" ({_differing_settings(module, rebuilt)}; rebuilding it from the pz_flax"
+                " form gives a different graph definition)."
+            )
+        return None
+
+    return _MAPPING_VERDICTS.get_or_compute("inexactness", mapping, structure, check, naming)
 
 
 def _differing_settings(module: nnx.Module, rebuilt: nnx.Module) -> str:
@@ -407,7 +539,10 @@ def _convert_function(fn: Any, naming: naming_lib.NNXNaming) -> Any:
 
 
 def wrap_module(
-    module: nnx.Module, context: registry.FromNNXContext, wrapped_because: str = ""
+    module: nnx.Module,
+    context: registry.FromNNXContext,
+    wrapped_because: str = "",
+    graph: _GraphIndex | None = None,
 ) -> wrappers.NNXWrapper:
     """Wraps an NNX module so that it runs its own code inside a pz_flax model.
 
@@ -420,6 +555,7 @@ def wrap_module(
         module: The module.
         context: Naming and path of the module.
         wrapped_because: Why its class's mapping did not apply, if it has one.
+        graph: The facts already worked out about the graph being converted, if any.
 
     Returns:
         The wrapper layer.
@@ -431,11 +567,7 @@ def wrap_module(
             children[name] = context.convert(value, name)
         elif wrappers.is_pz_object(value):
             pz_attributes[name] = value
-    graphdef, state = nnx.split(module)
-    shell = nnx.merge(graphdef, state, copy=True)
-    for name in (*children, *pz_attributes):
-        delattr(shell, name)
-    shell_graphdef, shell_state = nnx.split(shell)
+    shell_graphdef, shell_state = nnx.split(_shell_of(module, (*children, *pz_attributes)))
     wrapped_variables = {}
     variable_paths = {}
     for path, nnx_variable in nnx.to_flat_state(shell_state):
@@ -473,25 +605,47 @@ def wrap_module(
         variable_paths=variable_paths,
         input_axes=naming.input_axes or (*required_input_axes, naming.features),
         output_axes=naming.output_axes,
-        call_signature=wrappers.CallSignature.of(type(module)),
+        call_signature=_call_signature(type(module)),
         required_input_axes=() if naming.input_axes else required_input_axes,
         feature_axis=naming.features,
-        vocabulary_axis=_vocabulary_axis(module, naming),
+        vocabulary_axis=_vocabulary_axis(module, naming, graph or _GraphIndex()),
         wrapped_because=wrapped_because,
     )
 
 
-def _vocabulary_axis(module: nnx.Module, naming: naming_lib.NNXNaming) -> tuple[int, str] | None:
+# Reading a signature (``inspect``) costs more than wrapping a small module; a class's is read
+# once for each ``__call__`` it has had.
+_CALL_SIGNATURES: dict[tuple[type, Any], wrappers.CallSignature] = {}
+
+
+def _call_signature(module_type: type) -> wrappers.CallSignature:
+    key = (module_type, inspect.getattr_static(module_type, "__call__", None))
+    signature = _CALL_SIGNATURES.get(key)
+    if signature is None:
+        signature = _CALL_SIGNATURES[key] = wrappers.CallSignature.of(module_type)
+    return signature
+
+
+def _shell_of(module: nnx.Module, removed: tuple[str, ...]) -> nnx.Module:
+    """A shallow copy of ``module`` without the attributes ``removed``; ``module`` is untouched.
+
+    What a wrapper keeps in its graph definition. The copy shares the module's variables and
+    attribute values (it is only split, never run or changed), so making it costs one
+    attribute dictionary, not a walk of the module's subtree: the children are converted on
+    their own, and copying them here too would make wrapping nested modules quadratic.
+    """
+    return nnx_modules.shallow_copy_without(module, removed)
+
+
+def _vocabulary_axis(
+    module: nnx.Module, naming: naming_lib.NNXNaming, graph: _GraphIndex
+) -> tuple[int, str] | None:
     """``(size, name)`` of the vocabulary of the one embedding table inside ``module``.
 
     None when there is no such table, several, or one whose vocabulary is as large as its
     feature axis (then an output axis of that size could be either).
     """
-    tables = {
-        (node.num_embeddings, node.features)
-        for _, node in nnx.iter_graph(module)
-        if isinstance(node, nnx.Embed)
-    }
+    tables = graph.embedding_tables(module)
     sizes = {vocabulary for vocabulary, features in tables if vocabulary != features}
     if len(sizes) != 1 or len(tables) != 1:
         return None

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pz_flax._compat import nnx as compat_nnx
 from pz_flax.core import named_axes
 from pz_flax.core import tree_util
 from pz_flax.interop import naming as naming_lib
@@ -744,7 +745,8 @@ class MultiHeadAttentionMapping(ReversibleMapping):
             raise NotApplicable("attention dropout is not mapped.")
         if module.normalize_qk:
             raise NotApplicable("normalize_qk is not mapped.")
-        if module.num_kv_heads != module.num_heads or module.in_kv_features != module.in_features:
+        kv_heads = compat_nnx.attention_kv_heads(module)
+        if kv_heads != module.num_heads or module.in_kv_features != module.in_features:
             raise NotApplicable("grouped KV heads / separate KV features are not mapped.")
         naming = context.naming
         features, seq, kv_seq = naming.features, naming.seq, naming.kv_seq

@@ -10,10 +10,13 @@ from flax import nnx
 from pz_flax.core import named_axes
 from pz_flax.core import variables
 from pz_flax.interop import convert
+from pz_flax.interop import mappings
 from pz_flax.interop import model_summary
+from pz_flax.interop import registry
 from pz_flax.interop import wrappers
 from pz_flax.nn import basic_ops
 from pz_flax.nn import grouping
+from pz_flax.nn import layer_stack
 from pz_flax.nn import linear_and_affine
 from pz_flax.nn import standardization
 from pz_flax.toolshed import basic_training
@@ -557,3 +560,121 @@ def test_to_nnx_native_keeps_shared_layers_and_parameters_shared():
     assert len(helpers.flat_state(module)) == 3
     x = helpers.random_input((2, 3))
     np.testing.assert_allclose(module(x), _run_named(model, x), rtol=1e-5, atol=1e-6)
+
+
+#### What conversion remembers between models (it must never change a result) ####
+
+
+class _Decline(registry.LayerMapping):
+    """A mapping for nnx.Linear that declines every module."""
+
+    nnx_type = nnx.Linear
+
+    def to_pz(self, module, context):
+        raise registry.MappingNotApplicable("declined by the test")
+
+    def to_nnx(self, layer, context, config):
+        return None
+
+
+class _Lossy(mappings.LinearMapping):
+    """LinearMapping, except that its rebuilt module loses the bias setting."""
+
+    def build(self, layer, context, naming, config):
+        module = super().build(layer, context, naming, config)
+        if module is not None:
+            module.use_bias = not module.use_bias
+        return module
+
+
+def test_a_remembered_verdict_follows_the_mapping_registry():
+    def linear():
+        return nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+
+    assert isinstance(convert.from_nnx(linear()), wrappers.FromNNX)
+    with registry.mapping_registry.scoped(nnx.Linear, _Decline(), replace=True):
+        declined = convert.from_nnx(linear())
+        assert isinstance(declined, wrappers.NNXWrapper)
+        assert "declined by the test" in declined.wrapped_because
+    with registry.mapping_registry.scoped(nnx.Linear, _Lossy(), replace=True):
+        # Same class, same settings, same shapes as a module already found exact: the
+        # replacement's rebuild is checked again, and it is not exact.
+        lossy = convert.from_nnx(linear())
+        assert isinstance(lossy, wrappers.NNXWrapper)
+        assert "use_bias=True" in lossy.wrapped_because
+        with pytest.raises(ValueError, match=r"Linear at <root> with _Lossy: .*use_bias=True"):
+            convert.from_nnx(linear(), strict=True)
+    assert isinstance(convert.from_nnx(linear()), wrappers.FromNNX)
+    with registry.mapping_registry.isolated():
+        registry.unregister_mapping(nnx.Linear)
+        assert isinstance(convert.from_nnx(linear()), wrappers.NNXWrapper)
+    assert isinstance(convert.from_nnx(linear()), wrappers.FromNNX)
+
+
+def test_modules_of_one_class_with_other_settings_or_shapes_convert_by_their_own():
+    def pair(**settings):
+        return nnx.List(
+            [
+                nnx.Linear(3, 4, rngs=nnx.Rngs(0)),
+                nnx.Linear(3, 4, rngs=nnx.Rngs(0), **settings),
+            ]
+        )
+
+    plain, highest = convert.from_nnx(pair(precision=jax.lax.Precision.HIGHEST))
+    assert isinstance(plain, wrappers.FromNNX)
+    assert isinstance(highest, wrappers.NNXWrapper)
+    assert "precision=Precision.HIGHEST" in highest.wrapped_because
+    with pytest.raises(ValueError, match=r"Linear at 1 with LinearMapping: .*precision"):
+        convert.from_nnx(pair(precision=jax.lax.Precision.HIGHEST), strict=True)
+    # Other metadata on a variable is another graph definition too.
+    annotated = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    annotated.kernel.set_metadata("note", "kept")
+    converted = convert.from_nnx(annotated)
+    assert converted.layer.sublayers[0].weights.get_metadata()["note"] == "kept"
+    # A stack of Linear layers and a single one: the same class and settings, other shapes.
+    stacked = nnx.vmap(lambda key: nnx.Linear(3, 3, rngs=nnx.Rngs(key)))(
+        jax.random.split(jax.random.key(0), 2)
+    )
+    for _ in range(2):
+        assert isinstance(convert.from_nnx(stacked), layer_stack.LayerStack)
+        assert isinstance(convert.from_nnx(nnx.Linear(3, 3, rngs=nnx.Rngs(0))), wrappers.FromNNX)
+
+
+class _Tied(nnx.Module):
+    def __init__(self, rngs):
+        self.first = nnx.Linear(4, 4, rngs=rngs)
+        self.second = nnx.Linear(4, 4, rngs=rngs)
+        self.second.kernel = self.first.kernel
+        self.again = self.first
+
+    def __call__(self, x):
+        return self.again(self.second(self.first(x)))
+
+
+def test_shared_variables_and_modules_stay_shared_in_every_conversion():
+    module = _Tied(nnx.Rngs(0))
+    for _ in range(3):  # later conversions reuse what the first one worked out
+        layer = convert.from_nnx(module)
+        first = layer.children["first"].layer.sublayers[0].weights
+        assert layer.children["second"].layer.sublayers[0].weights is first
+        assert layer.children["again"] is layer.children["first"]
+        assert first.get_raw_value() is module.first.kernel.get_value()
+        back = convert.to_nnx(layer)
+        assert back.second.kernel is back.first.kernel and back.again is back.first
+        helpers.assert_same_state(back, module)
+
+
+def test_conversion_leaves_the_module_untouched():
+    module = Block(nnx.Rngs(0))
+    module.extra = basic_ops.Elementwise(jax.nn.relu)  # a pz_flax attribute, kept by the shell
+    graphdef, state = nnx.split(module)
+    arrays = [variable.get_value() for _, variable in nnx.to_flat_state(state)]
+    layer = convert.from_nnx(module)
+    assert set(layer.children) == {"norm", "attn", "mlp"}
+    assert set(layer.pz_attributes) == {"extra"}
+    after_graphdef, after_state = nnx.split(module)
+    assert after_graphdef == graphdef
+    assert all(
+        variable.get_value() is array
+        for (_, variable), array in zip(nnx.to_flat_state(after_state), arrays, strict=True)
+    )
