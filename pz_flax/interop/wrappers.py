@@ -844,7 +844,7 @@ def _class_functions(cls: type[Any]) -> list[types.FunctionType]:
                 if isinstance(member, property)
                 else [member]
             )
-            found.extend(f for f in candidates if isinstance(f, types.FunctionType))
+            found.extend(f for f in map(_as_function, candidates) if f is not None)
     return found
 
 
@@ -872,57 +872,77 @@ def _class_mentions(cls: type[Any], name: str) -> bool:
 
 
 def _callable_may_sow(value: Any) -> bool:
-    while isinstance(value, functools.partial):
-        value = value.func
-    if not isinstance(value, types.FunctionType):
+    function = _as_function(value)
+    if function is None:
         return False
-    package = (value.__module__ or "").split(".")[0]
-    return package not in _NEVER_SOWING_PACKAGES and _code_may_sow(value, package)
+    package = (function.__module__ or "").split(".")[0]
+    return package not in _NEVER_SOWING_PACKAGES and _code_may_sow(function, package)
+
+
+def _as_function(value: Any) -> types.FunctionType | None:
+    """The Python function behind ``value`` (partials and ``functools.wraps`` undone)."""
+    for _ in range(16):  # wrapping chains are short; a cycle is not followed forever
+        if isinstance(value, functools.partial):
+            value = value.func
+        elif not isinstance(value, types.FunctionType) and hasattr(value, "__wrapped__"):
+            value = value.__wrapped__
+        else:
+            break
+    return value if isinstance(value, types.FunctionType) else None
 
 
 def _code_may_sow(function: types.FunctionType, package: str) -> bool:
-    key = (function.__code__, package)
-    if key not in _CODE_MAY_SOW:
-        _CODE_MAY_SOW[key] = _code_object_may_sow(
-            function.__code__, function.__globals__, package, set()
-        )
-    return _CODE_MAY_SOW[key]
+    key = (function, package)
+    if key not in _FUNCTION_MAY_SOW:
+        _FUNCTION_MAY_SOW[key] = _function_may_sow(function, package, set())
+    return _FUNCTION_MAY_SOW[key]
 
 
-# Per code object and package read from: whether the code may sow. Only whole readings are
-# kept (one cut short by recursion would not be a complete answer); code objects live as long
-# as their functions' modules, and the table grows only with the code read.
-_CODE_MAY_SOW: dict[tuple[types.CodeType, str], bool] = {}
+# Per function and package read from: whether the function may sow. Only whole readings are
+# kept (one cut short by recursion would not be a complete answer); the functions are those
+# of classes and modules, which live as long as the program, and the table grows only with the
+# code read.
+_FUNCTION_MAY_SOW: dict[tuple[types.FunctionType, str], bool] = {}
 
 
-def _code_object_may_sow(
-    code: types.CodeType, namespace: dict[str, Any], package: str, seen: set[types.CodeType]
-) -> bool:
-    if code in seen:  # already being read further up
+def _function_may_sow(function: types.FunctionType, package: str, seen: set[Any]) -> bool:
+    """Whether ``function``, or what it reaches (see ``may_sow``), mentions a sowing method."""
+    if function in seen:  # already being read further up
         return False
-    seen.add(code)
-    if _SOWING_METHODS.intersection(code.co_names):
-        return True
-    if any(
-        _code_object_may_sow(const, namespace, package, seen)
-        for const in code.co_consts
-        if isinstance(const, types.CodeType)
-    ):
-        return True
-    for function in _functions_named(code.co_names, namespace):
-        module_name = function.__module__ or ""
+    seen.add(function)
+    # A decorated method's own code is the decorator's; the method is in its closure.
+    reached = [getattr(function, "__wrapped__", None)]
+    reached += [cell.cell_contents for cell in function.__closure__ or () if _filled(cell)]
+    pending = [function.__code__]
+    while pending:
+        code = pending.pop()
+        if _SOWING_METHODS.intersection(code.co_names):
+            return True
+        pending.extend(const for const in code.co_consts if isinstance(const, types.CodeType))
+        reached += _functions_named(code.co_names, function.__globals__)
+    for value in reached:
+        other = _as_function(value)
+        if other is None:
+            continue
+        module_name = other.__module__ or ""
         followed = module_name.split(".")[0] == package or module_name.startswith(
             _STOCK_LAYER_HELPERS
         )
-        if followed and _code_object_may_sow(
-            function.__code__, function.__globals__, package, seen
-        ):
+        if followed and _function_may_sow(other, package, seen):
             return True
     return False
 
 
+def _filled(cell: types.CellType) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 (an empty cell raises on reading)
+    except ValueError:
+        return False
+    return True
+
+
 def _functions_named(names: tuple[str, ...], namespace: dict[str, Any]) -> list[Any]:
-    """Functions that global names in ``names`` may refer to, directly or as module members."""
+    """What global names in ``names`` may refer to, directly or as module members."""
     found = []
     for name in names:
         value = namespace.get(name)
@@ -931,13 +951,7 @@ def _functions_named(names: tuple[str, ...], namespace: dict[str, Any]) -> list[
             found.extend(vars(value).get(member) for member in names)
         else:
             found.append(value)
-    unwrapped = []
-    for value in found:
-        while isinstance(value, functools.partial):
-            value = value.func
-        if isinstance(value, types.FunctionType):
-            unwrapped.append(value)
-    return unwrapped
+    return found
 
 
 #### Axis names for the variables of wrapped modules ####

@@ -1,6 +1,7 @@
 """Tests of the wrapper layers: FromNNX, NNXWrapper, WrappedCallable and PzModule."""
 
 import dataclasses
+import functools
 import gc
 import weakref
 
@@ -432,6 +433,32 @@ class HoldsASowingFunction(nnx.Module):
         return x
 
 
+def _logged(method):
+    @functools.wraps(method)
+    def logged(*args, **kwargs):
+        return method(*args, **kwargs)
+
+    return logged
+
+
+def _unnamed_wrapper(method):
+    return lambda *args, **kwargs: method(*args, **kwargs)
+
+
+class SowsInADecoratedMethod(nnx.Module):
+    @_logged
+    def __call__(self, x):
+        self.sow(nnx.Intermediate, "kept", x)
+        return x
+
+
+class SowsInAMethodWrappedWithoutWraps(nnx.Module):
+    @_unnamed_wrapper
+    def __call__(self, x):
+        _keep_for_later(self, x)
+        return x
+
+
 class Plain(nnx.Module):
     def __init__(self, rngs):
         self.linear = nnx.Linear(4, 4, rngs=rngs)
@@ -469,6 +496,8 @@ class AttendsPlainly(nnx.Module):
         SowsInAClosure(),
         Perturbs(),
         HoldsASowingFunction(),
+        SowsInADecoratedMethod(),
+        SowsInAMethodWrappedWithoutWraps(),
     ],
     ids=type,
 )
