@@ -104,13 +104,10 @@ def from_nnx(
             f" {_describe(module)}."
         )
 
-    memo = (
-        registry.IdentityMemo.for_nnx_root(module)
-        if isinstance(module, nnx.Module)
-        else registry.IdentityMemo()
-    )
-
     graph = _GraphIndex()
+    memo = registry.IdentityMemo(
+        graph.shared_first_paths(module) if isinstance(module, nnx.Module) else None
+    )
 
     def convert(obj: Any, path: tuple[Hashable, ...]) -> Any:
         # Modules are converted once; a shared one at the path nnx.state lists it under.
@@ -165,6 +162,36 @@ class _GraphIndex:
             self._facts[key] = found
         return found[1]
 
+    def children(self, node: Any) -> list[Any]:
+        """The modules and variables directly below ``node``, one entry per edge."""
+        return self._remembered("children", node, _graph_edges)
+
+    def shared_first_paths(self, root: nnx.Module) -> dict[int, tuple[Hashable, ...]]:
+        """For each module or variable reachable under several paths, the first one, by id.
+
+        First in the order ``nnx.state`` lists paths in, which is where a shared object is
+        converted and labelled. A node is shared when it is reached over more than one edge
+        of the graph; counting edges is one light walk, and NNX's own path-ordered walk runs
+        only when something is shared.
+        """
+        edges: dict[int, int] = {}
+        pending = [root]
+        while pending:
+            for child in self.children(pending.pop()):
+                seen = id(child) in edges
+                edges[id(child)] = edges.get(id(child), 0) + 1
+                if not seen and isinstance(child, nnx.Pytree):
+                    pending.append(child)
+        shared = {node_id for node_id, count in edges.items() if count > 1}
+        if not shared:
+            return {}
+        # iter_graph visits each node once, at the first path in the order nnx.state uses.
+        return {
+            id(node): path
+            for path, node in nnx.iter_graph(root)
+            if id(node) in shared and isinstance(node, nnx.Module | nnx.Variable)
+        }
+
     def stack_size(self, module: nnx.Module) -> int | None:
         """The number of stacked layers ``module`` is, or None if it is not a stack."""
         if isinstance(module, nnx.List | nnx.Dict):
@@ -179,13 +206,16 @@ class _GraphIndex:
             return None
         return size
 
+    def _module_children(self, node: Any) -> list[Any]:
+        return [child for child in self.children(node) if isinstance(child, nnx.Pytree)]
+
     def embedding_tables(self, node: Any) -> frozenset[tuple[int, int]]:
         """``(num_embeddings, features)`` of every ``nnx.Embed`` in ``node``'s subgraph."""
         return self._remembered("tables", node, self._embedding_tables)
 
     def _embedding_tables(self, node: Any) -> frozenset[tuple[int, int]]:
         tables = {(node.num_embeddings, node.features)} if isinstance(node, nnx.Embed) else set()
-        for child in _graph_children(node):
+        for child in self._module_children(node):
             tables |= self.embedding_tables(child)
         return frozenset(tables)
 
@@ -217,7 +247,7 @@ class _GraphIndex:
             node,
             lambda node: (
                 self._is_over_ranked(node)
-                or any(self._has_over_ranked(child) for child in _graph_children(node))
+                or any(self._has_over_ranked(child) for child in self._module_children(node))
             ),
         )
 
@@ -288,9 +318,50 @@ class _MappingVerdicts:
 _MAPPING_VERDICTS = _MappingVerdicts()
 
 
-def _graph_children(node: Any) -> list[Any]:
-    """The modules (and other NNX pytrees) directly below ``node``."""
-    return [child for child in registry.graph_children(node) if isinstance(child, nnx.Pytree)]
+def _graph_edges(node: Any) -> list[Any]:
+    """The graph nodes directly below ``node``: NNX pytrees (modules) and variables.
+
+    Attributes are followed through plain pytrees (lists, dicts, tuples), so the children of
+    the nodes below a module reach exactly the modules and variables ``nnx.iter_graph``
+    visits. One entry per edge: a node held under two attributes is listed twice.
+    """
+    if not isinstance(node, nnx.Pytree):
+        return []
+    found = []
+    for _, value in compat_nnx.own_attributes(node):
+        if isinstance(value, nnx.Pytree) or _is_nnx_variable(value):
+            found.append(value)
+        else:
+            found.extend(
+                leaf
+                for leaf in jax.tree_util.tree_leaves(value, is_leaf=_is_graph_node)
+                if _is_graph_node(leaf)
+            )
+    return found
+
+
+_VARIABLE_TYPES: dict[type, bool] = {}
+
+
+def _is_nnx_variable(value: Any) -> bool:
+    """``isinstance(value, nnx.Variable)``, remembered by type.
+
+    NNX's variable metaclass makes a negative answer slow (it asks about tracers and hijax
+    variables too), and conversion asks it of every attribute of a model. Unlike
+    ``tree_util.is_variable_node`` this is exactly NNX's notion (pz_flax's own value and slot
+    types are not NNX variables). Tracers, whose type does not say, are never remembered.
+    """
+    value_type = type(value)
+    known = _VARIABLE_TYPES.get(value_type)
+    if known is None:
+        known = isinstance(value, nnx.Variable)
+        if not isinstance(value, jax.core.Tracer):
+            _VARIABLE_TYPES[value_type] = known
+    return known
+
+
+def _is_graph_node(value: Any) -> bool:
+    return isinstance(value, nnx.Pytree) or _is_nnx_variable(value)
 
 
 def _is_over_ranked(mapping: registry.LayerMapping, module: nnx.Module) -> bool:
@@ -321,7 +392,7 @@ def _own_variables_and_children(node: Any) -> tuple[list[nnx.Variable], list[Any
     else:
         values = [value for _, value in compat_nnx.own_attributes(node)]
     for value in values:
-        if registry.is_nnx_variable(value):
+        if _is_nnx_variable(value):
             own.append(value)
         elif isinstance(value, nnx.Pytree):
             children.append(value)

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pz_flax._compat import nnx as compat_nnx
 from pz_flax.core import named_axes
 from pz_flax.core import registry as registry_lib
 from pz_flax.core import tree_util
@@ -106,33 +105,6 @@ class IdentityMemo:
         self._entries: dict[int, tuple[Any, Any]] = {}
         self._order: list[int] = []
 
-    @classmethod
-    def for_nnx_root(cls, root: Any) -> IdentityMemo:
-        """A memo whose ``first_paths`` cover the shared modules and variables below ``root``.
-
-        A node is shared when it is reached over more than one edge of the graph. Counting
-        edges is one light walk; NNX's own (path-ordered) walk, which gives the first paths,
-        runs only when something is shared.
-        """
-        edges: dict[int, int] = {}
-        pending = [root]
-        while pending:
-            for child in graph_children(pending.pop()):
-                seen = id(child) in edges
-                edges[id(child)] = edges.get(id(child), 0) + 1
-                if not seen and isinstance(child, nnx.Pytree):
-                    pending.append(child)
-        shared = {node_id for node_id, count in edges.items() if count > 1}
-        if not shared:
-            return cls()
-        # iter_graph visits each node once, at the first path in the order nnx.state uses.
-        first_paths = {
-            id(node): path
-            for path, node in nnx.iter_graph(root)
-            if id(node) in shared and isinstance(node, nnx.Module | nnx.Variable)
-        }
-        return cls(first_paths)
-
     def get(self, obj: Any, default: Any = None) -> Any:
         """The converted form recorded for ``obj``, or ``default``."""
         entry = self._entries.get(id(obj))
@@ -156,52 +128,6 @@ class IdentityMemo:
         for key in self._order[mark:]:
             del self._entries[key]
         del self._order[mark:]
-
-
-def graph_children(node: Any) -> list[Any]:
-    """The graph nodes directly below ``node``: NNX pytrees (modules) and variables.
-
-    Attributes are followed through plain pytrees (lists, dicts, tuples), so the children of
-    the nodes below a module reach exactly the modules and variables ``nnx.iter_graph``
-    visits. One entry per edge: a node held under two attributes is listed twice.
-    """
-    if not isinstance(node, nnx.Pytree):
-        return []
-    found = []
-    for _, value in compat_nnx.own_attributes(node):
-        if isinstance(value, nnx.Pytree) or is_nnx_variable(value):
-            found.append(value)
-        else:
-            found.extend(
-                leaf
-                for leaf in jax.tree_util.tree_leaves(value, is_leaf=_is_graph_node)
-                if _is_graph_node(leaf)
-            )
-    return found
-
-
-_VARIABLE_TYPES: dict[type, bool] = {}
-
-
-def is_nnx_variable(value: Any) -> bool:
-    """``isinstance(value, nnx.Variable)``, remembered by type.
-
-    NNX's variable metaclass makes a negative answer slow (it asks about tracers and hijax
-    variables too), and conversion asks it of every attribute of a model. Unlike
-    ``tree_util.is_variable_node`` this is exactly NNX's notion (pz_flax's own value and slot
-    types are not NNX variables). Tracers, whose type does not say, are never remembered.
-    """
-    value_type = type(value)
-    known = _VARIABLE_TYPES.get(value_type)
-    if known is None:
-        known = isinstance(value, nnx.Variable)
-        if not isinstance(value, jax.core.Tracer):
-            _VARIABLE_TYPES[value_type] = known
-    return known
-
-
-def _is_graph_node(value: Any) -> bool:
-    return isinstance(value, nnx.Pytree) or is_nnx_variable(value)
 
 
 class LayerMapping(abc.ABC):
