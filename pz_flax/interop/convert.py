@@ -406,7 +406,11 @@ def _convert_stacked(module, path, size, stack_axis, convert, memo) -> Any:
     stacked arrays (no copy), named with ``stack_axis`` in front.
     """
     graphdef, state = nnx.split(module)
-    first_layer = nnx.merge(graphdef, jax.tree_util.tree_map(lambda array: array[0], state))
+    # ``lax.index_in_dim`` dispatches about half the eager work of ``array[0]``.
+    first_layer = nnx.merge(
+        graphdef,
+        jax.tree_util.tree_map(lambda array: jax.lax.index_in_dim(array, 0, keepdims=False), state),
+    )
     converted = convert(first_layer, path)
     stacked_by_path = dict(nnx.to_flat_state(state))
     for layer_path, layer_variable in nnx.to_flat_state(nnx.state(first_layer)):
