@@ -83,6 +83,17 @@ def test_wrap_keeps_array_positional_and_shares_data():
     assert bool(equal.unwrap().all())
 
 
+def test_wrap_converts_numpy_and_python_data_to_jax_arrays():
+    for data in (np.arange(6, dtype=np.int32).reshape(2, 3), [[1.0, 2.0], [3.0, 4.0]], 2.5):
+        wrapped = nx.wrap(data)
+        assert isinstance(wrapped.unwrap(), jax.Array)
+        np.testing.assert_array_equal(wrapped.unwrap(), np.asarray(data))
+    # Inside a trace the tracer itself is kept.
+    kept = []
+    jax.jit(lambda x: kept.append(nx.wrap(x).unwrap() is x))(jnp.ones(3))
+    assert kept == [True]
+
+
 def test_wrap_with_names_equals_tag():
     named = nx.wrap(DATA, "foo", "bar", "baz")
     assert named.named_axes == collections.OrderedDict(foo=2, bar=3, baz=5)

@@ -48,6 +48,16 @@ def test_namedarray_value_is_stored_positionally_with_axis_names_as_metadata():
     np.testing.assert_array_equal(view.unwrap("a", "b"), data)
 
 
+def test_plain_values_become_jax_arrays_and_jax_arrays_are_kept_as_they_are():
+    array = jnp.arange(4.0)
+    assert variables.Parameter(label="kept", value=array).get_raw_value() is array
+    converted = variables.Parameter(label="converted", value=np.arange(4.0)).get_raw_value()
+    assert isinstance(converted, jax.Array)
+    np.testing.assert_array_equal(converted, np.arange(4.0))
+    named_value = named(array, "a")
+    assert variables.Parameter(label="named", value=named_value).get_raw_value() is array
+
+
 def test_namedarrayview_value_is_canonicalised():
     data = np.arange(24.0).reshape(2, 3, 4)
     view = named(data, "a", "b", "c").untag("b")  # positional axis in the middle: a view
