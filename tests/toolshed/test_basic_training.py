@@ -82,6 +82,62 @@ def test_step_matches_hand_written_optax_loop():
         np.testing.assert_allclose(ours[param.label], param.value.data_array, rtol=1e-6, atol=1e-7)
 
 
+def test_every_variable_group_gets_its_own_values_whatever_the_label_order():
+    # The step hands each group's raw values to the compiled function as a tuple and reads
+    # them back by position: labels that sort differently from the model's order, a frozen
+    # parameter between two trainable ones and a state variable must all land where they came from.
+    x, y = helpers.make_regression_batch()
+
+    def build(counting: bool):
+        counter = variables.StateVariable(jnp.zeros((), jnp.int32), label="b_calls")
+        key = jax.random.key(3)
+        return grouping.Sequential(
+            [
+                linear_and_affine.Linear.from_config(
+                    "z_in", jax.random.fold_in(key, 0), {"features": 4}, {"hidden": 8}
+                ),
+                CountCalls(counter) if counting else grouping.Sequential([]),
+                linear_and_affine.Linear.from_config(
+                    "m_mid", jax.random.fold_in(key, 1), {"hidden": 8}, {"hidden2": 8}
+                ),
+                linear_and_affine.Linear.from_config(
+                    "a_out", jax.random.fold_in(key, 2), {"hidden2": 8}, {"features": 2}
+                ),
+            ]
+        )
+
+    frozen_label = "m_mid.weights"
+    model = build(counting=True)
+    helpers.params_by_label(model)[frozen_label].metadata = {"trainable": False}
+    trainer = basic_training.StatefulTrainer.build(
+        jax.random.key(0), model, optax.sgd(0.1), helpers.mse_loss
+    )
+    # The same math without the counter (an identity), whose state the reference need not carry.
+    reference = build(counting=False)
+    skeleton, params = variables.unbind_params(reference, freeze=True)
+    trainable = {p.label: p for p in params if p.label != frozen_label}
+    fixed = [p for p in params if p.label == frozen_label]
+
+    def loss(trainable_values):
+        bound = variables.bind_variables(skeleton, (*trainable_values.values(), *fixed))
+        return helpers.mse_loss(model=bound, state=None, rng=None, x=x, y=y)[0]
+
+    @jax.jit
+    def reference_step(trainable_values):
+        grads = jax.grad(loss)(trainable_values)
+        return jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, trainable_values, grads)
+
+    for _ in range(3):
+        trainer.step(x=x, y=y)
+        trainable = reference_step(trainable)
+    ours = raw_weights(model)
+    assert list(ours) == ["z_in.weights", "m_mid.weights", "a_out.weights"]
+    for label, param in trainable.items():
+        np.testing.assert_allclose(ours[label], param.value.data_array, rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(ours[frozen_label], fixed[0].value.data_array)
+    assert int(model.sublayers[1].count.value) == 3
+
+
 def test_non_trainable_parameters_are_left_alone():
     model = make_model()
     frozen = variables.unbind_params(model)[1][0]
