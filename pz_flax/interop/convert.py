@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 from collections.abc import Callable
 from collections.abc import Hashable
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from flax import nnx
 
 from pz_flax._compat import nnx as compat_nnx
@@ -232,12 +234,8 @@ class _GraphIndex:
             sizes.add(self._common_leading_size(child))
         return sizes.pop() if len(sizes) == 1 else None
 
-    def structure(self, module: nnx.Module) -> tuple[Any, tuple[Any, ...]]:
-        """What a mapping's result depends on: the graph definition and the variable shapes.
-
-        ``(graph definition, ((shape, dtype) of each variable leaf, ...))``; the graph
-        definition has the class, its settings, and the variables' types and metadata.
-        """
+    def structure(self, module: nnx.Module) -> Hashable:
+        """What a mapping's verdict on ``module`` depends on (see ``_structure``)."""
         return self._remembered("structure", module, _structure)
 
     def _has_over_ranked(self, node: Any) -> bool:
@@ -257,57 +255,113 @@ class _GraphIndex:
         mapping = registry.get_mapping(type(node))
         if mapping is None or not mapping.verify_round_trip:
             return False
-        return _MAPPING_VERDICTS.get_or_compute(
+        return _mapping_verdict(
             "over_ranked", mapping, self.structure(node), lambda: _is_over_ranked(mapping, node)
         )
 
 
-def _structure(module: nnx.Module) -> tuple[Any, tuple[Any, ...]]:
-    graphdef, state = nnx.split(module)
-    shapes = tuple(
-        (getattr(leaf, "shape", None), getattr(leaf, "dtype", None))
-        for leaf in jax.tree_util.tree_leaves(state)
-    )
-    return graphdef, shapes
+def _structure(module: nnx.Module) -> Hashable:
+    """A description of ``module`` at least as fine as its graph definition and its shapes.
+
+    Two modules with equal descriptions have equal graph definitions (class, attribute names,
+    settings, which attributes are data, variable types and metadata, sharing within the
+    module) and variables of equal shapes and dtypes, so a mapping decides the same about
+    both. It is read from the attributes directly: ``nnx.split`` builds the same facts in
+    several times the time, and conversion asks this of every mapped module.
+    """
+    numbers: dict[int, int] = {}
+
+    def node_key(node: Any) -> Hashable:
+        number = numbers.get(id(node))
+        if number is not None:
+            return ("shared", number)
+        numbers[id(node)] = len(numbers)
+        if _is_nnx_variable(node):
+            leaves, treedef = jax.tree_util.tree_flatten(node.get_raw_value())
+            return (
+                type(node),
+                treedef,
+                tuple(_array_key(leaf) for leaf in leaves),
+                tuple(node.get_metadata().items()),
+            )
+        return (
+            type(node),
+            tuple(
+                (name, is_data, value_key(value))
+                for name, value, is_data in nnx_modules.module_attributes(node)
+            ),
+        )
+
+    def value_key(value: Any) -> Hashable:
+        if _is_graph_node(value):
+            return node_key(value)
+        if _is_plain_setting(value):
+            return (type(value), value)
+        leaves, treedef = jax.tree_util.tree_flatten(value, is_leaf=_is_graph_node)
+        return (
+            treedef,
+            tuple(node_key(leaf) if _is_graph_node(leaf) else _array_key(leaf) for leaf in leaves),
+        )
+
+    return node_key(module)
 
 
-class _MappingVerdicts:
-    """Answers about what a mapping makes of a module, remembered across conversions.
+_PLAIN_SETTING_TYPES = frozenset({int, float, bool, str, type(None)})
+
+
+def _is_plain_setting(value: Any) -> bool:
+    """Whether ``value`` is a number, string, None, class (a dtype) or function.
+
+    Such a value holds no graph node or array, so it needs no pytree walk, and it describes
+    itself (with its type: ``1``, ``1.0`` and ``True`` are equal but different settings).
+    """
+    return type(value) in _PLAIN_SETTING_TYPES or isinstance(value, type | types.FunctionType)
+
+
+def _array_key(leaf: Any) -> Hashable:
+    """An array by its shape and dtype (what a mapping may depend on); anything else by value.
+
+    A value comes with its type, since equal values of different types (``1``, ``1.0``,
+    ``True``) are different settings.
+    """
+    if isinstance(leaf, jax.Array | np.ndarray):
+        return ("array", leaf.shape, leaf.dtype)
+    return (type(leaf), leaf)
+
+
+class _RememberedAnswers:
+    """Answers about modules, remembered across conversions by what decides them.
 
     Real models repeat a few layer configurations many times over, and some answers cost
     several times the conversion itself (the exactness check rebuilds the module). An answer
-    is remembered by what decides it: the question, the mapping, the version of the mapping
-    table (whose entries convert a mapped module's children), the module's structure (see
-    ``_GraphIndex.structure``) and any further facts the question names. Registering or
-    unregistering a mapping changes the table's version, so no stale answer is used.
+    is remembered under a key naming the question and everything the answer depends on,
+    among it the module's structure (see ``_structure``). At most ``LIMIT`` answers are kept.
     """
 
     LIMIT = 4096
 
     def __init__(self):
-        self._answers: dict[Hashable, tuple[registry.LayerMapping, Any]] = {}
+        self._answers: dict[Hashable, tuple[Any, Any]] = {}
 
-    def get_or_compute(
-        self,
-        question: str,
-        mapping: registry.LayerMapping,
-        structure: Hashable,
-        compute: Callable[[], Any],
-        *facts: Hashable,
-    ) -> Any:
-        """The remembered answer, or ``compute()``, remembered (if its key is hashable)."""
-        key = (question, id(mapping), registry.mapping_registry.version, structure, *facts)
+    def get_or_compute(self, key: Hashable, compute: Callable[[], Any], keep: Any = None) -> Any:
+        """The answer remembered under ``key``, or ``compute()``, remembered if ``key`` hashes.
+
+        Args:
+            key: The question and what its answer depends on.
+            compute: Works the answer out.
+            keep: An object whose ``id()`` is part of ``key``; it is kept with the answer so
+                that its id is not reused meanwhile, and the answer is used only for it.
+        """
         try:
             known = self._answers.get(key)
         except TypeError:  # an unhashable setting or metadata entry: ask every time
             return compute()
-        if known is not None and known[0] is mapping:
+        if known is not None and known[0] is keep:
             return known[1]
         answer = compute()
         if len(self._answers) >= self.LIMIT:
             self._answers.clear()
-        # The mapping is kept with its answer, so that its id() is not reused meanwhile.
-        self._answers[key] = (mapping, answer)
+        self._answers[key] = (keep, answer)
         return answer
 
     def clear(self) -> None:
@@ -315,7 +369,25 @@ class _MappingVerdicts:
         self._answers.clear()
 
 
-_MAPPING_VERDICTS = _MappingVerdicts()
+_REMEMBERED = _RememberedAnswers()
+
+
+def _mapping_verdict(
+    question: str,
+    mapping: registry.LayerMapping,
+    structure: Hashable,
+    compute: Callable[[], Any],
+    *facts: Hashable,
+) -> Any:
+    """What ``mapping`` makes of a module of this structure, remembered.
+
+    Besides the question, the mapping and the module's structure, the answer depends on the
+    version of the mapping table (whose entries convert a mapped module's children) and on any
+    further facts the question names. Registering or unregistering a mapping changes the
+    table's version, so no stale answer is used.
+    """
+    key = (question, id(mapping), registry.mapping_registry.version, structure, *facts)
+    return _REMEMBERED.get_or_compute(key, compute, keep=mapping)
 
 
 def _graph_edges(node: Any) -> list[Any]:
@@ -331,7 +403,7 @@ def _graph_edges(node: Any) -> list[Any]:
     for _, value in compat_nnx.own_attributes(node):
         if isinstance(value, nnx.Pytree) or _is_nnx_variable(value):
             found.append(value)
-        else:
+        elif not _is_plain_setting(value):
             found.extend(
                 leaf
                 for leaf in jax.tree_util.tree_leaves(value, is_leaf=_is_graph_node)
@@ -553,7 +625,7 @@ def _inexactness(
     """Why ``converted`` does not capture ``module`` exactly, or None if it does.
 
     Exact means that ``mapping.to_nnx`` rebuilds, from ``converted``, a module with the
-    graph definition of ``module``. The verdict is remembered (see ``_MappingVerdicts``).
+    graph definition of ``module``. The verdict is remembered (see ``_mapping_verdict``).
     """
     structure = graph.structure(module)
 
@@ -561,7 +633,7 @@ def _inexactness(
         rebuilt = mapping.to_nnx(converted, _reverse_context(naming), config)
         if rebuilt is None:
             return f"{type(mapping).__name__}.to_nnx did not accept its own to_pz result."
-        if nnx.graphdef(rebuilt) != structure[0]:
+        if nnx.graphdef(rebuilt) != nnx.graphdef(module):
             return (
                 "the module has settings its pz_flax form does not capture"
                 f" ({_differing_settings(module, rebuilt)}; rebuilding it from the pz_flax"
@@ -569,7 +641,7 @@ def _inexactness(
             )
         return None
 
-    return _MAPPING_VERDICTS.get_or_compute("inexactness", mapping, structure, check, naming)
+    return _mapping_verdict("inexactness", mapping, structure, check, naming)
 
 
 def _differing_settings(module: nnx.Module, rebuilt: nnx.Module) -> str:
@@ -642,13 +714,13 @@ def wrap_module(
             children[name] = context.convert(value, name)
         elif wrappers.is_pz_object(value):
             pz_attributes[name] = value
-    shell_graphdef, shell_state = nnx.split(_shell_of(module, (*children, *pz_attributes)))
+    shell_graphdef, shell_paths = _shell_layout(_shell_of(module, (*children, *pz_attributes)))
     wrapped_variables = {}
     variable_paths = {}
-    for path, nnx_variable in nnx.to_flat_state(shell_state):
+    for path in shell_paths:
         key = "/".join(str(part) for part in path)
         original = wrappers.variable_at(module, path)
-        variable_paths[key] = tuple(path)
+        variable_paths[key] = path
         shared = context.memo.get(original)
         if shared is not None:
             # A tied variable converted elsewhere: the wrapper runs on its raw array, whatever
@@ -660,14 +732,13 @@ def wrap_module(
             if len(path) == 1
             else None
         )
-        value = original.get_value()
-        if names is not None:
-            value = named_axes.wrap(value).tag(*names)
         label = context.variable_label(original, *path)
         pz_class = (
-            variables.Parameter if isinstance(nnx_variable, nnx.Param) else variables.StateVariable
+            variables.Parameter if isinstance(original, nnx.Param) else variables.StateVariable
         )
-        wrapped_variables[key] = registry.pz_variable_like(nnx_variable, pz_class, value, label)
+        wrapped_variables[key] = registry.pz_variable_like(
+            original, pz_class, registry.variable_value(original), label, axis_names=names
+        )
         context.memo.put(original, wrapped_variables[key])
     naming = context.naming
     required_input_axes = wrappers.wrapped_input_axes(module, naming)
@@ -710,6 +781,21 @@ def _shell_of(module: nnx.Module, removed: tuple[str, ...]) -> nnx.Module:
     their own, and copying them here too would make wrapping nested modules quadratic.
     """
     return nnx_modules.shallow_copy_without(module, removed)
+
+
+def _shell_layout(shell: nnx.Module) -> tuple[Any, tuple[tuple[Hashable, ...], ...]]:
+    """A wrapper shell's graph definition and the paths of its variables, in NNX's order.
+
+    Remembered by the shell's structure (see ``_structure``): modules of one configuration
+    have equal graph definitions and the same variable paths, and splitting each of them
+    again would cost more than the rest of wrapping it.
+    """
+
+    def split() -> tuple[Any, tuple[tuple[Hashable, ...], ...]]:
+        graphdef, state = nnx.split(shell)
+        return graphdef, tuple(tuple(path) for path, _ in nnx.to_flat_state(state))
+
+    return _REMEMBERED.get_or_compute(("shell layout", _structure(shell)), split)
 
 
 def _vocabulary_axis(

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pz_flax._compat import nnx as compat_nnx
 from pz_flax.core import named_axes
 from pz_flax.core import registry as registry_lib
 from pz_flax.core import tree_util
@@ -294,7 +295,7 @@ class FromNNXContext:
                 one set of names, so this module is wrapped instead.
         """
         label = self.variable_label(variable, key)
-        value = _named_value(variable, axis_names, label)
+        raw = _checked_value(variable, axis_names, label)
         existing = self.memo.get(variable)
         if existing is not None:
             stored_names = tuple(existing.get_metadata().get("axis_names") or ())
@@ -306,7 +307,9 @@ class FromNNXContext:
                     f" {stored_names}, not a Parameter with axis names {wanted_names}."
                 )
             return existing
-        parameter = pz_variable_like(variable, variables.Parameter, value, label)
+        parameter = pz_variable_like(
+            variable, variables.Parameter, raw, label, axis_names=axis_names
+        )
         self.memo.put(variable, parameter)
         return parameter
 
@@ -534,30 +537,79 @@ def _abstract_module(nnx_class, args, kwargs):
 
 
 def pz_variable_like(
-    source: nnx.Variable, pz_class: type[Any], value: Any, label: str
+    source: nnx.Variable,
+    pz_class: type[Any],
+    value: Any,
+    label: str,
+    *,
+    axis_names: Sequence[str] | None = None,
 ) -> variables.LabeledVariable:
     """A pz_flax variable holding an NNX variable's array, with its metadata and sharding mode.
 
     The array is already placed where it belongs, so creating the pz_flax variable must not
-    place it again: its metadata (sharding annotations included) is attached after creation,
-    which NNX never turns into a resharding, and the variable keeps the source's
-    ``eager_sharding`` setting so that modules rebuilt from it have the same graph definition.
-    Conversion therefore needs no mesh context, just as running the NNX model needs none.
+    place it again: its metadata (sharding annotations included) is attached without the
+    constructor's sharding step, which NNX never turns into a resharding, and the variable
+    keeps the source's ``eager_sharding`` setting so that modules rebuilt from it have the same
+    graph definition. Conversion therefore needs no mesh context, just as running the NNX
+    model needs none.
 
     Args:
         source: The NNX variable.
         pz_class: ``Parameter`` or ``StateVariable``.
-        value: The value, the source's array possibly named.
+        value: The value: the source's array, possibly as a ``NamedArray``.
         label: The label.
+        axis_names: Names for the axes of ``value`` (then a plain array), or None to store
+            ``value`` as it is.
 
     Returns:
         The new pz_flax variable.
     """
+    metadata = _plain_variable_metadata(source, value, label, axis_names)
+    if metadata is not None:
+        # NNX's own route for a variable whose metadata is complete (``nnx.merge`` builds
+        # variables this way): it skips the constructor's checks, which cost several times the
+        # rest of the conversion of a variable and which this metadata passes by construction.
+        return pz_class.from_metadata(value, metadata)
+    if axis_names is not None:
+        value = named_axes.wrap(value).tag(*axis_names)
     with nnx.use_eager_sharding(bool(source.get_metadata().get("eager_sharding", True))):
         created = pz_class(value=value, label=label)
     for key, entry in user_metadata(source).items():
         created.set_metadata(key, entry)
     return created
+
+
+def _plain_variable_metadata(
+    source: nnx.Variable, value: Any, label: str, axis_names: Sequence[str] | None
+) -> dict[str, Any] | None:
+    """The metadata ``pz_variable_like``'s constructor route would give, if it is plain.
+
+    Plain: ``value`` is a concrete JAX array, ``axis_names`` (if any) are distinct strings,
+    one per axis, and the source is a plain variable that has each of NNX's own entries.
+    Anything else (None here) takes the constructor route, with its checks and its errors.
+    """
+    if isinstance(value, jax.core.Tracer) or not isinstance(value, jax.Array):
+        return None
+    source_metadata = source.get_metadata()
+    own_keys = compat_nnx.nnx_metadata_keys().required
+    if any(source_metadata.get(key) for key in compat_nnx.PLAIN_VARIABLE_OPTIONS) or not all(
+        key in source_metadata for key in own_keys
+    ):
+        return None
+    metadata: dict[str, Any] = {variables._LABEL_KEY: label}
+    if axis_names is not None:
+        names = tuple(axis_names)
+        if len(names) != value.ndim or len(set(names)) != len(names):
+            return None
+        if not all(type(name) is str for name in names):
+            return None
+        metadata[variables._AXIS_NAMES_KEY] = names
+    for key in own_keys:
+        metadata[key] = source_metadata[key]
+    for key in compat_nnx.PLAIN_VARIABLE_OPTIONS:
+        metadata[key] = False
+    metadata.update(user_metadata(source))
+    return metadata
 
 
 def user_metadata(variable: nnx.Variable) -> dict[str, Any]:
@@ -586,16 +638,38 @@ def user_metadata(variable: nnx.Variable) -> dict[str, Any]:
     return carried
 
 
-def _named_value(variable: nnx.Variable, axis_names: Sequence[str] | None, label: str) -> Any:
-    raw = variable.get_value()
-    if axis_names is None:
-        return raw
-    if len(axis_names) != raw.ndim:
+def variable_value(variable: nnx.Variable) -> Any:
+    """``variable.get_value()``, read directly where that is the stored value.
+
+    For a plain variable (NNX's own getter, no ``on_get_value`` hook, not an array ref) the
+    value is the stored raw value, and reading it directly skips the getter's tree walk, which
+    costs more than the rest of converting a variable.
+
+    Args:
+        variable: An NNX variable.
+
+    Returns:
+        Its value.
+    """
+    metadata = variable.get_metadata()
+    if (
+        type(variable).get_value is nnx.Variable.get_value
+        and "on_get_value" not in metadata
+        and not any(metadata.get(key) for key in compat_nnx.PLAIN_VARIABLE_OPTIONS)
+    ):
+        return variable.get_raw_value()
+    return variable.get_value()
+
+
+def _checked_value(variable: nnx.Variable, axis_names: Sequence[str] | None, label: str) -> Any:
+    """The variable's value, checked to have one axis per name in ``axis_names`` (if given)."""
+    raw = variable_value(variable)
+    if axis_names is not None and len(axis_names) != raw.ndim:
         raise AxisCountMismatch(
             f"Variable {label!r} has shape {raw.shape}, which cannot take the axis names"
             f" {tuple(axis_names)}."
         )
-    return named_axes.wrap(raw).tag(*axis_names)
+    return raw
 
 
 def _describe(parameter: Any) -> str:
