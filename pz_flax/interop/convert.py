@@ -182,7 +182,7 @@ class _GraphIndex:
             for child in self.children(pending.pop()):
                 seen = id(child) in edges
                 edges[id(child)] = edges.get(id(child), 0) + 1
-                if not seen and isinstance(child, nnx.Pytree):
+                if not seen and _is_nnx_pytree(child):
                     pending.append(child)
         shared = {node_id for node_id, count in edges.items() if count > 1}
         if not shared:
@@ -198,18 +198,22 @@ class _GraphIndex:
         """The number of stacked layers ``module`` is, or None if it is not a stack."""
         if isinstance(module, nnx.List | nnx.Dict):
             return None
+        own_variables, children = self.own_variables_and_children(module)
+        if not own_variables and len(children) == 1:
+            return None
         size = self._common_leading_size(module)
         if size is None:
-            return None
-        own_variables, children = _own_variables_and_children(module)
-        if not own_variables and len(children) == 1:
             return None
         if not self._has_over_ranked(module):
             return None
         return size
 
+    def own_variables_and_children(self, node: Any) -> tuple[list[nnx.Variable], list[Any]]:
+        """The variables and child graph nodes held directly in a module's attributes."""
+        return self._remembered("own", node, _own_variables_and_children)
+
     def _module_children(self, node: Any) -> list[Any]:
-        return [child for child in self.children(node) if isinstance(child, nnx.Pytree)]
+        return [child for child in self.children(node) if _is_nnx_pytree(child)]
 
     def embedding_tables(self, node: Any) -> frozenset[tuple[int, int]]:
         """``(num_embeddings, features)`` of every ``nnx.Embed`` in ``node``'s subgraph."""
@@ -225,7 +229,7 @@ class _GraphIndex:
         return self._remembered("leading", node, self._leading_size)
 
     def _leading_size(self, node: Any) -> int | None:
-        own_variables, children = _own_variables_and_children(node)
+        own_variables, children = self.own_variables_and_children(node)
         sizes = set()
         for variable in own_variables:
             for leaf in jax.tree_util.tree_leaves(variable.get_raw_value()):
@@ -293,10 +297,10 @@ def _structure(module: nnx.Module) -> Hashable:
         )
 
     def value_key(value: Any) -> Hashable:
-        if _is_graph_node(value):
-            return node_key(value)
         if _is_plain_setting(value):
             return (type(value), value)
+        if _is_graph_node(value):
+            return node_key(value)
         leaves, treedef = jax.tree_util.tree_flatten(value, is_leaf=_is_graph_node)
         return (
             treedef,
@@ -324,9 +328,18 @@ def _array_key(leaf: Any) -> Hashable:
     A value comes with its type, since equal values of different types (``1``, ``1.0``,
     ``True``) are different settings.
     """
-    if isinstance(leaf, jax.Array | np.ndarray):
+    leaf_type = type(leaf)
+    is_array = _ARRAY_TYPES.get(leaf_type)
+    if is_array is None:
+        is_array = _ARRAY_TYPES[leaf_type] = isinstance(leaf, jax.Array | np.ndarray)
+    if is_array:
         return ("array", leaf.shape, leaf.dtype)
-    return (type(leaf), leaf)
+    return (leaf_type, leaf)
+
+
+# Whether values of a type are arrays, remembered by type: ``jax.Array``'s instance check runs
+# Python code, and conversion asks it of every variable.
+_ARRAY_TYPES: dict[type, bool] = {}
 
 
 class _RememberedAnswers:
@@ -397,11 +410,11 @@ def _graph_edges(node: Any) -> list[Any]:
     the nodes below a module reach exactly the modules and variables ``nnx.iter_graph``
     visits. One entry per edge: a node held under two attributes is listed twice.
     """
-    if not isinstance(node, nnx.Pytree):
+    if not _is_nnx_pytree(node):
         return []
     found = []
     for _, value in compat_nnx.own_attributes(node):
-        if isinstance(value, nnx.Pytree) or _is_nnx_variable(value):
+        if _is_graph_node(value):
             found.append(value)
         elif not _is_plain_setting(value):
             found.extend(
@@ -412,28 +425,45 @@ def _graph_edges(node: Any) -> list[Any]:
     return found
 
 
-_VARIABLE_TYPES: dict[type, bool] = {}
+_VARIABLE, _PYTREE = "variable", "pytree"
+_NODE_KINDS: dict[type, str | None] = {}
 
 
-def _is_nnx_variable(value: Any) -> bool:
-    """``isinstance(value, nnx.Variable)``, remembered by type.
+def _node_kind(value: Any) -> str | None:
+    """``_VARIABLE`` for an ``nnx.Variable``, ``_PYTREE`` for an ``nnx.Pytree``, else None.
 
-    NNX's variable metaclass makes a negative answer slow (it asks about tracers and hijax
-    variables too), and conversion asks it of every attribute of a model. Unlike
+    Remembered by type: NNX's variable metaclass makes a negative ``isinstance`` answer slow
+    (it asks about tracers and hijax variables too), ``nnx.Pytree``'s is an abstract base
+    class check, and conversion asks both of every attribute of a model. Unlike
     ``tree_util.is_variable_node`` this is exactly NNX's notion (pz_flax's own value and slot
     types are not NNX variables). Tracers, whose type does not say, are never remembered.
     """
     value_type = type(value)
-    known = _VARIABLE_TYPES.get(value_type)
-    if known is None:
-        known = isinstance(value, nnx.Variable)
-        if not isinstance(value, jax.core.Tracer):
-            _VARIABLE_TYPES[value_type] = known
-    return known
+    try:
+        return _NODE_KINDS[value_type]
+    except KeyError:
+        pass
+    if isinstance(value, nnx.Variable):
+        kind = _VARIABLE
+    elif isinstance(value, nnx.Pytree):
+        kind = _PYTREE
+    else:
+        kind = None
+    if not isinstance(value, jax.core.Tracer):
+        _NODE_KINDS[value_type] = kind
+    return kind
+
+
+def _is_nnx_variable(value: Any) -> bool:
+    return _node_kind(value) is _VARIABLE
+
+
+def _is_nnx_pytree(value: Any) -> bool:
+    return _node_kind(value) is _PYTREE
 
 
 def _is_graph_node(value: Any) -> bool:
-    return isinstance(value, nnx.Pytree) or _is_nnx_variable(value)
+    return _node_kind(value) is not None
 
 
 def _is_over_ranked(mapping: registry.LayerMapping, module: nnx.Module) -> bool:
@@ -464,9 +494,10 @@ def _own_variables_and_children(node: Any) -> tuple[list[nnx.Variable], list[Any
     else:
         values = [value for _, value in compat_nnx.own_attributes(node)]
     for value in values:
-        if _is_nnx_variable(value):
+        kind = _node_kind(value)
+        if kind is _VARIABLE:
             own.append(value)
-        elif isinstance(value, nnx.Pytree):
+        elif kind is _PYTREE:
             children.append(value)
     return own, children
 
@@ -477,19 +508,20 @@ def _convert_stacked(module, path, size, stack_axis, convert, memo) -> Any:
     The first layer is converted like any module; its pz_flax variables then take the whole
     stacked arrays (no copy), named with ``stack_axis`` in front.
     """
-    graphdef, state = nnx.split(module)
-    # ``lax.index_in_dim`` dispatches about half the eager work of ``array[0]``.
+    graphdef, variable_paths = _module_layout(module)
+    stacked_arrays = [
+        wrappers.variable_at(module, variable_path).get_raw_value()
+        for variable_path in variable_paths
+    ]
     first_layer = nnx.merge(
         graphdef,
-        jax.tree_util.tree_map(lambda array: jax.lax.index_in_dim(array, 0, keepdims=False), state),
+        nnx.from_flat_state(list(zip(variable_paths, _first_slices(stacked_arrays)))),
     )
     converted = convert(first_layer, path)
-    stacked_by_path = dict(nnx.to_flat_state(state))
-    for layer_path, layer_variable in nnx.to_flat_state(nnx.state(first_layer)):
-        pz_variable = memo.get(layer_variable)
+    for variable_path, stacked in zip(variable_paths, stacked_arrays):
+        pz_variable = memo.get(wrappers.variable_at(first_layer, variable_path))
         if pz_variable is None:
             continue
-        stacked = stacked_by_path[layer_path].get_raw_value()
         value = pz_variable.value
         if named_axes.is_namedarray(value):
             names = tuple(value.named_shape)
@@ -508,6 +540,24 @@ def _convert_stacked(module, path, size, stack_axis, convert, memo) -> Any:
     return layer_stack.LayerStack(
         stacked_sublayers=converted, stack_axis=stack_axis, stack_axis_size=size
     )
+
+
+@jax.jit
+def _first_slices_in_one_call(stacked: list[jax.Array]) -> list[jax.Array]:
+    return [array[0] for array in stacked]
+
+
+def _first_slices(stacked: list[jax.Array]) -> list[jax.Array]:
+    """The first layer's arrays of a stack: slice 0 of each stacked array.
+
+    One compiled call for all of them: an eager slice per array costs tens to hundreds of
+    microseconds each, as much as converting the whole first layer. Arrays that cannot go
+    into one computation (committed to different devices) are sliced one by one.
+    """
+    try:
+        return _first_slices_in_one_call(stacked)
+    except ValueError:
+        return [jax.lax.index_in_dim(array, 0, keepdims=False) for array in stacked]
 
 
 def _is_plain_callable(value: Any) -> bool:
@@ -714,7 +764,7 @@ def wrap_module(
             children[name] = context.convert(value, name)
         elif wrappers.is_pz_object(value):
             pz_attributes[name] = value
-    shell_graphdef, shell_paths = _shell_layout(_shell_of(module, (*children, *pz_attributes)))
+    shell_graphdef, shell_paths = _module_layout(_shell_of(module, (*children, *pz_attributes)))
     wrapped_variables = {}
     variable_paths = {}
     for path in shell_paths:
@@ -783,19 +833,20 @@ def _shell_of(module: nnx.Module, removed: tuple[str, ...]) -> nnx.Module:
     return nnx_modules.shallow_copy_without(module, removed)
 
 
-def _shell_layout(shell: nnx.Module) -> tuple[Any, tuple[tuple[Hashable, ...], ...]]:
-    """A wrapper shell's graph definition and the paths of its variables, in NNX's order.
+def _module_layout(module: nnx.Module) -> tuple[Any, tuple[tuple[Hashable, ...], ...]]:
+    """A module's graph definition and the paths of its variables, in NNX's order.
 
-    Remembered by the shell's structure (see ``_structure``): modules of one configuration
+    Remembered by the module's structure (see ``_structure``): modules of one configuration
     have equal graph definitions and the same variable paths, and splitting each of them
-    again would cost more than the rest of wrapping it.
+    again (a wrapper's shell, a stack of layers) would cost more than the rest of converting
+    it.
     """
 
     def split() -> tuple[Any, tuple[tuple[Hashable, ...], ...]]:
-        graphdef, state = nnx.split(shell)
+        graphdef, state = nnx.split(module)
         return graphdef, tuple(tuple(path) for path, _ in nnx.to_flat_state(state))
 
-    return _REMEMBERED.get_or_compute(("shell layout", _structure(shell)), split)
+    return _REMEMBERED.get_or_compute(("layout", _structure(module)), split)
 
 
 def _vocabulary_axis(

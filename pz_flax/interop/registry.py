@@ -626,9 +626,10 @@ def user_metadata(variable: nnx.Variable) -> dict[str, Any]:
         The entries to put into the pz_flax variable's metadata.
     """
     carried = {}
+    # NNX's own entries (asked of NNX) and pz_flax's structural ones (label, axis names).
+    reserved = variables._reserved_metadata_keys()
     for key, entry in variable.get_metadata().items():
-        # NNX's own entries (asked of NNX) and pz_flax's structural ones (label, axis names).
-        if key in variables._reserved_metadata_keys():
+        if key in reserved:
             continue
         try:
             hash(entry)

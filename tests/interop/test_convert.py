@@ -640,6 +640,141 @@ def test_modules_of_one_class_with_other_settings_or_shapes_convert_by_their_own
         assert isinstance(convert.from_nnx(nnx.Linear(3, 3, rngs=nnx.Rngs(0))), wrappers.FromNNX)
 
 
+class _Setting(nnx.Module):
+    """A user module with one setting and one weight, for what conversion remembers."""
+
+    def __init__(self, setting, rngs, dtype=jnp.float32):
+        self.setting = setting
+        self.weight = nnx.Param(jax.random.normal(rngs.params(), (3,), dtype))
+
+    def __call__(self, x):
+        return x * self.weight
+
+
+class _TwoWeights(nnx.Module):
+    def __init__(self, shared):
+        self.first = nnx.Param(jnp.ones((3,)))
+        self.second = self.first if shared else nnx.Param(jnp.ones((3,)))
+
+    def __call__(self, x):
+        return x * self.first * self.second
+
+
+def _structure_pairs():
+    rngs = nnx.Rngs(0)
+    flagged = _Setting(3, rngs)
+    flagged.setting = nnx.data(3)
+    annotated = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    annotated.kernel.set_metadata("note", "kept")
+    return {
+        "same settings": (nnx.Linear(3, 4, rngs=rngs), nnx.Linear(3, 4, rngs=rngs)),
+        "other features": (nnx.Linear(3, 4, rngs=rngs), nnx.Linear(3, 5, rngs=rngs)),
+        "other weight dtype": (
+            nnx.Linear(3, 4, rngs=rngs),
+            nnx.Linear(3, 4, param_dtype=jnp.bfloat16, rngs=rngs),
+        ),
+        "other metadata": (nnx.Linear(3, 4, rngs=nnx.Rngs(0)), annotated),
+        "int against float": (_Setting(1, rngs), _Setting(1.0, rngs)),
+        "int against bool": (_Setting(1, rngs), _Setting(True, rngs)),
+        "static against data": (_Setting(3, rngs), flagged),
+        "shared against distinct": (_TwoWeights(shared=True), _TwoWeights(shared=False)),
+        "other array shape": (_Setting(1, rngs), _Setting(1, rngs, dtype=jnp.bfloat16)),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_structure_pairs()))
+def test_the_remembered_structure_is_as_fine_as_the_graph_definition(case):
+    first, second = _structure_pairs()[case]
+    same_structure = convert._structure(first) == convert._structure(second)
+    shapes = [
+        [(np.shape(leaf), jnp.result_type(leaf)) for leaf in jax.tree.leaves(nnx.state(module))]
+        for module in (first, second)
+    ]
+    same_graph = nnx.graphdef(first) == nnx.graphdef(second) and shapes[0] == shapes[1]
+    # Equal structures must mean equal graph definitions and shapes; the structure may be
+    # finer (1 and 1.0 are equal settings to a graph definition, but different ones).
+    assert same_structure == (case == "same settings")
+    assert same_graph or not same_structure
+
+
+def test_wrapped_modules_of_one_layout_keep_their_own_settings():
+    modules = [_Setting(setting, nnx.Rngs(0)) for setting in (1, 1.0, True, 2, 1)]
+    for _ in range(2):  # the second time, the shells' layouts are remembered
+        for module in modules:
+            back = convert.to_nnx(convert.from_nnx(module))
+            assert type(back.setting) is type(module.setting)
+            assert back.setting == module.setting
+            helpers.assert_same_state(back, module)
+
+
+def test_shared_variables_of_a_remembered_layout_stay_shared():
+    for _ in range(2):
+        shared, distinct = _TwoWeights(shared=True), _TwoWeights(shared=False)
+        shared_layer, distinct_layer = convert.from_nnx(shared), convert.from_nnx(distinct)
+        assert list(shared_layer.variables) == ["first"]
+        assert list(distinct_layer.variables) == ["first", "second"]
+        shared_back, distinct_back = convert.to_nnx(shared_layer), convert.to_nnx(distinct_layer)
+        assert shared_back.second is shared_back.first
+        assert distinct_back.second is not distinct_back.first
+        helpers.assert_same_state(shared_back, shared)
+        helpers.assert_same_state(distinct_back, distinct)
+
+
+class _StackedBlock(nnx.Module):
+    def __init__(self, dim, dtype, rngs):
+        self.linear = nnx.Linear(dim, dim, param_dtype=dtype, rngs=rngs)
+        self.norm = nnx.LayerNorm(dim, param_dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.norm(self.linear(x))
+
+
+def _stack_of(size, dim, dtype):
+    @nnx.split_rngs(splits=size)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return _StackedBlock(dim, dtype, rngs)
+
+    return create(nnx.Rngs(0))
+
+
+@pytest.mark.parametrize(
+    "size, dim, dtype",
+    [(2, 4, jnp.float32), (3, 4, jnp.float32), (3, 4, jnp.bfloat16), (3, 5, jnp.float32)],
+)
+def test_stacks_of_other_sizes_and_dtypes_convert_by_their_own(size, dim, dtype):
+    for _ in range(2):  # the second time, the stack's layout is remembered
+        held = nnx.List([_stack_of(size, dim, dtype)])  # to_nnx rebuilds a stack as a child
+        (layer,) = convert.from_nnx(held)
+        assert isinstance(layer, layer_stack.LayerStack)
+        assert layer.stack_axis_size == size
+        stacked_arrays = {
+            f"0/{path}": variable.get_value()
+            for path, variable in helpers.flat_state(held[0]).items()
+        }
+        converted = {variable.label: variable for variable in variables.unbind_variables(layer)[1]}
+        assert converted.keys() == stacked_arrays.keys()
+        for label, variable in converted.items():
+            # The whole stacked array, not a copy or a slice of it.
+            assert variable.get_raw_value() is stacked_arrays[label]
+            assert variable.value.named_shape[layer.stack_axis] == size
+            assert variable.get_raw_value().dtype == dtype
+        helpers.assert_same_state(held, convert.to_nnx([layer]))
+
+
+def test_first_slices_of_arrays_on_different_devices():
+    first, second = jax.devices()[:2]
+    arrays = [
+        jax.device_put(jnp.arange(6.0).reshape(3, 2), first),
+        jax.device_put(jnp.arange(3.0) + 10, second),
+    ]
+    slices = convert._first_slices(arrays)
+    np.testing.assert_array_equal(slices[0], arrays[0][0])
+    np.testing.assert_array_equal(slices[1], arrays[1][0])
+    together = convert._first_slices([arrays[0], jax.device_put(arrays[1], first)])
+    np.testing.assert_array_equal(together[1], arrays[1][0])
+
+
 class _Tied(nnx.Module):
     def __init__(self, rngs):
         self.first = nnx.Linear(4, 4, rngs=rngs)

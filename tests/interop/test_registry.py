@@ -1,6 +1,7 @@
 """Tests of the mapping registry: user mappings, elementwise functions, contexts."""
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pz_flax._compat import nnx as compat_nnx
+from pz_flax.core import named_axes
 from pz_flax.core import variables
 from pz_flax.interop import convert
 from pz_flax.interop import mappings
@@ -276,3 +279,64 @@ def test_unhashable_metadata_is_not_carried_and_the_module_is_wrapped():
     assert isinstance(layer, wrappers.NNXWrapper)
     rebuilt = convert.to_nnx(layer)
     assert rebuilt.kernel.get_metadata()["tags"] == ["a", "b"]
+
+
+def _sources():
+    with nnx.use_eager_sharding(False):
+        sharded = nnx.Param(
+            jnp.ones((2, 3)), **{compat_nnx.nnx_metadata_keys().sharding: ("data", None)}
+        )
+    noted = nnx.Param(jnp.ones((2, 3)))
+    noted.set_metadata("note", "kept")
+    return {
+        "plain": (nnx.Param(jnp.ones((2, 3))), variables.Parameter),
+        "sharded, not eagerly": (sharded, variables.Parameter),
+        "user metadata": (noted, variables.Parameter),
+        "state": (nnx.BatchStat(jnp.zeros((2, 3))), variables.StateVariable),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_sources()))
+@pytest.mark.parametrize("axis_names", [("batch", "features"), None])
+def test_pz_variable_like_builds_what_the_constructor_builds(case, axis_names):
+    source, pz_class = _sources()[case]
+    raw = source.get_value()
+    fast = registry.pz_variable_like(source, pz_class, raw, "a/b", axis_names=axis_names)
+    # A NamedArray value takes the constructor route.
+    value = raw if axis_names is None else named_axes.wrap(raw).tag(*axis_names)
+    with mock.patch.object(registry, "_plain_variable_metadata", return_value=None):
+        built = registry.pz_variable_like(source, pz_class, value, "a/b")
+    assert type(fast) is type(built) is pz_class
+    assert fast.get_metadata() == built.get_metadata()
+    assert fast.get_raw_value() is built.get_raw_value() is raw
+    assert fast.label == "a/b"
+    if axis_names is not None:
+        assert dict(fast.value.named_shape) == {"batch": 2, "features": 3}
+    # Metadata is attached, never applied: no mesh is needed, no array is moved.
+    assert fast.get_metadata().get("eager_sharding") == source.get_metadata()["eager_sharding"]
+
+
+def test_pz_variable_like_reports_bad_axis_names_as_tag_does():
+    source = nnx.Param(jnp.ones((2, 3)))
+    with pytest.raises(ValueError, match="Repeated axis names"):
+        registry.pz_variable_like(
+            source, variables.Parameter, source.get_value(), "w", axis_names=("a", "a")
+        )
+    with pytest.raises(ValueError, match="exactly as many names"):
+        registry.pz_variable_like(
+            source, variables.Parameter, source.get_value(), "w", axis_names=("a",)
+        )
+
+
+class _Doubled(nnx.Param):
+    """A variable type with its own getter, as NNX suggests instead of hooks."""
+
+    def get_value(self, **kwargs):
+        return super().get_value(**kwargs) * 2
+
+
+def test_variable_value_is_the_getters_value():
+    plain = nnx.Param(jnp.ones(3))
+    assert registry.variable_value(plain) is plain.get_raw_value()
+    doubled = _Doubled(jnp.ones(3))
+    np.testing.assert_array_equal(registry.variable_value(doubled), jnp.full(3, 2.0))
