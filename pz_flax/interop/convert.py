@@ -21,7 +21,6 @@ module, and natively built pz_flax layers either into a ``PzModule`` adapter or,
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import types
 from collections.abc import Callable
 from collections.abc import Hashable
@@ -232,7 +231,8 @@ class _GraphIndex:
         own_variables, children = self.own_variables_and_children(node)
         sizes = set()
         for variable in own_variables:
-            for leaf in jax.tree_util.tree_leaves(variable.get_raw_value()):
+            raw = variable.get_raw_value()
+            for leaf in (raw,) if _is_array(raw) else jax.tree_util.tree_leaves(raw):
                 sizes.add(leaf.shape[0] if getattr(leaf, "ndim", 0) else None)
         for child in children:
             sizes.add(self._common_leading_size(child))
@@ -281,20 +281,17 @@ def _structure(module: nnx.Module) -> Hashable:
             return ("shared", number)
         numbers[id(node)] = len(numbers)
         if _is_nnx_variable(node):
-            leaves, treedef = jax.tree_util.tree_flatten(node.get_raw_value())
-            return (
-                type(node),
-                treedef,
-                tuple(_array_key(leaf) for leaf in leaves),
-                tuple(node.get_metadata().items()),
-            )
-        return (
-            type(node),
-            tuple(
-                (name, is_data, value_key(value))
-                for name, value, is_data in nnx_modules.module_attributes(node)
-            ),
-        )
+            raw = node.get_raw_value()
+            metadata = tuple(node.get_metadata().items())
+            if _is_array(raw):
+                return (type(node), _array_key(raw), metadata)
+            leaves, treedef = jax.tree_util.tree_flatten(raw)
+            return (type(node), treedef, tuple(map(_array_key, leaves)), metadata)
+        attributes = [
+            (name, is_data, value_key(value))
+            for name, value, is_data in nnx_modules.module_attributes(node)
+        ]
+        return (type(node), tuple(attributes))
 
     def value_key(value: Any) -> Hashable:
         if _is_plain_setting(value):
@@ -328,18 +325,23 @@ def _array_key(leaf: Any) -> Hashable:
     A value comes with its type, since equal values of different types (``1``, ``1.0``,
     ``True``) are different settings.
     """
-    leaf_type = type(leaf)
-    is_array = _ARRAY_TYPES.get(leaf_type)
-    if is_array is None:
-        is_array = _ARRAY_TYPES[leaf_type] = isinstance(leaf, jax.Array | np.ndarray)
-    if is_array:
+    if _is_array(leaf):
         return ("array", leaf.shape, leaf.dtype)
-    return (leaf_type, leaf)
+    return (type(leaf), leaf)
 
 
 # Whether values of a type are arrays, remembered by type: ``jax.Array``'s instance check runs
 # Python code, and conversion asks it of every variable.
 _ARRAY_TYPES: dict[type, bool] = {}
+
+
+def _is_array(value: Any) -> bool:
+    """Whether ``value`` is a JAX or NumPy array (or a tracer)."""
+    value_type = type(value)
+    known = _ARRAY_TYPES.get(value_type)
+    if known is None:
+        known = _ARRAY_TYPES[value_type] = isinstance(value, jax.Array | np.ndarray)
+    return known
 
 
 class _RememberedAnswers:
@@ -522,16 +524,18 @@ def _convert_stacked(module, path, size, stack_axis, convert, memo) -> Any:
         pz_variable = memo.get(wrappers.variable_at(first_layer, variable_path))
         if pz_variable is None:
             continue
-        value = pz_variable.value
-        if named_axes.is_namedarray(value):
-            names = tuple(value.named_shape)
-            positional = [
-                f"{stack_axis}_dim{index}" for index in range(len(value.positional_shape))
-            ]
-            names = (*positional, *names)
-        else:
-            names = tuple(f"{stack_axis}_dim{index}" for index in range(stacked.ndim - 1))
-        type(pz_variable).value.fset(pz_variable, named_axes.wrap(stacked).tag(stack_axis, *names))
+        layer_names = tuple(pz_variable.get_metadata().get(variables._AXIS_NAMES_KEY) or ())
+        positional = tuple(
+            f"{stack_axis}_dim{index}" for index in range(stacked.ndim - 1 - len(layer_names))
+        )
+        names = (stack_axis, *positional, *layer_names)
+        if isinstance(stacked, jax.Array) and len(set(names)) == len(names):
+            # What assigning the named stacked array does, without building it: the raw
+            # value is the array itself and every axis is named.
+            pz_variable.set_metadata(**{variables._AXIS_NAMES_KEY: names})
+            pz_variable.set_raw_value(stacked)
+        else:  # the named value's own checks (repeated names) and conversions
+            type(pz_variable).value.fset(pz_variable, named_axes.wrap(stacked).tag(*names))
         if isinstance(pz_variable, variables.StateVariable):
             pz_variable.metadata = {
                 **pz_variable.metadata,
@@ -815,7 +819,13 @@ _CALL_SIGNATURES: dict[tuple[type, Any], wrappers.CallSignature] = {}
 
 
 def _call_signature(module_type: type) -> wrappers.CallSignature:
-    key = (module_type, inspect.getattr_static(module_type, "__call__", None))
+    # The class's own ``__call__`` as its MRO defines it (what ``inspect.getattr_static``
+    # finds, in a fraction of the time).
+    own_call = next(
+        (vars(klass)["__call__"] for klass in module_type.__mro__ if "__call__" in vars(klass)),
+        None,
+    )
+    key = (module_type, own_call)
     signature = _CALL_SIGNATURES.get(key)
     if signature is None:
         signature = _CALL_SIGNATURES[key] = wrappers.CallSignature.of(module_type)

@@ -762,6 +762,12 @@ def test_stacks_of_other_sizes_and_dtypes_convert_by_their_own(size, dim, dtype)
         helpers.assert_same_state(held, convert.to_nnx([layer]))
 
 
+def test_a_stack_axis_named_like_a_layer_axis_is_refused():
+    held = nnx.List([_stack_of(2, 4, jnp.float32)])
+    with pytest.raises(ValueError, match=r"Repeated axis names.*'features', 'features'"):
+        convert.from_nnx(held, stack="features")
+
+
 def test_first_slices_of_arrays_on_different_devices():
     first, second = jax.devices()[:2]
     arrays = [
