@@ -980,16 +980,28 @@ def to_nnx(
         raise TypeError(f"to_nnx expects a pz_flax layer, got {_describe(layer)}.")
 
     context = _reverse_context(naming_obj, native)
-    if not native and not isinstance(
-        layer,
-        wrappers.FromNNX | wrappers.NNXWrapper | wrappers.WrappedCallable | list | tuple | dict,
-    ):
+    if not native and not _came_from_nnx(layer):
         return wrappers.PzModule(layer, input_names=input_names, naming=naming_obj)
     result = _to_nnx(layer, context)
     if not isinstance(result, nnx.Module):
         # A bare function (e.g. an activation) is still returned as a module.
         result = nnx.Sequential(result)
     return result
+
+
+def _came_from_nnx(layer: Any) -> bool:
+    """Whether ``to_nnx`` rebuilds ``layer`` as NNX classes rather than a ``PzModule``.
+
+    So it does for what ``from_nnx`` made at the root: a mapped or wrapped module, a
+    container, or the ``LayerStack`` of an ``nnx.vmap``-stacked module (its stacked layer is
+    one of the former).
+    """
+    if isinstance(layer, layer_stack.LayerStack):
+        layer = layer.stacked_sublayers
+    return isinstance(
+        layer,
+        wrappers.FromNNX | wrappers.NNXWrapper | wrappers.WrappedCallable | list | tuple | dict,
+    )
 
 
 def _is_pz_layer(value: Any) -> bool:

@@ -762,6 +762,21 @@ def test_stacks_of_other_sizes_and_dtypes_convert_by_their_own(size, dim, dtype)
         helpers.assert_same_state(held, convert.to_nnx([layer]))
 
 
+@pytest.mark.parametrize("make_stack", ["linear", "user_block"])
+def test_a_stack_at_the_root_comes_back_as_its_own_class(make_stack):
+    if make_stack == "linear":
+        stack = nnx.vmap(lambda key: nnx.Linear(4, 4, rngs=nnx.Rngs(key)))(
+            jax.random.split(jax.random.key(0), 3)
+        )
+    else:
+        stack = _stack_of(3, 4, jnp.float32)
+    layer = convert.from_nnx(stack)
+    assert isinstance(layer, layer_stack.LayerStack)
+    back = convert.to_nnx(layer)
+    assert type(back) is type(stack)
+    helpers.assert_same_state(stack, back)
+
+
 def test_a_stack_axis_named_like_a_layer_axis_is_refused():
     held = nnx.List([_stack_of(2, 4, jnp.float32)])
     with pytest.raises(ValueError, match=r"Repeated axis names.*'features', 'features'"):
