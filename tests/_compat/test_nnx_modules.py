@@ -185,3 +185,40 @@ def test_shallow_copy_without_leaves_the_original_and_its_graph_definition_alone
 def test_shallow_copy_without_names_attributes_the_module_lacks():
     with pytest.raises(AttributeError, match=r"TwoChildren has no attributes \['third'\]"):
         nnx_modules.shallow_copy_without(TwoChildren(), ["third", "first"])
+
+
+class DataAndSettings(nnx.Module):
+    def __init__(self):
+        self.linear = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+        self.scale = nnx.Param(jnp.ones((2,)))
+        self.table = nnx.data(jnp.zeros((3,)))
+        self.width = 2
+        self.name = "block"
+
+
+def test_module_attributes_says_what_nnx_records_as_data():
+    module = DataAndSettings()
+    described = {name: is_data for name, _, is_data in nnx_modules.module_attributes(module)}
+    assert described == {
+        "linear": True,
+        "scale": True,
+        "table": True,
+        "width": False,
+        "name": False,
+    }, (
+        "pz_flax._compat.nnx_modules.module_attributes: NNX's record of data attributes"
+        " (_pytree__nodes) no longer tells data from settings as flax 0.12 does"
+    )
+    # The record and NNX's own type test agree wherever both answer.
+    for name, value, is_data in nnx_modules.module_attributes(module):
+        if not isinstance(value, jnp.ndarray):  # a plain array is data only when marked so
+            assert is_data == nnx.is_data(value), name
+
+
+def test_module_attributes_asks_nnx_about_an_attribute_its_record_lacks():
+    module = DataAndSettings()
+    # Written past NNX's __setattr__, as a shell built by empty_module_with could be.
+    object.__setattr__(module, "extra_param", nnx.Param(jnp.ones((1,))))
+    object.__setattr__(module, "extra_setting", 7)
+    described = {name: is_data for name, _, is_data in nnx_modules.module_attributes(module)}
+    assert described["extra_param"] is True and described["extra_setting"] is False
